@@ -1,0 +1,1 @@
+"""Calibration data and per-layer statistics collected through onnxruntime."""

@@ -1,0 +1,1 @@
+"""Pruning methods: pure numpy functions on arrays. Nothing here imports onnx."""
