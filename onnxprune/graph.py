@@ -1,0 +1,283 @@
+"""Find the prunable weights of an ONNX graph.
+
+A weight is a constant float tensor (an initializer or a Constant node's value, in the main
+graph or any subgraph) that reaches the weight operand of Conv, ConvTranspose, Gemm or MatMul,
+directly or through Transpose / Reshape / Identity / Cast / Squeeze / Unsqueeze. Such a chain is
+recorded as an index map, so the operand the node sees is `stored.flat[index]`.
+"""
+from __future__ import annotations
+
+import re
+from collections import ChainMap
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .modelio import tensor_to_array
+
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.DOUBLE}
+NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization",
+            "GroupNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+            "RMSNormalization")
+
+
+@dataclass
+class Layer:
+    """One prunable tensor and the node that defines how its values are used."""
+
+    name: str
+    role: str  # weight | embedding | bias | norm | other (only 'weight' is pruned by default)
+    op: str  # op type of the first consumer
+    node: str
+    tensor: onnx.TensorProto  # where the values live; edited in place when written back
+    graph: str  # "" for the main graph, else the path of the subgraph
+    initializer: bool  # False for a Constant node's value
+    attrs: dict = field(default_factory=dict)
+    weight_side: str = "right"  # 'left' for MatMul(W, X) / Gemm with constant A
+    index: np.ndarray | None = None  # operand at the node = stored.flat[index]
+    layout_known: bool = True  # False when a pass-through chain could not be resolved
+    input_name: str | None = None  # the activation multiplied by the weight
+    output_name: str | None = None  # the layer output after any bias Add
+    bias: onnx.TensorProto | None = None
+    relu: bool = False  # every consumer of the output is a Relu
+    consumers: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.tensor.dims)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.tensor.data_type))
+
+    def operand(self, stored: np.ndarray) -> np.ndarray:
+        """The weight as the node sees it."""
+        return stored if self.index is None else stored.reshape(-1)[self.index]
+
+
+@dataclass
+class Skipped:
+    name: str
+    op: str
+    reason: str
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+
+def find_layers(model: onnx.ModelProto, include: str | None = None,
+                exclude: str | None = None) -> tuple[list[Layer], list[Skipped]]:
+    """All float constants that feed a node; those to prune have .role 'weight' by default.
+
+    include / exclude are regexes matched (re.search) against the tensor name and the op type
+    of its consumers: include adds biases, norm parameters, embedding tables or any other
+    float constant; exclude removes tensors. Returns (layers to prune, skipped tensors).
+    """
+    finder = _Finder()
+    finder.walk(model.graph, ChainMap(), "")
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    layers, skipped = [], list(finder.skipped)
+    for layer in finder.layers.values():
+        keys = [layer.name, *layer.consumers]
+        chosen = layer.role == "weight" or (inc is not None and any(inc.search(k) for k in keys))
+        if exc is not None and any(exc.search(k) for k in keys):
+            skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude"))
+        elif chosen:
+            layers.append(layer)
+        elif layer.role in ("embedding",):
+            skipped.append(Skipped(layer.name, layer.op, "embedding table (use --include)"))
+    return layers, skipped
+
+
+class _Finder:
+    def __init__(self):
+        self.layers: dict[int, Layer] = {}  # keyed by id(TensorProto): a shared tensor once
+        self.skipped: list[Skipped] = []
+        self._skipped_ids: set[int] = set()
+        self._initializers: set[int] = set()
+
+    def walk(self, graph: onnx.GraphProto, outer: ChainMap, path: str) -> None:
+        local: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self._initializers.update(id(t) for t in local.values())
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        local[node.output[0]] = attr.t
+        scope = outer.new_child(local)
+        producers = {o: n for n in graph.node for o in n.output}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+
+        for node in graph.node:
+            if node.op_type == "Constant":
+                continue
+            for slot, name in enumerate(node.input):
+                if not name:
+                    continue
+                traced = self._trace(name, scope, producers)
+                if traced is not None:
+                    self._visit(node, slot, traced, scope, producers, consumers, path)
+            for attr in node.attribute:
+                sub = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for i, g in enumerate(sub):
+                    label = f"{path}/{node_label(node)}.{attr.name}" + (f"[{i}]" if len(sub) > 1 else "")
+                    self.walk(g, scope, label.lstrip("/"))
+
+    def _trace(self, name, scope, producers):
+        """Follow pass-through ops back to a constant: (tensor, chain of nodes) or None."""
+        chain = []
+        while name not in scope:
+            node = producers.get(name)
+            if node is None or node.op_type not in PASS_THROUGH:
+                if node is not None and node.op_type == "DequantizeLinear":
+                    return ("quantized", node)
+                return None
+            chain.append(node)
+            name = node.input[0]
+        return scope[name], chain, name
+
+    def _visit(self, node, slot, traced, scope, producers, consumers, path):
+        if traced[0] == "quantized":
+            qnode = traced[1]
+            if node.op_type in PRUNABLE_OPS and id(qnode) not in self._skipped_ids:
+                self._skipped_ids.add(id(qnode))
+                self.skipped.append(Skipped(qnode.input[0], node.op_type, "quantized weight"))
+            return
+        tensor, chain, name = traced  # name: a Constant's tensor is often unnamed
+        role = _role(node, slot, scope, producers)
+        if tensor.data_type not in FLOAT_TYPES:
+            if role == "weight" and id(tensor) not in self._skipped_ids:
+                self._skipped_ids.add(id(tensor))
+                dtype = helper.tensor_dtype_to_string(tensor.data_type).removeprefix("TensorProto.")
+                self.skipped.append(Skipped(tensor.name, node.op_type, f"{dtype} weights are not pruned"))
+            return
+        if role is None:
+            return
+        key = id(tensor)
+        known = self.layers.get(key)
+        if known is not None:
+            known.consumers.append(node.op_type)
+            if role == "embedding" or (role == "weight" and known.role not in ("weight", "embedding")):
+                self._fill(known, node, slot, chain, role, scope, producers, consumers)
+            return
+        layer = Layer(name=name, role=role, op=node.op_type, node=node_label(node),
+                      tensor=tensor, graph=path, initializer=key in self._initializers,
+                      consumers=[node.op_type])
+        self._fill(layer, node, slot, chain, role, scope, producers, consumers)
+        self.layers[key] = layer
+
+    def _fill(self, layer, node, slot, chain, role, scope, producers, consumers):
+        layer.role, layer.op, layer.node = role, node.op_type, node_label(node)
+        if role != "weight":
+            return
+        layer.attrs = {a.name: _attr_value(a) for a in node.attribute}
+        layer.weight_side = "left" if slot == 0 else "right"
+        try:
+            layer.index = _index_map(layer.shape, chain, scope)
+        except (KeyError, ValueError):  # e.g. a Reshape whose shape is computed at run time
+            layer.index, layer.layout_known = None, False
+        data_slot = 1 if slot == 0 else 0
+        layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
+        layer.output_name = node.output[0]
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
+            layer.bias = _constant(node.input[2], scope, producers)
+        elif node.op_type == "MatMul":
+            users = consumers.get(node.output[0], [])
+            if len(users) == 1 and users[0].op_type == "Add":
+                add = users[0]
+                other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+                bias = _constant(other, scope, producers)
+                if bias is not None and len(bias.dims) == 1:
+                    layer.bias, layer.output_name = bias, add.output[0]
+        users = consumers.get(layer.output_name, [])
+        layer.relu = bool(users) and all(u.op_type == "Relu" for u in users)
+
+
+def _role(node, slot, scope, producers) -> str | None:
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        return "weight" if slot == 1 else "bias" if slot == 2 else None
+    if op == "MatMul":
+        other = node.input[1 - slot]
+        if slot == 0 and _trace_const(other, scope, producers):
+            return None  # both sides constant: a constant subexpression, not a layer
+        return "weight"
+    if op == "Gemm":
+        if slot == 2:
+            return "bias"
+        if slot == 0 and _trace_const(node.input[1], scope, producers):
+            return None  # B is the weight; A constant too would be a folded constant
+        return "weight"
+    if op == "Gather":
+        return "embedding" if slot == 0 else None
+    if op in NORM_OPS:
+        return "norm"
+    return "other"
+
+
+def _trace_const(name, scope, producers) -> bool:
+    while name not in scope:
+        node = producers.get(name)
+        if node is None or node.op_type not in PASS_THROUGH:
+            return False
+        name = node.input[0]
+    return True
+
+
+def _constant(name, scope, producers):
+    while name not in scope:
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Cast"):
+            return None
+        name = node.input[0]
+    return scope[name]
+
+
+def _attr_value(attr):
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def _index_map(shape, chain, scope) -> np.ndarray | None:
+    """Apply the pass-through chain (innermost first) to flat indices of the stored tensor."""
+    if not chain:
+        return None
+    index = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
+    for node in reversed(chain):
+        attrs = {a.name: _attr_value(a) for a in node.attribute}
+        if node.op_type == "Transpose":
+            index = np.transpose(index, attrs.get("perm") or None)
+        elif node.op_type == "Reshape":
+            target = [int(d) for d in tensor_to_array(scope[node.input[1]])]
+            if not attrs.get("allowzero", 0):
+                target = [index.shape[i] if d == 0 else d for i, d in enumerate(target)]
+            index = index.reshape(target)
+        elif node.op_type in ("Squeeze", "Unsqueeze"):
+            axes = attrs.get("axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = [int(a) for a in tensor_to_array(scope[node.input[1]])]
+            if node.op_type == "Squeeze":
+                index = np.squeeze(index, axis=tuple(axes) if axes else None)
+            else:
+                rank = index.ndim + len(axes)
+                for a in sorted(a % rank for a in axes):
+                    index = np.expand_dims(index, a)
+    return index

@@ -1,0 +1,116 @@
+"""The per-layer report: a table for people, a dict / JSON for machines."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    shape: list[int]
+    dtype: str
+    params: int
+    zeros_before: int
+    zeros_after: int
+    graph: str = ""  # subgraph path, "" for the main graph
+    note: str = ""
+
+    @property
+    def sparsity_before(self) -> float:
+        return self.zeros_before / self.params if self.params else 0.0
+
+    @property
+    def sparsity_after(self) -> float:
+        return self.zeros_after / self.params if self.params else 0.0
+
+
+@dataclass
+class PruneReport:
+    method: str
+    target_sparsity: float
+    layers: list[LayerRow] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    input_bytes: int = 0
+    output_bytes: int = 0  # dense storage (or what was written)
+    sparse_output_bytes: int = 0  # with --storage sparse (measured if written, else estimated)
+    storage: str = "dense"
+    output_files: list[str] = field(default_factory=list)
+    verification: dict | None = None
+    calibration: dict | None = None
+    timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros_after for r in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for row, layer in zip(d["layers"], self.layers):
+            row["sparsity_before"] = layer.sparsity_before
+            row["sparsity_after"] = layer.sparsity_after
+        d.update(prunable_params=self.params, zeros=self.zeros, sparsity=self.sparsity)
+        return d
+
+    def format(self, max_rows: int | None = None) -> str:
+        head = ("tensor", "op", "shape", "params", "before", "after")
+        rows = [(r.name if not r.graph else f"{r.graph}/{r.name}", r.op,
+                 "x".join(map(str, r.shape)) or "scalar", f"{r.params:,}",
+                 _pct(r.sparsity_before), _pct(r.sparsity_after) + (f"  {r.note}" if r.note else ""))
+                for r in self.layers]
+        if max_rows is not None and len(rows) > max_rows:
+            hidden = len(rows) - max_rows
+            rows = rows[:max_rows // 2] + [("...", f"{hidden} more", "", "", "", "")] + rows[-(max_rows - max_rows // 2):]
+        widths = [min(max(len(str(x)) for x in col), 60) for col in zip(head, *rows)]
+        right = {3, 4}
+        fmt = lambda row: "  ".join(  # noqa: E731
+            (str(c).rjust(w) if i in right else _clip(str(c), w).ljust(w)) if i < 5 else str(c)
+            for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        lines.append("")
+        lines.append(f"method {self.method}: {self.zeros:,} of {self.params:,} prunable weights are "
+                     f"zero, sparsity {_pct(self.sparsity, 2)} (target {_pct(self.target_sparsity, 2)}), "
+                     f"{len(self.layers)} tensors")
+        if self.skipped:
+            lines.append("skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in self.skipped[:8])
+                         + (f"; and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""))
+        sizes = f"file size: input {_mb(self.input_bytes)}, output {_mb(self.output_bytes)} ({self.storage})"
+        if self.storage == "dense" and self.sparse_output_bytes:
+            sizes += f", about {_mb(self.sparse_output_bytes)} with --storage sparse"
+        lines.append(sizes)
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibration: {c.get('samples')} samples{' (RANDOM, as asked)' if c.get('random') else ''} "
+                         f"on {c.get('provider')}, {c.get('seconds', 0):.1f} s")
+        if self.verification:
+            v = self.verification
+            diffs = ", ".join(f"{k} {x:.3g}" for k, x in v.get("max_abs_diff", {}).items())
+            lines.append(f"verified in onnxruntime ({v.get('provider')}): "
+                         + (f"max abs output change vs input model: {diffs}" if diffs else "runs")
+                         + (f"; {v['note']}" if v.get("note") else ""))
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        if self.output_files:
+            lines.append("wrote " + ", ".join(self.output_files))
+        return "\n".join(lines)
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]

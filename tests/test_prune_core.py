@@ -1,0 +1,197 @@
+"""End-to-end pruning of exported-model shapes: exact sparsity, runs in onnxruntime, rest untouched."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import builders
+from onnxprune import OnnxPruneError, prune
+from onnxprune.graph import find_layers
+from onnxprune.modelio import iter_graphs, iter_tensors, load_model
+
+ALL_BUILDERS = {
+    "cnn_bn": builders.cnn_with_batchnorm,
+    "mlp_gemm": builders.mlp_gemm,
+    "mlp_matmul": builders.mlp_matmul,
+    "constant": builders.constant_weights,
+    "if_subgraph": builders.if_subgraph,
+    "shared": builders.shared_weight,
+    "fp16": builders.half_precision,
+    "embedding": builders.embedding_and_layernorm,
+}
+
+
+def tensors_by_name(model):
+    """name -> array for initializers and Constant values (Constant keyed by its output)."""
+    out = {}
+    for g in iter_graphs(model.graph):
+        for tensor in g.initializer:
+            out[tensor.name] = numpy_helper.to_array(tensor)
+        for node in g.node:
+            if node.op_type == "Constant":
+                out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def without_tensor_data(model):
+    """A copy with every tensor's data cleared: what must stay identical after pruning."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in iter_tensors(copy):
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            tensor.ClearField(field)
+    return copy
+
+
+@pytest.mark.parametrize("name", sorted(ALL_BUILDERS))
+@pytest.mark.parametrize("method", ["layer", "global", "global-mt"])
+def test_prune_exact_runs_and_keeps_the_rest(tmp_path, name, method):
+    model = ALL_BUILDERS[name]()
+    path = tmp_path / "in.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    sparsity = 0.7
+    result = prune(path, sparsity, method=method, output=tmp_path / "out.onnx", min_keep=0.5)
+    assert path.read_bytes() == before, "the input must never be modified"
+    report = result.report
+    layers, _ = find_layers(model)
+    sizes = [layer.size for layer in layers]
+    if method == "layer":
+        assert [r.zeros_after for r in report.layers] == [round(sparsity * n) for n in sizes]
+    else:
+        assert report.zeros == round(sparsity * sum(sizes))
+    assert report.verification is not None and report.verification["max_abs_diff"]
+
+    out = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(out)
+    assert without_tensor_data(out) == without_tensor_data(model)
+    old, new = tensors_by_name(model), tensors_by_name(out)
+    pruned = {r.name for r in report.layers}
+    for key, value in old.items():
+        if key in pruned:
+            kept = new[key] != 0
+            assert np.array_equal(new[key][kept].view(np.uint8), value[kept].view(np.uint8))
+        else:
+            assert np.array_equal(new[key], value), key
+
+
+def test_cnn_global_matches_torch_global_unstructured(tmp_path):
+    import torch
+    from torch.nn.utils import prune as tprune
+
+    model = builders.cnn_with_batchnorm()
+    layers, _ = find_layers(model)
+    assert [layer.op for layer in layers] == ["Conv", "Conv", "Gemm"]
+    weights = [numpy_helper.to_array(layer.tensor) for layer in layers]
+    result = prune(model, 0.8, method="global", verify=False)
+    ours = [numpy_helper.to_array(layer_t) != 0 for layer_t in
+            (t for t in result.model.graph.initializer if t.name in {l.name for l in layers})]
+    holders = [torch.nn.Module() for _ in weights]
+    for holder, w in zip(holders, weights):
+        holder.weight = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    tprune.global_unstructured([(h, "weight") for h in holders], tprune.L1Unstructured,
+                               amount=round(0.8 * sum(w.size for w in weights)))
+    theirs = {layer.name: h.weight_mask.numpy() != 0 for layer, h in zip(layers, holders)}
+    by_name = {t.name: numpy_helper.to_array(t) != 0 for t in result.model.graph.initializer}
+    for layer in layers:
+        assert np.array_equal(by_name[layer.name], theirs[layer.name])
+    assert len(ours) == 3
+
+
+def test_found_weights_and_skips():
+    layers, skipped = find_layers(builders.embedding_and_layernorm())
+    assert [layer.name for layer in layers] == ["head"]
+    reasons = {s.name: s.reason for s in skipped}
+    assert "embed" in reasons and "int8_w" in reasons and "INT8" in reasons["int8_w"]
+    layers, _ = find_layers(builders.embedding_and_layernorm(), include="Gather|LayerNorm")
+    assert sorted(layer.name for layer in layers) == ["embed", "head", "ln_bias", "ln_scale"]
+    layers, skipped = find_layers(builders.cnn_with_batchnorm(), exclude="Gemm")
+    assert [layer.op for layer in layers] == ["Conv", "Conv"]
+    assert any("exclude" in s.reason for s in skipped)
+
+
+def test_matmul_orientation_and_subgraphs():
+    layers, _ = find_layers(builders.mlp_matmul())
+    assert [layer.op for layer in layers] == ["MatMul", "MatMul"]
+    assert all(layer.name.startswith("onnx::MatMul") for layer in layers)
+    assert layers[0].shape == (12, 24) and layers[0].relu and layers[0].bias is not None
+    layers, _ = find_layers(builders.if_subgraph())
+    names = sorted(layer.name for layer in layers)
+    assert names == ["else_w", "outer_w", "then_w"]  # the shared outer weight counted once
+    layers, _ = find_layers(builders.shared_weight())
+    assert len(layers) == 1 and layers[0].consumers == ["MatMul", "MatMul"]
+
+
+def test_if_subgraph_output_runs_both_branches(tmp_path):
+    onnx.save(builders.if_subgraph(), tmp_path / "m.onnx")
+    prune(tmp_path / "m.onnx", 0.5, output=tmp_path / "o.onnx")
+    session = ort.InferenceSession(str(tmp_path / "o.onnx"))
+    x = np.ones((2, 8), np.float32)
+    for flag in (True, False):
+        assert session.run(None, {"x": x, "flag": np.array(flag)})[0].shape == (2, 8)
+
+
+def test_bfloat16_bit_identical_kept_values():
+    model = builders.half_precision(elem=TensorProto.BFLOAT16)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    result = prune(model, 0.5, method="global", verify=False)
+    new = numpy_helper.to_array(result.model.graph.initializer[0])
+    assert new.dtype == w.dtype and np.count_nonzero(new == 0) == 64
+    keep = new != 0
+    assert np.array_equal(new.view(np.uint16)[keep], w.view(np.uint16)[keep])
+
+
+def test_external_data_round_trip(tmp_path):
+    model = builders.mlp_gemm()
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    inputs = sorted(p.name for p in tmp_path.iterdir())
+    result = prune(tmp_path / "ext.onnx", 0.6, output=tmp_path / "out.onnx")
+    assert sorted(result.report.output_files) == sorted([str(tmp_path / "out.onnx"), str(tmp_path / "out.onnx.data")])
+    assert all(n in {p.name for p in tmp_path.iterdir()} for n in inputs)
+    reloaded = load_model(tmp_path / "out.onnx")
+    assert reloaded.data_files == [tmp_path / "out.onnx.data"]
+    ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, {"input": np.ones((1, 20), np.float32)})
+
+
+def test_sparse_storage_checker_and_ort(tmp_path):
+    onnx.save(builders.cnn_with_batchnorm(), tmp_path / "m.onnx")
+    result = prune(tmp_path / "m.onnx", 0.9, storage_format="sparse", output=tmp_path / "s.onnx")
+    out = onnx.load(tmp_path / "s.onnx")
+    onnx.checker.check_model(out)
+    smaller = {r.name for r in result.report.layers if (r.params - r.zeros_after) * 12 < r.params * 4}
+    assert smaller and {s.values.name for s in out.graph.sparse_initializer} == smaller
+    assert all(s.indices.data_type == TensorProto.INT64 for s in out.graph.sparse_initializer)
+    dense = prune(tmp_path / "m.onnx", 0.9, output=tmp_path / "d.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    ys = [ort.InferenceSession(str(tmp_path / f)).run(None, {"input": x})[0] for f in ("s.onnx", "d.onnx")]
+    np.testing.assert_array_equal(ys[0], ys[1])
+    assert result.report.output_bytes < dense.report.output_bytes
+
+
+def test_in_memory_model_is_not_modified():
+    model = builders.mlp_gemm()
+    snapshot = model.SerializeToString()
+    result = prune(model, 0.5)
+    assert model.SerializeToString() == snapshot
+    assert result.report.zeros == round(0.5 * result.report.params)
+
+
+def test_already_zero_weights_count(tmp_path):
+    model = builders.shared_weight()
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w.reshape(-1)[:10] = 0
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    result = prune(model, 0.5, method="layer", verify=False)
+    row = result.report.layers[0]
+    assert row.zeros_before == 10 and row.zeros_after == 18
+    result = prune(model, 0.25, method="layer", verify=False)
+    assert result.report.layers[0].zeros_after == 10  # cannot un-zero: the realised sparsity is reported
+
+
+def test_integer_only_model_has_nothing_to_prune():
+    with pytest.raises(OnnxPruneError, match="no prunable weights"):
+        prune(builders.int_weights(), 0.5)
