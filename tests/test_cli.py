@@ -1,0 +1,139 @@
+"""The command line through click's runner: the main job, and one clear line for each bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import builders
+from onnxprune.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(builders.mlp_gemm(), path)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_prune_default_output_report_and_json(model_path, tmp_path):
+    result = run(model_path, "--sparsity", "0.9", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "mlp.pruned.onnx"
+    assert out.exists()
+    assert "sparsity 90.00%" in result.output and "verified in onnxruntime" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["zeros"] == round(0.9 * report["prunable_params"])
+    assert report["method"] == "global-mt" and len(report["layers"]) == 2
+
+
+def test_prune_subcommand_quiet_and_options(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    result = run("prune", model_path, "-s", "0.5", "-m", "layer", "-o", out, "--quiet",
+                 "--storage", "sparse", "--dim", "batch=4")
+    assert result.exit_code == 0 and result.output == ""
+    assert len(onnx.load(out).graph.sparse_initializer) in (1, 2) or out.exists()
+
+
+def test_help_lists_every_option():
+    text = run("prune", "--help").output
+    for option in ("--sparsity", "--method", "--output", "--min-keep", "--mt-variant", "--include",
+                   "--exclude", "--storage", "--force", "--no-verify", "--dim", "--device",
+                   "--report", "--quiet", "default: global-mt"):
+        assert option in text
+    assert "onnxprune MODEL --sparsity" in run("--help").output
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(run(tmp_path / "nope.onnx", "-s", "0.5"), "no such file")
+
+
+def test_directory_as_model(tmp_path):
+    assert_one_line_error(run(tmp_path, "-s", "0.5"), "is a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file(model_path):
+    model_path.chmod(0)
+    assert_one_line_error(run(model_path, "-s", "0.5"), "cannot read")
+
+
+def test_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("hello, this is not a model\n")
+    assert_one_line_error(run(path, "-s", "0.5"), "not an ONNX model")
+
+
+def test_truncated(model_path):
+    data = model_path.read_bytes()
+    model_path.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run(model_path, "-s", "0.5"), "not an ONNX model")
+
+
+def test_missing_and_truncated_external_data(tmp_path):
+    path = tmp_path / "ext.onnx"
+    onnx.save(builders.mlp_gemm(), path, save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    data = (tmp_path / "w.bin").read_bytes()
+    (tmp_path / "w.bin").write_bytes(data[:100])
+    assert_one_line_error(run(path, "-s", "0.5"), "truncated", "w.bin")
+    (tmp_path / "w.bin").unlink()
+    assert_one_line_error(run(path, "-s", "0.5"), "missing", "w.bin")
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "nan"])
+def test_sparsity_out_of_range(model_path, value):
+    assert_one_line_error(run(model_path, "-s", value), "sparsity must be in [0, 1)")
+
+
+def test_no_prunable_weights(tmp_path):
+    path = tmp_path / "int.onnx"
+    onnx.save(builders.int_weights(), path)
+    assert_one_line_error(run(path, "-s", "0.5"), "no prunable weights")
+
+
+def test_infeasible_min_threshold(model_path):
+    result = run(model_path, "-s", "0.99", "--min-keep", "10")
+    assert_one_line_error(result, "--min-keep")
+    assert not (model_path.parent / "mlp.pruned.onnx").exists()
+
+
+def test_output_rules(model_path, tmp_path):
+    assert_one_line_error(run(model_path, "-s", "0.5", "-o", tmp_path / "no" / "dir.onnx"),
+                          "does not exist")
+    assert_one_line_error(run(model_path, "-s", "0.5", "-o", model_path, "--force"),
+                          "refusing to overwrite the input")
+    assert_one_line_error(run(model_path, "-s", "0.5", "-o", tmp_path), "is a directory")
+    (tmp_path / "taken.onnx").write_bytes(b"x")
+    assert_one_line_error(run(model_path, "-s", "0.5", "-o", tmp_path / "taken.onnx"),
+                          "already exists", "--force")
+    assert run(model_path, "-s", "0.5", "-o", tmp_path / "taken.onnx", "--force").exit_code == 0
+    assert onnx.load(tmp_path / "taken.onnx").graph.node
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_folder(model_path, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert_one_line_error(run(model_path, "-s", "0.5", "-o", locked / "o.onnx"), "cannot write")
+
+
+def test_bad_dim_and_leftover_files(model_path, tmp_path):
+    assert_one_line_error(run(model_path, "-s", "0.5", "--dim", "batch"), "--dim")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]  # no partial output
