@@ -1,0 +1,214 @@
+"""Sample data for evaluation and calibration: reading, checking against a model, batching.
+
+A data set is a dict ``{input_name: array}`` whose first axis is the sample axis, plus optional
+integer class labels under ``"labels"``. On disk it is one ``.npz`` keyed by input name, or a
+directory / glob of files: ``<input_name>.npy`` files (memory-mapped) and/or ``.npz`` files each
+holding a slice of the samples, concatenated along axis 0 in sorted filename order.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.errors import OnnxPruneError
+
+LABELS_KEY = "labels"
+
+# (input name, numpy element dtype, shape with None/str for symbolic dimensions)
+ModelInput = tuple[str, np.dtype, Sequence[int | str | None]]
+
+
+def load_samples(path_or_glob: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a data set from an .npz/.npy file, a directory of them, or a glob pattern."""
+    files = _data_files(str(path_or_glob))
+    npy = [f for f in files if f.suffix == ".npy"]
+    npz = [f for f in files if f.suffix == ".npz"]
+
+    samples: dict[str, np.ndarray] = {}
+    for f in npy:
+        if f.stem in samples:
+            raise OnnxPruneError(f"two .npy files are named {f.name}; input names must be unique")
+        # Memory-mapped so a large data set is read batch by batch, not all at once.
+        samples[f.stem] = _load_npy(f)
+
+    for key, arr in _concatenate_npz_slices(npz).items():
+        if key in samples:
+            raise OnnxPruneError(f"array '{key}' is given both as {key}.npy and inside .npz files")
+        samples[key] = arr
+    return samples
+
+
+def check_against_model(
+    samples: Mapping[str, np.ndarray], inputs: Sequence[ModelInput]
+) -> dict[str, np.ndarray]:
+    """Validate samples against the model's inputs; return them cast to the input dtypes.
+
+    Keys that are neither a model input nor ``labels`` are dropped. Axis 0 is the sample axis and
+    is never compared with the model's (possibly fixed) batch dimension.
+    """
+    missing = [name for name, _, _ in inputs if name not in samples]
+    if missing:
+        found = ", ".join(sorted(samples)) or "none"
+        raise OnnxPruneError(
+            f"data has no array for model input(s) {', '.join(map(repr, missing))} "
+            f"(arrays found: {found})"
+        )
+
+    checked: dict[str, np.ndarray] = {}
+    for name, dtype, shape in inputs:
+        arr = samples[name]
+        _check_shape(name, arr.shape, shape)
+        checked[name] = _cast_to_input_dtype(name, arr, np.dtype(dtype))
+
+    if LABELS_KEY in samples:
+        checked[LABELS_KEY] = _check_labels(samples[LABELS_KEY])
+
+    counts = {key: len(arr) for key, arr in checked.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{key}: {n}" for key, n in counts.items())
+        raise OnnxPruneError(f"arrays disagree on the number of samples ({listed})")
+    return checked
+
+
+def num_samples(samples: Mapping[str, np.ndarray]) -> int:
+    """Number of samples (length of axis 0, which check_against_model made equal for all)."""
+    return len(next(iter(samples.values()))) if samples else 0
+
+
+def iter_batches(
+    samples: Mapping[str, np.ndarray], batch_size: int, limit: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{input_name: array}`` batches of up to ``batch_size`` samples, labels excluded.
+
+    ``limit`` caps the total number of samples. Slices of memory-mapped arrays are read into
+    memory here, one batch at a time.
+    """
+    if batch_size < 1:
+        raise OnnxPruneError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 0:
+        raise OnnxPruneError(f"sample limit must not be negative, got {limit}")
+    inputs = {k: v for k, v in samples.items() if k != LABELS_KEY}
+    total = num_samples(inputs)
+    if limit is not None:
+        total = min(total, limit)
+    for start in range(0, total, batch_size):
+        stop = min(start + batch_size, total)
+        yield {k: np.ascontiguousarray(v[start:stop]) for k, v in inputs.items()}
+
+
+def _data_files(spec: str) -> list[Path]:
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix not in (".npz", ".npy"):
+            raise OnnxPruneError(f"{spec}: data files must be .npz or .npy")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+        if not files:
+            raise OnnxPruneError(f"{spec}: directory holds no .npz or .npy files")
+        return files
+    matches = sorted(Path(p) for p in glob.glob(spec))
+    files = [p for p in matches if p.suffix in (".npz", ".npy") and p.is_file()]
+    if not files:
+        raise OnnxPruneError(f"{spec}: no such file, directory, or matching .npz/.npy files")
+    return files
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:
+        # Object arrays cannot be memory-mapped; refuse them rather than unpickling.
+        raise OnnxPruneError(f"{path}: cannot read (object arrays are not supported)") from None
+    except OSError as exc:
+        raise OnnxPruneError(f"{path}: cannot read ({exc})") from None
+
+
+def _concatenate_npz_slices(files: list[Path]) -> dict[str, np.ndarray]:
+    slices: list[dict[str, np.ndarray]] = []
+    for f in files:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                slices.append({k: z[k] for k in z.files})
+        except (OSError, ValueError) as exc:
+            raise OnnxPruneError(f"{f}: cannot read ({exc})") from None
+    if not slices:
+        return {}
+    keys = set(slices[0])
+    for f, part in zip(files[1:], slices[1:]):
+        if set(part) != keys:
+            raise OnnxPruneError(
+                f"{f} holds arrays {sorted(part)} but {files[0]} holds {sorted(keys)}"
+            )
+    if len(slices) == 1:
+        return slices[0]
+    out = {}
+    for key in sorted(keys):
+        try:
+            out[key] = np.concatenate([part[key] for part in slices], axis=0)
+        except ValueError:
+            shapes = ", ".join(str(part[key].shape) for part in slices)
+            raise OnnxPruneError(f"array '{key}' has incompatible shapes across files: {shapes}")
+    return out
+
+
+def _check_shape(name: str, actual: tuple[int, ...], expected: Sequence) -> None:
+    if len(actual) != len(expected):
+        raise OnnxPruneError(
+            f"input '{name}': data has shape {actual} (rank {len(actual)}) but the model expects "
+            f"rank {len(expected)} {_shape_text(expected)}, with samples on axis 0"
+        )
+    for axis in range(1, len(expected)):
+        dim = expected[axis]
+        if isinstance(dim, (int, np.integer)) and dim != actual[axis]:
+            raise OnnxPruneError(
+                f"input '{name}': data has shape {actual} but the model expects "
+                f"{_shape_text(expected)} (axis {axis} must be {dim})"
+            )
+
+
+def _shape_text(shape: Sequence) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _cast_to_input_dtype(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
+    have = arr.dtype
+    if have == want:
+        return arr
+    if _is_float(want) and _is_float(have):
+        return arr.astype(want)
+    if _is_int(want) and _is_int(have):
+        if arr.size and not _fits(arr, want):
+            raise OnnxPruneError(
+                f"input '{name}': values range {arr.min()}..{arr.max()} does not fit the model's "
+                f"{want}"
+            )
+        return arr.astype(want)
+    raise OnnxPruneError(f"input '{name}': data is {have} but the model expects {want}")
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    if labels.ndim != 1 or not _is_int(labels.dtype):
+        raise OnnxPruneError(
+            f"'{LABELS_KEY}' must be a 1-D integer array, "
+            f"got {labels.dtype} of shape {labels.shape}"
+        )
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating)
+
+
+def _is_int(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.integer)
+
+
+def _fits(arr: np.ndarray, dtype: np.dtype) -> bool:
+    info = np.iinfo(dtype)
+    return info.min <= int(arr.min()) and int(arr.max()) <= info.max

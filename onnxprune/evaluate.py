@@ -1,0 +1,285 @@
+"""Measure a model on sample data: top-1 accuracy against labels, fidelity to a reference model.
+
+Fidelity compares the FIRST output of the model with the first output of the reference, sample by
+sample. Only running statistics are kept, except for embedding models (2-D float output, no
+labels), whose outputs are kept to compare nearest neighbours across the whole data set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from onnxprune.data import (
+    LABELS_KEY,
+    ModelInput,
+    check_against_model,
+    iter_batches,
+    load_samples,
+    num_samples,
+)
+from onnxprune.errors import OnnxPruneError
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+# Rows of the similarity matrix computed at once when finding nearest neighbours.
+_NEIGHBOUR_BLOCK = 512
+
+
+def open_session(
+    model: str | os.PathLike, providers: Sequence[str] | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session for a model file (by path, so external data is found)."""
+    try:
+        providers = list(providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), providers=providers)
+    except Exception as exc:  # onnxruntime raises several unrelated exception types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxPruneError(f"{model}: onnxruntime cannot load the model: {message}") from None
+
+
+def session_inputs(session: ort.InferenceSession) -> list[ModelInput]:
+    """The session's inputs as (name, numpy dtype, shape with None/str for symbolic dims)."""
+    out = []
+    for arg in session.get_inputs():
+        if arg.type not in _ORT_TYPES:
+            raise OnnxPruneError(f"input '{arg.name}' has unsupported type {arg.type}")
+        out.append((arg.name, np.dtype(_ORT_TYPES[arg.type]), list(arg.shape)))
+    return out
+
+
+def evaluate(
+    model: str | os.PathLike,
+    data: str | os.PathLike | Mapping[str, np.ndarray],
+    *,
+    batch_size: int = 64,
+    reference: str | os.PathLike | None = None,
+    providers: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run ``model`` over ``data`` and return its metrics as a JSON-ready dict.
+
+    ``accuracy`` needs labels and a 2-D (samples, classes) first output; the fidelity metrics
+    (``mean_cosine``, ``max_abs_diff``, ``top1_agreement`` for 2-D outputs, and
+    ``retrieval_agreement`` for unlabelled 2-D float outputs) need a ``reference`` model.
+    """
+    samples = data if isinstance(data, Mapping) else load_samples(data)
+    session = open_session(model, providers)
+    samples = check_against_model(samples, session_inputs(session))
+    ref_session = None
+    if reference is not None:
+        ref_session = open_session(reference, providers)
+        check_against_model(samples, session_inputs(ref_session))
+    labels = samples.get(LABELS_KEY)
+    if num_samples(samples) == 0:
+        raise OnnxPruneError("the data holds no samples")
+    if labels is None and ref_session is None:
+        raise OnnxPruneError(
+            f"the data has no '{LABELS_KEY}' array; give a reference model to measure fidelity"
+        )
+    first_output = session.get_outputs()[0]
+    if labels is not None and ref_session is None and len(first_output.shape) != 2:
+        raise _not_a_classifier(first_output.name, first_output.shape)
+
+    started = time.perf_counter()
+    keep_embeddings = labels is None  # nearest-neighbour agreement is for embedding models
+    stats, ref_stats, fidelity = _run_all(
+        session, ref_session, samples, batch_size, progress, keep_embeddings)
+    result: dict = {
+        "samples": num_samples(samples),
+        "provider": session.get_providers()[0],
+        "output": session.get_outputs()[0].name,
+    }
+    if labels is not None:
+        if stats.is_2d:
+            result["accuracy"] = stats.correct / len(labels)
+            if ref_stats is not None:
+                result["reference_accuracy"] = ref_stats.correct / len(labels)
+        elif ref_session is None:
+            raise _not_a_classifier(result["output"], stats.example_shape)
+    if fidelity is not None:
+        result.update(fidelity.metrics())
+    result["wall_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _not_a_classifier(output: str, shape) -> OnnxPruneError:
+    return OnnxPruneError(
+        f"labels need a (samples, classes) output but '{output}' has shape {tuple(shape)}; "
+        "give a reference model to measure fidelity instead"
+    )
+
+
+def format_metrics(d: Mapping) -> str:
+    """Human-readable, one metric per line."""
+    rows = []
+    for key in ("accuracy", "reference_accuracy", "mean_cosine", "top1_agreement",
+                "retrieval_agreement", "max_abs_diff"):
+        if d.get(key) is not None:
+            rows.append((key.replace("_", " "), f"{d[key]:.6g}" if key == "max_abs_diff"
+                         else f"{d[key]:.4f}"))
+    rows.append(("samples", str(d.get("samples"))))
+    rows.append(("provider", str(d.get("provider"))))
+    if "wall_s" in d:
+        rows.append(("time", f"{d['wall_s']:.1f} s"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+class _OutputStats:
+    """Running statistics of one model's first output, fed batch by batch."""
+
+    def __init__(self, labels: np.ndarray | None):
+        self.labels = labels
+        self.correct = 0
+        self.seen = 0
+        self.example_shape: tuple[int, ...] | None = None
+        self.is_2d = False
+
+    def add(self, batch_out: np.ndarray, rows: int) -> None:
+        if batch_out.ndim == 0 or batch_out.shape[0] != rows:
+            raise OnnxPruneError(
+                f"the first output has shape {batch_out.shape} for a batch of {rows} samples; "
+                "it must have one row per sample"
+            )
+        if self.example_shape is None:
+            self.example_shape = batch_out.shape
+            self.is_2d = batch_out.ndim == 2
+        if self.labels is not None and self.is_2d:
+            predicted = np.argmax(batch_out, axis=1)
+            self.correct += int(np.sum(predicted == self.labels[self.seen:self.seen + rows]))
+        self.seen += rows
+
+
+def _run_all(session, ref_session, samples, batch_size, progress, keep_embeddings):
+    """Run the model (and reference) over all samples, feeding each batch's outputs to stats."""
+    labels = samples.get(LABELS_KEY)
+    # A fixed batch dimension forces that batch size; the last batch is padded and trimmed.
+    fixed = _fixed_batch(session) or (_fixed_batch(ref_session) if ref_session else None)
+    if fixed:
+        batch_size = fixed
+    stats = _OutputStats(labels)
+    ref_stats = _OutputStats(labels) if ref_session else None
+    fidelity = _Fidelity(keep_embeddings) if ref_session else None
+    with tqdm(total=num_samples(samples), unit="sample", file=sys.stderr,
+              disable=not progress, desc="evaluate") as bar:
+        for batch in iter_batches(samples, batch_size):
+            rows = len(next(iter(batch.values())))
+            feed = _pad(batch, fixed) if fixed else batch
+            out = _run(session, feed)[:rows]
+            stats.add(out, rows)
+            if ref_session:
+                ref = _run(ref_session, feed)[:rows]
+                ref_stats.add(ref, rows)
+                fidelity.add(out, ref)
+            bar.update(rows)
+    return stats, ref_stats, fidelity
+
+
+def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
+    try:
+        return np.asarray(session.run(None, feed)[0])
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxPruneError(f"onnxruntime failed to run the model: {message}") from None
+
+
+def _fixed_batch(session: ort.InferenceSession) -> int | None:
+    dims = [arg.shape[0] for arg in session.get_inputs() if arg.shape]
+    fixed = {d for d in dims if isinstance(d, int)}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    rows = len(next(iter(batch.values())))
+    if rows == size:
+        return batch
+    # Repeat the last sample; its outputs are cut off again after the run.
+    return {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)])
+            for k, v in batch.items()}
+
+
+class _Fidelity:
+    """Per-sample agreement between model and reference outputs, accumulated over batches."""
+
+    def __init__(self, keep_embeddings: bool):
+        self.keep_embeddings = keep_embeddings
+        self.cosine_sum = 0.0
+        self.top1_agree = 0
+        self.max_abs_diff = 0.0
+        self.count = 0
+        self.is_2d = False
+        self.embeddings: list[np.ndarray] = []
+        self.ref_embeddings: list[np.ndarray] = []
+
+    def add(self, out: np.ndarray, ref: np.ndarray) -> None:
+        if out.shape != ref.shape:
+            raise OnnxPruneError(
+                f"first output shapes differ: model {out.shape}, reference {ref.shape}"
+            )
+        a = out.reshape(len(out), -1).astype(np.float64)
+        b = ref.reshape(len(ref), -1).astype(np.float64)
+        self.cosine_sum += float(np.sum(_row_cosine(a, b)))
+        if a.size:
+            self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(a - b))))
+        self.is_2d = out.ndim == 2
+        if self.is_2d:
+            self.top1_agree += int(np.sum(np.argmax(out, axis=1) == np.argmax(ref, axis=1)))
+            if self.keep_embeddings and np.issubdtype(out.dtype, np.floating):
+                self.embeddings.append(a)
+                self.ref_embeddings.append(b)
+        self.count += len(out)
+
+    def metrics(self) -> dict:
+        n = max(self.count, 1)
+        result = {"mean_cosine": self.cosine_sum / n, "max_abs_diff": self.max_abs_diff}
+        if self.is_2d:
+            result["top1_agreement"] = self.top1_agree / n
+            if self.embeddings and self.count >= 2:
+                same = (_nearest_neighbours(np.concatenate(self.embeddings))
+                        == _nearest_neighbours(np.concatenate(self.ref_embeddings)))
+                result["retrieval_agreement"] = float(np.mean(same))
+        return result
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per row; two all-zero rows count as identical, one as orthogonal."""
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    dot = np.sum(a * b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(na * nb > 0, dot / (na * nb), 0.0)
+    return np.where(both_zero, 1.0, cos)
+
+
+def _nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
+    """Index of each row's most cosine-similar OTHER row (ties: lowest index)."""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    unit = embeddings / np.where(norms > 0, norms, 1.0)
+    nearest = np.empty(len(unit), dtype=np.int64)
+    for start in range(0, len(unit), _NEIGHBOUR_BLOCK):
+        sim = unit[start:start + _NEIGHBOUR_BLOCK] @ unit.T
+        rows = np.arange(sim.shape[0])
+        sim[rows, start + rows] = -np.inf  # a sample is not its own neighbour
+        nearest[start:start + len(sim)] = np.argmax(sim, axis=1)
+    return nearest

@@ -1,0 +1,173 @@
+"""Reading data sets (.npz, .npy, directories, globs), checking them against a model, batching."""
+
+import numpy as np
+import pytest
+
+from onnxprune.data import check_against_model, iter_batches, load_samples
+from onnxprune.errors import OnnxPruneError
+
+# (name, dtype, shape) as the evaluator derives it from an onnxruntime session.
+IMAGE = ("image", np.dtype(np.float32), ["batch", 3, 4])
+TOKENS = ("tokens", np.dtype(np.int64), [None, 5])
+
+
+def make_samples(n=6, labels=True):
+    rng = np.random.default_rng(0)
+    samples = {
+        "image": rng.standard_normal((n, 3, 4)).astype(np.float32),
+        "tokens": rng.integers(0, 100, (n, 5)),
+    }
+    if labels:
+        samples["labels"] = np.arange(n) % 3
+    return samples
+
+
+def test_npz_file_round_trip(tmp_path):
+    samples = make_samples()
+    np.savez(tmp_path / "d.npz", **samples)
+    loaded = load_samples(tmp_path / "d.npz")
+    assert set(loaded) == {"image", "tokens", "labels"}
+    for key in samples:
+        np.testing.assert_array_equal(loaded[key], samples[key])
+
+
+def test_directory_of_npy_files_is_memory_mapped(tmp_path):
+    samples = make_samples()
+    for key, arr in samples.items():
+        np.save(tmp_path / f"{key}.npy", arr)
+    loaded = load_samples(str(tmp_path))
+    assert isinstance(loaded["image"], np.memmap)
+    np.testing.assert_array_equal(loaded["tokens"], samples["tokens"])
+    np.testing.assert_array_equal(loaded["labels"], samples["labels"])
+
+
+def test_npz_slices_concatenate_in_sorted_filename_order(tmp_path):
+    samples = make_samples(n=6)
+    # Written out of order: part_b holds the last samples, so sorting must put part_a first.
+    np.savez(tmp_path / "part_b.npz", **{k: v[4:] for k, v in samples.items()})
+    np.savez(tmp_path / "part_a.npz", **{k: v[:4] for k, v in samples.items()})
+    (tmp_path / "notes.txt").write_text("ignored")
+    for spec in (tmp_path, f"{tmp_path}/part_*.npz"):
+        loaded = load_samples(spec)
+        for key in samples:
+            np.testing.assert_array_equal(loaded[key], samples[key])
+
+
+def test_glob_selects_only_matching_files(tmp_path):
+    np.savez(tmp_path / "calib_0.npz", image=np.zeros((2, 3, 4), np.float32))
+    np.savez(tmp_path / "calib_1.npz", image=np.ones((3, 3, 4), np.float32))
+    np.savez(tmp_path / "test_0.npz", image=np.full((5, 3, 4), 7, np.float32))
+    loaded = load_samples(str(tmp_path / "calib_*.npz"))
+    assert loaded["image"].shape == (5, 3, 4)
+    assert loaded["image"].sum() == 3 * 12
+
+
+def test_npz_slices_with_different_keys_are_rejected(tmp_path):
+    np.savez(tmp_path / "a.npz", image=np.zeros((2, 3, 4)))
+    np.savez(tmp_path / "b.npz", pixels=np.zeros((2, 3, 4)))
+    with pytest.raises(OnnxPruneError, match="b.npz holds arrays"):
+        load_samples(tmp_path)
+
+
+def test_nothing_to_read_is_an_error(tmp_path):
+    with pytest.raises(OnnxPruneError, match="no such file"):
+        load_samples(tmp_path / "missing_*.npz")
+    with pytest.raises(OnnxPruneError, match="holds no .npz or .npy"):
+        load_samples(tmp_path)
+
+
+def test_valid_samples_pass_and_float64_is_cast_to_float32():
+    samples = make_samples()
+    samples["image"] = samples["image"].astype(np.float64)
+    checked = check_against_model(samples, [IMAGE, TOKENS])
+    assert checked["image"].dtype == np.float32
+    assert checked["tokens"].dtype == np.int64
+    np.testing.assert_array_equal(checked["labels"], samples["labels"])
+
+
+def test_missing_input_names_the_input_and_the_keys_found():
+    samples = make_samples()
+    del samples["tokens"]
+    with pytest.raises(OnnxPruneError) as err:
+        check_against_model(samples, [IMAGE, TOKENS])
+    message = str(err.value)
+    assert "'tokens'" in message and "image, labels" in message and "\n" not in message
+
+
+def test_wrong_rank_is_an_error():
+    samples = make_samples()
+    samples["image"] = samples["image"].reshape(6, 12)
+    with pytest.raises(OnnxPruneError, match=r"input 'image'.*rank 2.*rank 3"):
+        check_against_model(samples, [IMAGE, TOKENS])
+
+
+def test_wrong_fixed_dimension_is_an_error():
+    samples = make_samples()
+    samples["image"] = np.zeros((6, 3, 5), np.float32)
+    with pytest.raises(OnnxPruneError, match=r"input 'image'.*axis 2 must be 4"):
+        check_against_model(samples, [IMAGE, TOKENS])
+
+
+def test_fixed_batch_dimension_is_not_compared_with_the_sample_count():
+    fixed_batch = ("image", np.dtype(np.float32), [1, 3, 4])
+    checked = check_against_model(make_samples(n=6, labels=False), [fixed_batch])
+    assert checked["image"].shape == (6, 3, 4)
+
+
+def test_float_data_for_int_input_is_an_error():
+    samples = make_samples()
+    samples["tokens"] = samples["tokens"].astype(np.float32)
+    expected = "input 'tokens': data is float32 but the model expects int64"
+    with pytest.raises(OnnxPruneError, match=expected):
+        check_against_model(samples, [IMAGE, TOKENS])
+
+
+def test_int_data_for_float_input_is_an_error():
+    samples = make_samples()
+    samples["image"] = np.zeros((6, 3, 4), np.int32)
+    expected = "input 'image': data is int32 but the model expects float32"
+    with pytest.raises(OnnxPruneError, match=expected):
+        check_against_model(samples, [IMAGE, TOKENS])
+
+
+def test_int_values_that_do_not_fit_a_narrower_input_are_an_error():
+    narrow = ("tokens", np.dtype(np.int8), [None, 5])
+    samples = make_samples(labels=False)
+    checked = check_against_model({"tokens": samples["tokens"] % 100}, [narrow])
+    assert checked["tokens"].dtype == np.int8
+    with pytest.raises(OnnxPruneError, match="does not fit"):
+        check_against_model({"tokens": samples["tokens"] + 200}, [narrow])
+
+
+def test_sample_count_mismatch_is_an_error():
+    samples = make_samples()
+    samples["tokens"] = samples["tokens"][:5]
+    expected = r"number of samples \(image: 6, tokens: 5, labels: 6\)"
+    with pytest.raises(OnnxPruneError, match=expected):
+        check_against_model(samples, [IMAGE, TOKENS])
+
+
+def test_labels_count_mismatch_and_non_integer_labels_are_errors():
+    samples = make_samples()
+    samples["labels"] = samples["labels"][:4]
+    with pytest.raises(OnnxPruneError, match="labels: 4"):
+        check_against_model(samples, [IMAGE, TOKENS])
+    samples["labels"] = np.zeros(6, np.float32)
+    with pytest.raises(OnnxPruneError, match="1-D integer"):
+        check_against_model(samples, [IMAGE, TOKENS])
+
+
+def test_iter_batches_covers_every_sample_once_and_excludes_labels():
+    samples = make_samples(n=7)
+    batches = list(iter_batches(samples, 3))
+    assert [len(b["image"]) for b in batches] == [3, 3, 1]
+    assert all(set(b) == {"image", "tokens"} for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in batches]), samples["tokens"])
+
+
+def test_iter_batches_limit_and_bad_batch_size():
+    samples = make_samples(n=7)
+    assert [len(b["image"]) for b in iter_batches(samples, 4, limit=5)] == [4, 1]
+    assert list(iter_batches(samples, 4, limit=0)) == []
+    with pytest.raises(OnnxPruneError, match="at least 1"):
+        list(iter_batches(samples, 0))

@@ -1,0 +1,152 @@
+"""evaluate(): accuracy and fidelity metrics on tiny Gemm models whose numbers are known by hand."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.errors import OnnxPruneError
+from onnxprune.evaluate import evaluate, format_metrics
+
+# Four 2-D samples; a Gemm with weight W maps x to x @ W.T.
+X = np.array([[1, 0], [0, 1], [2, 1], [3, 1]], np.float32)
+IDENTITY = np.eye(2, dtype=np.float32)
+FLIP = np.diag([1.0, -1.0]).astype(np.float32)  # mirror the second coordinate
+
+
+def save_gemm(path, weight, batch="N", unsqueeze_output=False, external=False):
+    """Save y = x @ weight.T (optionally reshaped to (N, d, 1)) as an IR 10 / opset 17 model."""
+    d_out, d_in = weight.shape
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["y" if not unsqueeze_output else "g"],
+                              transB=1)]
+    initializers = [numpy_helper.from_array(weight, "W")]
+    out_shape = [batch, d_out]
+    if unsqueeze_output:
+        nodes.append(helper.make_node("Unsqueeze", ["g", "axes"], ["y"]))
+        initializers.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
+        out_shape = [batch, d_out, 1]
+    graph = helper.make_graph(
+        nodes, "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    return str(path)
+
+
+def test_accuracy_and_fidelity_to_a_mirrored_reference(tmp_path):
+    model = save_gemm(tmp_path / "identity.onnx", IDENTITY)
+    reference = save_gemm(tmp_path / "flip.onnx", FLIP)
+    data = {"x": X, "labels": np.array([0, 1, 1, 0])}
+
+    result = evaluate(model, data, reference=reference, batch_size=3, progress=False)
+
+    # Model argmax 0,1,0,0 vs labels 0,1,1,0; reference outputs (x1, -x2) always pick class 0.
+    assert result["accuracy"] == 0.75
+    assert result["reference_accuracy"] == 0.5
+    # cos(x, (x1, -x2)) = (x1^2 - x2^2) / |x|^2 = 1, -1, 3/5, 8/10.
+    assert result["mean_cosine"] == pytest.approx((1 - 1 + 0.6 + 0.8) / 4, abs=1e-7)
+    assert result["top1_agreement"] == 0.75  # only sample (0, 1) changes its argmax
+    assert result["max_abs_diff"] == 2.0  # |x2 - (-x2)| with x2 = 1
+    assert "retrieval_agreement" not in result  # labelled data: a classifier, not embeddings
+    assert result["samples"] == 4 and result["provider"] == "CPUExecutionProvider"
+    json.dumps(result)
+
+
+def test_retrieval_agreement_counts_changed_nearest_neighbours(tmp_path):
+    model = save_gemm(tmp_path / "identity.onnx", IDENTITY)
+    reference = save_gemm(tmp_path / "squash.onnx", np.diag([1.0, 0.25]).astype(np.float32))
+    x = np.array([[4, 0], [3, 4], [0, 4], [1, 5]], np.float32)
+
+    result = evaluate(model, {"x": x}, reference=reference, batch_size=2, progress=False)
+
+    # Angles under the model: 0, 53.1, 90, 78.7 deg -> nearest: s2, s4, s4, s3.
+    # Under the reference (x1, x2/4): 0, 18.4, 90, 51.3 deg -> nearest: s2, s1, s4, s2.
+    assert result["retrieval_agreement"] == 0.5
+    # Reference argmax: 0, 0, 1, 1 against the model's 0, 1, 1, 1.
+    assert result["top1_agreement"] == 0.75
+    cos_s2 = (9 + 4) / (5 * np.sqrt(10))  # (3,4) vs (3,1)
+    cos_s4 = (1 + 6.25) / np.sqrt(26 * 2.5625)  # (1,5) vs (1,1.25)
+    assert result["mean_cosine"] == pytest.approx((2 + cos_s2 + cos_s4) / 4, abs=1e-7)
+    assert result["max_abs_diff"] == 3.75  # 0.75 * x2 with x2 = 5
+    assert "accuracy" not in result
+
+
+def test_identical_reference_gives_perfect_fidelity(tmp_path):
+    model = save_gemm(tmp_path / "a.onnx", FLIP)
+    reference = save_gemm(tmp_path / "b.onnx", FLIP)
+    result = evaluate(model, {"x": X}, reference=reference, progress=False)
+    assert result["mean_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert result["top1_agreement"] == 1.0
+    assert result["retrieval_agreement"] == 1.0
+    assert result["max_abs_diff"] == 0.0
+
+
+def test_fixed_batch_dimension_pads_the_last_batch(tmp_path):
+    model = save_gemm(tmp_path / "fixed.onnx", IDENTITY, batch=3)
+    result = evaluate(model, {"x": X, "labels": np.array([0, 1, 1, 0])}, batch_size=64,
+                      progress=False)
+    assert result["accuracy"] == 0.75 and result["samples"] == 4
+
+
+def test_model_with_external_data_and_data_from_a_file(tmp_path):
+    model = save_gemm(tmp_path / "ext.onnx", IDENTITY, external=True)
+    assert (tmp_path / "weights.bin").exists()
+    np.savez(tmp_path / "data.npz", x=X.astype(np.float64), labels=np.array([1, 1, 0, 1]))
+    result = evaluate(model, tmp_path / "data.npz", progress=False)  # argmax 0,1,0,0
+    assert result["accuracy"] == 0.5
+
+
+def test_no_labels_and_no_reference_is_an_error(tmp_path):
+    model = save_gemm(tmp_path / "m.onnx", IDENTITY)
+    with pytest.raises(OnnxPruneError, match="give a reference model"):
+        evaluate(model, {"x": X}, progress=False)
+
+
+def test_labels_with_a_non_classifier_output(tmp_path):
+    model = save_gemm(tmp_path / "m.onnx", IDENTITY, unsqueeze_output=True)
+    data = {"x": X, "labels": np.array([0, 1, 1, 0])}
+    with pytest.raises(OnnxPruneError, match=r"\(samples, classes\) output"):
+        evaluate(model, data, progress=False)
+    reference = save_gemm(tmp_path / "r.onnx", FLIP, unsqueeze_output=True)
+    result = evaluate(model, data, reference=reference, progress=False)
+    assert "accuracy" not in result and "top1_agreement" not in result
+    assert result["mean_cosine"] == pytest.approx(0.35, abs=1e-7)
+
+
+def test_data_not_matching_the_model_is_an_error(tmp_path):
+    model = save_gemm(tmp_path / "m.onnx", IDENTITY)
+    with pytest.raises(OnnxPruneError, match="no array for model input.*'x'.*arrays found: inputs"):
+        evaluate(model, {"inputs": X, "labels": np.zeros(4, np.int64)}, progress=False)
+    with pytest.raises(OnnxPruneError, match="axis 1 must be 2"):
+        evaluate(model, {"x": np.zeros((4, 3), np.float32), "labels": np.zeros(4, np.int64)},
+                 progress=False)
+
+
+def test_unreadable_model_is_an_error(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(OnnxPruneError, match="cannot load the model"):
+        evaluate(tmp_path / "bad.onnx", {"x": X}, progress=False)
+
+
+def test_format_metrics_lists_each_metric():
+    text = format_metrics({"accuracy": 0.75, "mean_cosine": 0.35, "max_abs_diff": 2.0,
+                           "samples": 4, "provider": "CPUExecutionProvider", "wall_s": 0.01})
+    lines = text.splitlines()
+    assert lines[0].split() == ["accuracy", "0.7500"]
+    assert lines[1].split() == ["mean", "cosine", "0.3500"]
+    assert lines[2].split() == ["max", "abs", "diff", "2"]
+    assert "samples" in lines[3] and lines[3].endswith("4")
+
+
+def test_empty_data_is_an_error(tmp_path):
+    model = save_gemm(tmp_path / "m.onnx", IDENTITY)
+    with pytest.raises(OnnxPruneError, match="no samples"):
+        evaluate(model, {"x": X[:0], "labels": np.zeros(0, np.int64)}, progress=False)
