@@ -47,14 +47,18 @@ def _parse_dims(values) -> dict[str, int]:
 
 @main.command("prune", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-s", "--sparsity", type=float, required=True,
+@click.option("-s", "--sparsity", "sparsity_text", required=True, metavar="S[,S...]",
               help="Fraction of prunable weights to set to zero, in [0, 1). Weights that are "
-                   "already zero count. 0.9 keeps 10% (a 10x compression ratio).")
+                   "already zero count. 0.9 keeps 10% (a 10x compression ratio). A list "
+                   "(0.5,0.7,0.9) writes one model per level, OUTPUT-stem.s0.5.onnx etc., from "
+                   "one load and one calibration pass.")
 @click.option("-m", "--method", type=click.Choice(METHODS), default="global-mt", show_default=True,
-              help="layer: each layer loses its own smallest weights (hard thresholding). "
-                   "global: the smallest weights of the whole model (Global MP). "
-                   "global-mt: Global MP where every layer keeps at least --min-keep percent "
-                   "of all prunable weights (no layer is emptied).")
+              help="Data-free: layer: each layer loses its own smallest weights (hard "
+                   "thresholding). global: the smallest weights of the whole model (Global MP). "
+                   "global-mt: Global MP where every layer keeps at least --min-keep percent of "
+                   "all prunable weights (no layer is emptied). Needs --calib: dc: per layer, "
+                   "sparse weights that reproduce the dense layer's output on calibration data "
+                   "(DC programming, FeTa), biases refitted.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the pruned model.  [default: MODEL.pruned.onnx beside MODEL]")
 @click.option("--min-keep", type=float, default=0.05, show_default=True,
@@ -75,6 +79,27 @@ def _parse_dims(values) -> dict[str, int]:
               help="dense: zeros stored in place (same layout, compresses well). sparse: ONNX "
                    "sparse_initializer (values + INT64 indices) where smaller. onnxruntime "
                    "densifies sparse tensors at load: smaller files, not faster inference.")
+@click.option("--calib", metavar="PATH", default=None,
+              help="Calibration data for dc and --refit: an .npz keyed by model input name "
+                   "(first axis = samples), or a folder / glob of .npz or <input>.npy files. "
+                   "'random' uses random inputs (for testing only; the report says so).")
+@click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True,
+              help="Use at most this many calibration samples.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Samples per onnxruntime run during calibration.")
+@click.option("--allocation", type=click.Choice(["global-mt", "uniform"]), default="global-mt",
+              show_default=True,
+              help="dc: how many weights each layer keeps: the global-mt allocation, or the "
+                   "same fraction in every layer.")
+@click.option("--refit", is_flag=True,
+              help="After choosing which weights to keep, refit them by least squares so each "
+                   "layer reproduces its dense output on the calibration data (needs --calib).")
+@click.option("--sequential", is_flag=True,
+              help="Calibration statistics of each layer come from the model with the earlier "
+                   "layers already pruned (one calibration pass per layer: slower, usually "
+                   "more accurate). Default: all statistics from the dense model in one pass.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for calibration subsampling and stochastic solvers.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input).")
 @click.option("--no-verify", is_flag=True,
               help="Skip running the output in onnxruntime (by default it is run once on "
@@ -87,23 +112,42 @@ def _parse_dims(values) -> dict[str, int]:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def prune_command(model, sparsity, method, output, min_keep, mt_variant, include, exclude,
+def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, include, exclude,
+                  calib, calib_samples, batch_size, allocation, refit, sequential, seed,
                   storage, force, no_verify, dims, device, report_path, quiet):
     """Prune MODEL to the given sparsity and write MODEL.pruned.onnx (or --output)."""
     try:
+        levels = _parse_sparsity(sparsity_text)
         output = output or default_output(model)
-        result = prune(model, sparsity, method=method, output=output, min_keep=min_keep,
-                       mt_variant=mt_variant, include=include, exclude=exclude,
-                       storage_format=storage, force=force, verify=not no_verify,
-                       dims=_parse_dims(dims), device=device, progress=not quiet)
+        results = prune(model, levels if len(levels) > 1 else levels[0], method=method,
+                        output=output, min_keep=min_keep, mt_variant=mt_variant, include=include,
+                        exclude=exclude, calib=calib, calib_samples=calib_samples,
+                        batch_size=batch_size, allocation=allocation, refit=refit,
+                        sequential=sequential, seed=seed, storage_format=storage, force=force,
+                        verify=not no_verify, dims=_parse_dims(dims), device=device,
+                        progress=not quiet)
+        results = results if isinstance(results, list) else [results]
         if report_path is not None:
-            _write_json(report_path, result.report.to_dict())
+            reports = [r.report.to_dict() for r in results]
+            _write_json(report_path, reports[0] if len(reports) == 1 else {"levels": reports})
     except OnnxPruneError as e:
         _fail(e)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was written")
+        _fail("interrupted; no partial output was left")
     if not quiet:
-        click.echo(result.report.format())
+        click.echo("\n\n".join(r.report.format() for r in results))
+
+
+def _parse_sparsity(text: str) -> list[float]:
+    try:
+        levels = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise OnnxPruneError(f"--sparsity expects numbers like 0.9 or 0.5,0.7,0.9, got '{text}'") from None
+    if not levels:
+        raise OnnxPruneError("--sparsity is empty")
+    if sorted(levels) != levels or len(set(levels)) != len(levels):
+        raise OnnxPruneError(f"--sparsity levels must be increasing, got '{text}'")
+    return levels
 
 
 def _write_json(path: Path, data: dict) -> None:

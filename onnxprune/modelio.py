@@ -84,11 +84,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | bytes) -> LoadedMod
     if path.is_dir():
         raise OnnxPruneError(f"{path}: is a directory, not an ONNX file")
     try:
-        data = path.read_bytes()
+        model = _read_streamed(path)
     except OSError as e:
         raise OnnxPruneError(f"{path}: cannot read ({e.strerror})") from None
-    model = _parse(data, str(path))
-    del data
     data_files: list[Path] = []
     for tensor in iter_tensors(model):
         if _is_external(tensor):
@@ -104,10 +102,93 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
         raise OnnxPruneError(f"{label}: not an ONNX model, or the file is truncated") from None
+    return _checked(model, label)
+
+
+def _checked(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     # protobuf happily parses many non-ONNX byte strings; a real model has these.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise OnnxPruneError(f"{label}: not an ONNX model (no IR version, graph or opset)")
     return model
+
+
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _read_streamed(path: Path) -> onnx.ModelProto:
+    """Parse a model file initializer by initializer, so memory never holds the file's bytes
+    and the parsed model at once (onnx.load needs both: twice the file size)."""
+    model = onnx.ModelProto()
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            pending = bytearray()  # consecutive small fields, merged in one call
+            for field, header, start, end in _fields(f, 0, size):
+                if field != _GRAPH_FIELD:
+                    pending += header + _read_exact(f, start, end)
+                    continue
+                graph_pending = bytearray()
+                for gfield, gheader, gstart, gend in _fields(f, start, end):
+                    payload = _read_exact(f, gstart, gend)
+                    if gfield == _INIT_FIELD:
+                        model.graph.MergeFromString(bytes(graph_pending))
+                        graph_pending.clear()
+                        model.graph.initializer.add().ParseFromString(payload)
+                    else:
+                        graph_pending += gheader + payload
+                model.graph.MergeFromString(bytes(graph_pending))
+            model.MergeFromString(bytes(pending))
+    except (DecodeError, RuntimeError, ValueError, EOFError):
+        raise OnnxPruneError(f"{path}: not an ONNX model, or the file is truncated") from None
+    return _checked(model, str(path))
+
+
+def _fields(f, start: int, end: int):
+    """(field number, header bytes, payload start, payload end) of each field in [start, end)."""
+    pos = start
+    while pos < end:
+        f.seek(pos)
+        head = f.read(min(20, end - pos))
+        tag, n = _decode_varint(head, 0)
+        wire = tag & 7
+        if wire == 0:
+            _, m = _decode_varint(head, n)
+            yield tag >> 3, head[:n], pos + n, pos + m
+            pos += m
+        elif wire == 2:
+            length, m = _decode_varint(head, n)
+            yield tag >> 3, head[:m], pos + m, pos + m + length
+            pos += m + length
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            yield tag >> 3, head[:n], pos + n, pos + n + width
+            pos += n + width
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    if pos != end:
+        raise ValueError("field runs past the end of its message")
+
+
+def _decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise EOFError
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _read_exact(f, start: int, end: int) -> bytes:
+    f.seek(start)
+    data = f.read(end - start)
+    if len(data) != end - start:
+        raise EOFError
+    return data
 
 
 def _load_external(tensor: onnx.TensorProto, base: Path, model_path: Path) -> Path:
@@ -141,6 +222,14 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     if dtype.kind in "fiuV" and len(tensor.raw_data) == dtype.itemsize * size > 0:
         return np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<")).reshape(tuple(tensor.dims))
     return numpy_helper.to_array(tensor)
+
+
+def take_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values, moved out of the proto (no second copy); write_array puts them back."""
+    array = tensor_to_array(tensor)
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    return array
 
 
 def write_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
@@ -181,7 +270,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     `protect` lists paths never to overwrite, even with force (the input and its data files).
     """
     path = Path(path)
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    external_data = external_data or data_nbytes(model) > PROTOBUF_LIMIT - (64 << 20)
     targets = output_files(path, external_data)
     data_name = targets[-1].name
     check_targets(targets, force, protect)
@@ -196,7 +285,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         if external_data:
             _write_with_external_data(model, tmp / path.name, data_name)
         else:
-            (tmp / path.name).write_bytes(model.SerializeToString())
+            _write_streamed(model, tmp / path.name)
         if check is not None:
             check(tmp / path.name)
         for target in reversed(targets):  # the model file appears last
@@ -206,6 +295,67 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return targets
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Size of a tensor's values, from its dims and type (without touching the data)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(x) for x in tensor.string_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def data_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data in the model (a cheap stand-in for ByteSize, which serialises)."""
+    return sum(tensor_nbytes(t) for t in iter_tensors(model))
+
+
+def _shell(message, skip: str):
+    """A copy of a message without one (large) field."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        target = getattr(copy, field.name)
+        if field.is_repeated:
+            target.extend(value)
+        elif field.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
+    """Serialise tensor by tensor: peak memory is one tensor, not a second copy of the model.
+
+    The bytes are a valid ModelProto: the graph field (7) is written once, its initializers
+    (field 5) after its other fields; protobuf readers accept fields in any order.
+    """
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    graph_shell = _shell(model.graph, "initializer").SerializeToString()
+    inits = model.graph.initializer
+    sizes = [t.ByteSize() for t in inits]  # cheap per tensor: no recursion into big messages
+    init_tag = _varint(init_field << 3 | 2)
+    graph_len = len(graph_shell) + sum(len(init_tag) + len(_varint(n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(_shell(model, "graph").SerializeToString())
+        if model.HasField("graph"):
+            f.write(_varint(graph_field << 3 | 2) + _varint(graph_len))
+            f.write(graph_shell)
+            for tensor, n in zip(inits, sizes):
+                f.write(init_tag + _varint(n))
+                f.write(tensor.SerializeToString())
 
 
 def _write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,

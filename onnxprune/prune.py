@@ -1,4 +1,4 @@
-"""The pruning pipeline: load -> find weights -> (statistics) -> new weights -> write -> verify.
+"""The pruning pipeline: load -> find weights -> statistics -> new weights -> write -> verify.
 
 Each stage lives in its own module; this one only moves data between them.
 """
@@ -6,26 +6,31 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import graph, modelio, storage
+from . import graph, modelio, solve, storage
+from .calibration.collect import calibratable, collect_statistics
+from .calibration.source import load_calibration
 from .errors import OnnxPruneError
 from .methods import magnitude
 from .report import LayerRow, PruneReport
 from .verify import compare_models
 
 DATA_FREE_METHODS = ("layer", "global", "global-mt")
-METHODS = DATA_FREE_METHODS
+CALIBRATED_METHODS = ("dc",)
+METHODS = DATA_FREE_METHODS + CALIBRATED_METHODS
+ALLOCATIONS = ("global-mt", "uniform")
 STORAGES = ("dense", "sparse")
 
 
 @dataclass
 class PruneResult:
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None for the levels of a trail that were written to disk
     report: PruneReport
 
 
@@ -35,104 +40,203 @@ def default_output(path: str | os.PathLike) -> Path:
     return path.with_name(stem + ".pruned.onnx")
 
 
-def prune(model, sparsity: float, *, method: str = "global-mt", output=None,
+def level_output(output: str | os.PathLike, sparsity: float) -> Path:
+    """out.onnx -> out.s0.9.onnx: one file per level of a trail."""
+    output = Path(output)
+    stem = output.name[:-5] if output.name.endswith(".onnx") else output.name
+    return output.with_name(f"{stem}.s{sparsity:g}.onnx")
+
+
+def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt", output=None,
           min_keep: float = 0.05, mt_variant: str = "rescale", include: str | None = None,
           exclude: str | None = None, storage_format: str = "dense", force: bool = False,
           verify: bool = True, dims: dict[str, int] | None = None, device: str = "auto",
-          progress: bool = False) -> PruneResult:
-    """Prune a model (a path, bytes or a ModelProto; never modified) and return the result.
+          calib=None, calib_samples: int | None = 512, batch_size: int = 32,
+          allocation: str = "global-mt", refit: bool = False, sequential: bool = False,
+          max_positions: int | None = 64, row_cap: int = 20000, seed: int = 0,
+          progress: bool = False):
+    """Prune a model (a path, bytes or a ModelProto; never modified).
 
-    With `output`, the pruned model is written there atomically, after it has been verified
-    in onnxruntime (unless verify=False). Without it nothing is written and the returned
-    ModelProto holds the pruned weights (verification then runs in memory).
+    `sparsity` is one level, or a list of levels (a trail: one load and one calibration pass,
+    one model per level; with `output`, level s goes to `<output stem>.s<s>.onnx`).
+    With `output`, each model is written atomically after it was verified in onnxruntime
+    (unless verify=False). Returns a PruneResult, or a list of them for a trail.
     """
-    _check_options(sparsity, method, storage_format, min_keep)
+    levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
+    _check_options(levels, method, storage_format, min_keep, allocation, calib, refit)
+    trail = not np.isscalar(sparsity)
+    outputs = [None] * len(levels)
+    if output is not None:
+        outputs = [level_output(output, s) if trail else Path(output) for s in levels]
+        inputs = (model,) if isinstance(model, (str, os.PathLike)) else ()
+        for out in outputs:  # fail before the work, not after it
+            modelio.check_targets(modelio.output_files(out, False), force, protect=inputs)
+
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-
-    if output is not None:  # fail before the work, not after it
-        inputs = (model,) if isinstance(model, (str, os.PathLike)) else ()
-        modelio.check_targets(modelio.output_files(output, False), force, protect=inputs)
     loaded = modelio.load_model(model)
     layers, skipped = graph.find_layers(loaded.model, include, exclude)
     if not layers:
         raise OnnxPruneError("no prunable weights found (Conv, ConvTranspose, Gemm and MatMul "
                              "with constant float weights; see --include)")
+    biases = {layer.name: modelio.tensor_to_array(layer.bias) for layer in layers
+              if layer.bias is not None}
     timings["load"] = time.perf_counter() - clock
 
+    stats, calibration = {}, None
+    if method in CALIBRATED_METHODS or refit:
+        clock = time.perf_counter()
+        calib_set = load_calibration(calib, loaded.model, calib_samples, seed)
+        if not sequential:
+            stats, calibration = collect_statistics(
+                loaded.model, layers, calib_set.batches(batch_size), row_cap=_row_caps(layers, method, row_cap),
+                max_positions=max_positions, device=device, external_data=loaded.external_data,
+                seed=seed, progress=progress)
+        else:
+            calibration = {"samples": calib_set.size, "provider": None, "sequential": True}
+        calibration["random"] = calib_set.random
+        timings["calibrate"] = time.perf_counter() - clock
+
+    # One copy of the weights: a single level takes them out of the proto (each is written
+    # back once pruned); a trail or sequential calibration needs the proto intact meanwhile.
+    detach = not trail and not sequential
+    dense = [modelio.take_array(layer.tensor) if detach else modelio.tensor_to_array(layer.tensor)
+             for layer in layers]
     clock = time.perf_counter()
-    stored = [modelio.tensor_to_array(layer.tensor) for layer in layers]
-    zeros_before = [int(np.count_nonzero(a == 0)) for a in stored]
-    counts = _zero_counts(method, stored, sparsity, min_keep, mt_variant)
+    counts_per_level = [_zero_counts(method, allocation, dense, s, min_keep, mt_variant)
+                        for s in levels]
     timings["select"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    rows = []
-    for layer, array, n_zero, before in zip(layers, _progress(stored, progress, "pruning"),
-                                            counts, zeros_before):
-        keep = magnitude.keep_mask(array, n_zero)
-        new = np.where(keep, array, np.zeros((), array.dtype))
-        modelio.write_array(layer.tensor, new)
-        rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name,
-                             layer.size, before, int(np.count_nonzero(new == 0)), layer.graph))
-    del stored
-    timings["prune"] = time.perf_counter() - clock
+    results = []
+    for s, counts, out in zip(levels, counts_per_level, outputs):
+        level_timings = dict(timings)
+        clock = time.perf_counter()
+        rows, notes = _apply_level(loaded, layers, dense, biases, counts, method, stats, refit,
+                             sequential and (method == "dc" or refit), calib_set if sequential else None,
+                             dict(batch_size=batch_size, row_cap=row_cap, max_positions=max_positions,
+                                  device=device, seed=seed), progress, calibration, detach)
+        level_timings["prune"] = time.perf_counter() - clock
+        report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
+                             skipped=[vars(x) for x in skipped], timings=level_timings,
+                             calibration=calibration, notes=notes)
+        results.append(_finish(loaded, model, layers, report, out, storage_format, force, verify,
+                               dims, device, copy=trail and out is None))
+    return results if trail else results[0]
 
-    report = PruneReport(method=method, target_sparsity=sparsity, layers=rows,
-                         skipped=[vars(s) for s in skipped], storage=storage_format, timings=timings)
-    report.input_bytes = sum(f.stat().st_size for f in loaded.files)
+
+def _apply_level(loaded, layers, dense, biases, counts, method, stats, refit, sequential,
+                 calib_set, calib_options, progress, calibration, detached):
+    """Write this level's weights (and refitted biases) into the loaded model's tensors.
+
+    Returns the report rows and notes."""
+    rows, notes, fallback = [], [], []
+    for i, (layer, n_zero) in enumerate(zip(_progress(layers, progress, "pruning"), counts)):
+        array = dense[i]
+        layer_stats = stats.get(layer.name)
+        if sequential and calibratable(layer):
+            # statistics from the model as pruned so far (earlier layers already written)
+            layer_stats = collect_statistics(
+                loaded.model, [layer], calib_set.batches(calib_options["batch_size"]),
+                row_cap=_row_caps([layer], method, calib_options["row_cap"]),
+                max_positions=calib_options["max_positions"], device=calib_options["device"],
+                external_data=loaded.external_data, seed=calib_options["seed"])[0].get(layer.name)
+        new_bias = None
+        if method == "dc" and layer_stats is not None:
+            new, new_bias = solve.dc_layer(layer, array, n_zero, layer_stats,
+                                           biases.get(layer.name), seed=calib_options["seed"])
+        else:
+            new = solve.magnitude_layer(array, n_zero)
+            if method == "dc":
+                fallback.append(layer.name)
+        if refit and layer_stats is not None and method != "dc":
+            new = solve.refit_layer(layer, new, layer_stats)
+        modelio.write_array(layer.tensor, new)
+        rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
+                             int(np.count_nonzero(array == 0)), int(np.count_nonzero(new == 0)),
+                             layer.graph, "bias refitted" if new_bias is not None else ""))
+        if new_bias is not None:
+            modelio.write_array(layer.bias, new_bias)
+        if detached:
+            dense[i] = None  # its data now lives in the proto again
+    if sequential and calibration is not None:
+        calibration["passes"] = sum(calibratable(layer) for layer in layers)
+    if fallback:
+        notes.append(f"{len(fallback)} tensors have no calibration statistics (inside subgraphs, "
+                     f"unresolved layout or not a layer weight) and were pruned by magnitude: "
+                     + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""))
+    return rows, notes
+
+
+def _finish(loaded, source, layers, report, output, storage_format, force, verify, dims, device,
+            copy) -> PruneResult:
+    """Storage format, atomic write with verification, file sizes."""
+    clock = time.perf_counter()
     pruned = loaded.model
-    dense_bytes = pruned.ByteSize()
-    report.sparse_output_bytes = dense_bytes - _sparse_saving(layers, rows)
+    if copy or storage_format == "sparse":
+        pruned = onnx.ModelProto()
+        pruned.CopyFrom(loaded.model)  # later levels rewrite the tensors of loaded.model
+    report.input_bytes = sum(f.stat().st_size for f in loaded.files)
     if storage_format == "sparse":
         converted = storage.to_sparse_initializers(pruned, {layer.name for layer in layers})
         report.notes.append(f"{len(converted)} of {len(layers)} pruned tensors stored sparse "
                             "(the others are smaller dense or are not initializers)")
-
-    clock = time.perf_counter()
-    reference = loaded.path if loaded.path else _as_bytes(loaded, model)
+    reference = loaded.path if loaded.path else _as_bytes(source)
 
     def check(candidate):
         if verify:
             report.verification = compare_models(reference, candidate, dims=dims, device=device)
 
     if output is not None:
-        protect = tuple(loaded.files)
         written = modelio.save_model(pruned, output, external_data=loaded.external_data,
-                                     force=force, protect=protect, check=check)
+                                     force=force, protect=tuple(loaded.files), check=check)
         report.output_files = [str(p) for p in written]
         report.output_bytes = sum(p.stat().st_size for p in written)
-        if storage_format == "sparse":
-            report.sparse_output_bytes = report.output_bytes
+    elif verify and modelio.data_nbytes(pruned) > modelio.PROTOBUF_LIMIT:
+        report.notes.append("not verified: models over 2 GB are verified only when written")
     else:
-        report.output_bytes = dense_bytes
+        serialized = pruned.SerializeToString()
+        report.output_bytes = len(serialized)
         if verify:
-            if dense_bytes > modelio.PROTOBUF_LIMIT:
-                report.notes.append("not verified: models over 2 GB are verified only when written")
-            else:
-                check(pruned.SerializeToString())
-    timings["write_verify"] = time.perf_counter() - clock
-    return PruneResult(pruned, report)
+            check(serialized)
+    # what --storage sparse gives (or gave): measured when written sparse, else estimated
+    report.sparse_output_bytes = report.output_bytes - (
+        0 if storage_format == "sparse" else _sparse_saving(layers, report.layers))
+    report.timings["write_verify"] = time.perf_counter() - clock
+    keep = output is None or not copy
+    return PruneResult(pruned if keep else None, report)
 
 
-def _zero_counts(method, stored, sparsity, min_keep, mt_variant) -> list[int]:
-    if method == "layer":
-        return magnitude.layer_zero_counts([a.size for a in stored], sparsity)
+def _zero_counts(method, allocation, dense, sparsity, min_keep, mt_variant) -> list[int]:
+    if method == "layer" or (method == "dc" and allocation == "uniform"):
+        return magnitude.layer_zero_counts([a.size for a in dense], sparsity)
     if method == "global":
-        return magnitude.global_zero_counts(stored, sparsity)
-    return magnitude.min_threshold_zero_counts(stored, sparsity, min_keep_percent=min_keep,
+        return magnitude.global_zero_counts(dense, sparsity)
+    return magnitude.min_threshold_zero_counts(dense, sparsity, min_keep_percent=min_keep,
                                                variant=mt_variant)
 
 
-def _check_options(sparsity, method, storage_format, min_keep) -> None:
-    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise OnnxPruneError(f"sparsity must be in [0, 1), got {sparsity}")
+def _check_options(levels, method, storage_format, min_keep, allocation, calib, refit) -> None:
+    if not levels:
+        raise OnnxPruneError("no sparsity given")
+    for s in levels:
+        magnitude.check_sparsity(s)
     if method not in METHODS:
         raise OnnxPruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if storage_format not in STORAGES:
         raise OnnxPruneError(f"unknown storage '{storage_format}' (choose from dense, sparse)")
+    if allocation not in ALLOCATIONS:
+        raise OnnxPruneError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
     if not 0 <= min_keep < 100:
         raise OnnxPruneError(f"--min-keep is a percentage in [0, 100), got {min_keep}")
+    needs = f"method '{method}'" if method in CALIBRATED_METHODS else "--refit" if refit else None
+    if needs and calib is None:
+        raise OnnxPruneError(f"{needs} needs calibration data: give --calib data.npz "
+                             "(or --calib random to use random inputs, for testing only)")
+
+
+def _row_caps(layers, method, cap) -> dict[str, int]:
+    """DC needs raw input rows for layers followed by ReLU; everything else uses the Gram."""
+    return {layer.name: cap for layer in layers if method == "dc" and layer.relu}
 
 
 def _sparse_saving(layers, rows) -> int:
@@ -145,12 +249,8 @@ def _sparse_saving(layers, rows) -> int:
     return saving
 
 
-def _as_bytes(loaded, source) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    if isinstance(source, onnx.ModelProto):
-        return source.SerializeToString()
-    raise AssertionError("unreachable")
+def _as_bytes(source) -> bytes:
+    return source if isinstance(source, bytes) else source.SerializeToString()
 
 
 def _progress(items, enabled: bool, label: str):

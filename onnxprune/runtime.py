@@ -20,16 +20,21 @@ def providers_for(device: str) -> list[str]:
 
 
 def make_session(model: str | os.PathLike | bytes, device: str = "auto",
-                 threads: int | None = None) -> ort.InferenceSession:
+                 threads: int | None = None, light: bool = False) -> ort.InferenceSession:
     """A session on the requested device; CUDA falls back to CPU when it cannot start.
 
     Models with external data must be given by path so onnxruntime finds their data files.
-    The provider that really runs is `session.get_providers()[0]`.
+    The provider that really runs is `session.get_providers()[0]`. A `light` session (for
+    one-off runs) skips graph rewrites and weight prepacking, which cost time and a second
+    copy of the weights.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3  # keep onnxruntime's warnings off the user's terminal
     if threads:
         options.intra_op_num_threads = threads
+    if light:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.add_session_config_entry("session.disable_prepacking", "1")
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=providers_for(device))

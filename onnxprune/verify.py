@@ -18,7 +18,8 @@ def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None 
                      seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs of the right shape and type: symbolic dims become dims[name] or 1.
 
-    Floats are standard normal; integers are 0 (a valid index for token ids); booleans True.
+    Floats are standard normal; integers are 1 (a valid token id, an attention mask that
+    attends); booleans True.
     """
     dims = dims or {}
     rng = np.random.default_rng(seed)
@@ -34,7 +35,7 @@ def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None 
         elif dtype is np.bool_:
             feeds[arg.name] = np.ones(shape, dtype=bool)
         else:
-            feeds[arg.name] = np.zeros(shape, dtype=dtype)
+            feeds[arg.name] = np.ones(shape, dtype=dtype)
     return feeds
 
 
@@ -44,23 +45,25 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     Raises OnnxPruneError when the candidate does not load or run. When the reference itself
     cannot run here, the candidate is still run and no difference is reported.
     """
-    session = make_session(candidate, device)
+    session = make_session(candidate, device, light=True)
     feeds = synthetic_inputs(session, dims)
     try:
         outputs = session.run(None, feeds)
     except Exception as e:
         raise OnnxPruneError(f"the pruned model does not run in onnxruntime: {_first_line(e)}") from None
     result = {"provider": provider_name(session), "max_abs_diff": {}, "note": None}
+    names = [o.name for o in session.get_outputs()]
+    del session  # one model in onnxruntime at a time
     try:
-        ref_outputs = make_session(reference, device).run(None, feeds)
+        ref_outputs = make_session(reference, device, light=True).run(None, feeds)
     except Exception as e:  # the input model itself does not run on synthetic data
         result["note"] = f"the input model did not run on synthetic inputs: {_first_line(e)}"
         return result
-    for arg, ref, out in zip(session.get_outputs(), ref_outputs, outputs):
+    for name, ref, out in zip(names, ref_outputs, outputs):
         ref, out = np.asarray(ref), np.asarray(out)
         if np.issubdtype(ref.dtype, np.number) and ref.shape == out.shape and ref.size:
             diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-            result["max_abs_diff"][arg.name] = float(np.nanmax(diff))
+            result["max_abs_diff"][name] = float(np.nanmax(diff))
     return result
 
 

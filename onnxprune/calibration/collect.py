@@ -27,10 +27,12 @@ def calibratable(layer: Layer) -> bool:
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
-                       gram: bool = True, row_cap: int = 0, max_positions: int | None = None,
+                       gram: bool = True, row_cap: dict[str, int] | None = None, max_positions: int | None = None,
                        device: str = "auto", external_data: bool = False, seed: int = 0,
                        progress: bool = False) -> tuple[dict[str, LayerStats], dict]:
     """Statistics of each calibratable layer's input; `batches` yields {input name: array}.
+
+    row_cap: {layer name: rows to sample} for the layers whose method needs raw rows.
 
     Returns ({layer name: LayerStats}, {samples, batches, provider, seconds}).
     """
@@ -54,7 +56,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                                          max_positions=max_positions, rng=rngs[layer.name])
                 if layer.name not in stats:
                     stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2], gram=gram,
-                                                   row_cap=row_cap, seed=seed)
+                                                   row_cap=(row_cap or {}).get(layer.name, 0),
+                                                   seed=seed)
                 stats[layer.name].add_batch(rows)
             samples += len(next(iter(feeds.values())))
             n_batches += 1

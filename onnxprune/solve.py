@@ -1,0 +1,79 @@
+"""New weights for one layer: glue between a Layer, its statistics and the numpy methods.
+
+A layer's stored tensor is viewed as blocks (k, d_out, d_in) through `layout`; a method works on
+blocks; the result goes back into a stored-shape array. No ONNX here beyond the Layer record.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import layout
+from .calibration.accumulators import LayerStats
+from .graph import Layer
+from .methods import dc, magnitude, refit
+
+
+def block_index(layer: Layer) -> np.ndarray:
+    """(k, d_out, d_in) flat indices into the STORED tensor."""
+    operand_shape = layer.shape if layer.index is None else layer.index.shape
+    idx = layout.block_index(operand_shape, layer.op, layer.attrs, layer.weight_side)
+    return idx if layer.index is None else layer.index.reshape(-1)[idx]
+
+
+def bias_blocks(layer: Layer, bias: np.ndarray | None, k: int, d_out: int) -> np.ndarray | None:
+    """The bias as (k, d_out) when each block owns a slice of it (else None: left untouched)."""
+    if bias is None or bias.size != k * d_out or bias.ndim != 1:
+        return None
+    if layer.op == "Gemm" and (layer.attrs.get("alpha", 1.0) != 1.0 or layer.attrs.get("beta", 1.0) != 1.0):
+        return None
+    if layer.op == "MatMul" and k != 1:
+        return None
+    return bias.reshape(k, d_out)
+
+
+def split_keep(n_keep: int, k: int, block_size: int) -> list[int]:
+    """Spread a layer's kept count over its k equal blocks (the first blocks take the rest)."""
+    base, extra = divmod(n_keep, k)
+    return [min(block_size, base + (i < extra)) for i in range(k)]
+
+
+def dc_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
+             bias: np.ndarray | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """DC (FeTa) for every block of a layer; returns (new stored weight, new bias or None)."""
+    idx = block_index(layer)
+    k, d_out, d_in = idx.shape
+    W = stored.reshape(-1)[idx].astype(np.float64)
+    b = bias_blocks(layer, bias, k, d_out)
+    use_relu = layer.relu and stats.row_cap > 0 and (bias is None or b is not None)
+    keeps = split_keep(stored.size - n_zero, k, d_out * d_in)
+    new_W, new_b = np.empty_like(W), None if b is None else np.empty_like(b, dtype=np.float64)
+    for j in range(k):
+        bj = None if b is None else b[j].astype(np.float64)
+        if use_relu:
+            Wj, bj = dc.dc_relu_block(stats.rows[j], W[j], bj, keeps[j], seed=seed)
+        else:
+            gram = stats.augmented_gram[j] if bj is not None else stats.gram[j]
+            Wj, bj = dc.dc_linear_block(gram, W[j], bj, keeps[j], seed=seed)
+        new_W[j] = Wj
+        if new_b is not None:
+            new_b[j] = bj
+    return _to_stored(stored, idx, new_W), None if new_b is None else new_b.reshape(-1).astype(bias.dtype)
+
+
+def refit_layer(layer: Layer, stored: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """Least-squares refit of the kept weights on their support (the zeros stay zero)."""
+    idx = block_index(layer)
+    W = stored.reshape(-1)[idx].astype(np.float64)
+    new_W = refit.refit_on_support(W, W != 0, stats.gram)
+    return _to_stored(stored, idx, new_W)
+
+
+def magnitude_layer(stored: np.ndarray, n_zero: int) -> np.ndarray:
+    keep = magnitude.keep_mask(stored, n_zero)
+    return np.where(keep, stored, np.zeros((), stored.dtype))
+
+
+def _to_stored(stored: np.ndarray, idx: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    out = np.array(stored, copy=True).reshape(-1)
+    out[idx.reshape(-1)] = blocks.reshape(-1).astype(stored.dtype)
+    return out.reshape(stored.shape)
