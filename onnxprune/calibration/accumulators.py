@@ -49,6 +49,8 @@ class LayerStats:
         # the Gram's diagonal already is sum x_j^2: keep a separate sum only without it
         self._sq = np.zeros((blocks, d_in)) if diag and not gram else None
         self._filled = 0
+        self._pending: list[np.ndarray] = []  # float64 rows not yet folded into the Gram
+        self._pending_rows = 0
         if row_cap:
             self._buf = np.empty((blocks, row_cap, d_in), dtype=np.float32)  # pages touched as filled
             self._keys = np.empty(row_cap, dtype=np.uint64)
@@ -65,7 +67,12 @@ class LayerStats:
         wide = rows.astype(np.float64)
         self.x_sum += wide.sum(axis=1)
         if self._gram is not None:
-            self._gram += np.matmul(wide.transpose(0, 2, 1), wide)
+            # Rows wait in a buffer: one product over many rows is far cheaper than many
+            # thin ones, each of which rewrites the whole d_in x d_in Gram.
+            self._pending.append(wide)
+            self._pending_rows += n
+            if self._pending_rows >= 512 or self._pending_rows * self.d_in * self.blocks >= 1 << 22:
+                self._flush()  # at most 32 MB waits per layer
         if self._sq is not None:
             self._sq += np.einsum("knd,knd->kd", wide, wide)
         if self.row_cap:
@@ -94,16 +101,24 @@ class LayerStats:
         self._keys[slots], self._index[slots] = keys[entering], index[entering]
         self._filled = min(self.row_cap, pool_keys.size)
 
+    def _flush(self) -> None:
+        if self._pending:
+            wide = np.concatenate(self._pending, axis=1)
+            for block, gram in zip(wide, self._gram):  # 2-D products go straight to BLAS
+                gram += block.T @ block
+            self._pending, self._pending_rows = [], 0
+
     @property
     def gram(self) -> np.ndarray:
         if self._gram is None:
             raise AttributeError("LayerStats was created with gram=False")
+        self._flush()
         return self._gram
 
     @property
     def sq_norms(self) -> np.ndarray:
         if self._gram is not None:
-            return np.diagonal(self._gram, axis1=1, axis2=2).copy()
+            return np.diagonal(self.gram, axis1=1, axis2=2).copy()
         if self._sq is None:
             raise AttributeError("LayerStats was created with gram=False and diag=False")
         return self._sq
