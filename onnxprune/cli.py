@@ -150,6 +150,35 @@ def _parse_sparsity(text: str) -> list[float]:
     return levels
 
 
+@main.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, metavar="PATH",
+              help="An .npz keyed by model input name (first axis = samples), with integer class "
+                   "labels under 'labels' for accuracy; or a folder / glob of .npz / <input>.npy files.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="A reference model (e.g. the dense one): report fidelity to it: mean cosine "
+                   "similarity of outputs, top-1 agreement, max abs difference, and for "
+                   "embedding models nearest-neighbour retrieval agreement.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Samples per onnxruntime run.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime execution provider (cuda needs onnxruntime-gpu and a GPU).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_command(model, data_path, reference, batch_size, device, as_json, quiet):
+    """Accuracy of MODEL on labelled data, or its fidelity to a --reference model."""
+    from .evaluate import evaluate, format_metrics
+
+    try:
+        metrics = evaluate(model, data_path, batch_size=batch_size, reference=reference,
+                           device=device, progress=not quiet and not as_json)
+    except OnnxPruneError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
+
+
 def _write_json(path: Path, data: dict) -> None:
     try:
         tmp = path.with_name(f".{path.name}.tmp")

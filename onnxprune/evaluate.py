@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -18,53 +18,16 @@ from tqdm import tqdm
 
 from onnxprune.data import (
     LABELS_KEY,
-    ModelInput,
     check_against_model,
     iter_batches,
     load_samples,
     num_samples,
 )
 from onnxprune.errors import OnnxPruneError
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint64)": np.uint64,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+from onnxprune.runtime import make_session, provider_name, session_inputs
 
 # Rows of the similarity matrix computed at once when finding nearest neighbours.
 _NEIGHBOUR_BLOCK = 512
-
-
-def open_session(
-    model: str | os.PathLike, providers: Sequence[str] | None = None
-) -> ort.InferenceSession:
-    """An onnxruntime session for a model file (by path, so external data is found)."""
-    try:
-        providers = list(providers or ["CPUExecutionProvider"])
-        return ort.InferenceSession(str(model), providers=providers)
-    except Exception as exc:  # onnxruntime raises several unrelated exception types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxPruneError(f"{model}: onnxruntime cannot load the model: {message}") from None
-
-
-def session_inputs(session: ort.InferenceSession) -> list[ModelInput]:
-    """The session's inputs as (name, numpy dtype, shape with None/str for symbolic dims)."""
-    out = []
-    for arg in session.get_inputs():
-        if arg.type not in _ORT_TYPES:
-            raise OnnxPruneError(f"input '{arg.name}' has unsupported type {arg.type}")
-        out.append((arg.name, np.dtype(_ORT_TYPES[arg.type]), list(arg.shape)))
-    return out
 
 
 def evaluate(
@@ -73,7 +36,7 @@ def evaluate(
     *,
     batch_size: int = 64,
     reference: str | os.PathLike | None = None,
-    providers: Sequence[str] | None = None,
+    device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Run ``model`` over ``data`` and return its metrics as a JSON-ready dict.
@@ -83,11 +46,11 @@ def evaluate(
     ``retrieval_agreement`` for unlabelled 2-D float outputs) need a ``reference`` model.
     """
     samples = data if isinstance(data, Mapping) else load_samples(data)
-    session = open_session(model, providers)
+    session = make_session(model, device)
     samples = check_against_model(samples, session_inputs(session))
     ref_session = None
     if reference is not None:
-        ref_session = open_session(reference, providers)
+        ref_session = make_session(reference, device)
         check_against_model(samples, session_inputs(ref_session))
     labels = samples.get(LABELS_KEY)
     if num_samples(samples) == 0:
@@ -106,7 +69,7 @@ def evaluate(
         session, ref_session, samples, batch_size, progress, keep_embeddings)
     result: dict = {
         "samples": num_samples(samples),
-        "provider": session.get_providers()[0],
+        "provider": provider_name(session),
         "output": session.get_outputs()[0].name,
     }
     if labels is not None:
@@ -181,7 +144,7 @@ def _run_all(session, ref_session, samples, batch_size, progress, keep_embedding
     ref_stats = _OutputStats(labels) if ref_session else None
     fidelity = _Fidelity(keep_embeddings) if ref_session else None
     with tqdm(total=num_samples(samples), unit="sample", file=sys.stderr,
-              disable=not progress, desc="evaluate") as bar:
+              disable=not progress, desc="evaluate", delay=1.0) as bar:
         for batch in iter_batches(samples, batch_size):
             rows = len(next(iter(batch.values())))
             feed = _pad(batch, fixed) if fixed else batch

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import OnnxPruneError
 
 DEVICES = ("auto", "cpu", "cuda")
+ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
 
 
 def providers_for(device: str) -> list[str]:
@@ -45,3 +52,13 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto",
 
 def provider_name(session: ort.InferenceSession) -> str:
     return session.get_providers()[0].removesuffix("ExecutionProvider")
+
+
+def session_inputs(session: ort.InferenceSession) -> list[tuple]:
+    """The inputs as (name, numpy dtype, shape with None/str for symbolic dims)."""
+    out = []
+    for arg in session.get_inputs():
+        if arg.type not in ORT_TYPES:
+            raise OnnxPruneError(f"input '{arg.name}' has unsupported type {arg.type}")
+        out.append((arg.name, np.dtype(ORT_TYPES[arg.type]), list(arg.shape)))
+    return out

@@ -5,14 +5,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import OnnxPruneError
-from .runtime import make_session, provider_name
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
-
+from .runtime import make_session, provider_name, session_inputs
 
 def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None = None,
                      seed: int = 0) -> dict[str, np.ndarray]:
@@ -24,18 +17,12 @@ def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None 
     dims = dims or {}
     rng = np.random.default_rng(seed)
     feeds = {}
-    for arg in session.get_inputs():
-        dtype = _ORT_TYPES.get(arg.type)
-        if dtype is None:
-            raise OnnxPruneError(f"input '{arg.name}' has type {arg.type}, which verification "
-                                 "cannot synthesise (use --no-verify)")
-        shape = [d if isinstance(d, int) and d >= 0 else dims.get(str(d), 1) for d in arg.shape]
+    for name, dtype, arg_shape in session_inputs(session):
+        shape = [d if isinstance(d, int) and d >= 0 else dims.get(str(d), 1) for d in arg_shape]
         if np.issubdtype(dtype, np.floating):
-            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[arg.name] = np.ones(shape, dtype=bool)
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[arg.name] = np.ones(shape, dtype=dtype)
+            feeds[name] = np.ones(shape, dtype=dtype)
     return feeds
 
 

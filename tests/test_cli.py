@@ -137,3 +137,16 @@ def test_unwritable_output_folder(model_path, tmp_path):
 def test_bad_dim_and_leftover_files(model_path, tmp_path):
     assert_one_line_error(run(model_path, "-s", "0.5", "--dim", "batch"), "--dim")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]  # no partial output
+
+
+def test_eval_command_accuracy_and_json(model_path, tmp_path):
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((10, 20)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", input=x, labels=np.zeros(10, np.int64))
+    result = run("eval", model_path, "--data", tmp_path / "d.npz", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["samples"] == 10 and 0 <= metrics["accuracy"] <= 1
+    np.savez(tmp_path / "bad.npz", x=x)
+    assert_one_line_error(run("eval", model_path, "--data", tmp_path / "bad.npz"), "'input'")
