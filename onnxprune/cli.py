@@ -109,12 +109,17 @@ def _parse_dims(values) -> dict[str, int]:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime execution provider: cuda when onnxruntime-gpu and a GPU are "
                    "present (auto), else cpu; the report says which ran.")
+@click.option("--max-memory", default="1G", show_default=True, metavar="SIZE",
+              help="Memory budget for models with external data (e.g. 512M, 4G): pruning streams "
+                   "the weights and needs this plus about 5x the largest tensor; the output is "
+                   "run in onnxruntime only if its weights fit, and sparse tensors (stored "
+                   "inline) are limited to it.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, include, exclude,
                   calib, calib_samples, batch_size, allocation, refit, sequential, seed,
-                  storage, force, no_verify, dims, device, report_path, quiet):
+                  storage, force, no_verify, dims, device, max_memory, report_path, quiet):
     """Prune MODEL to the given sparsity and write MODEL.pruned.onnx (or --output)."""
     try:
         levels = _parse_sparsity(sparsity_text)
@@ -125,7 +130,7 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
                         batch_size=batch_size, allocation=allocation, refit=refit,
                         sequential=sequential, seed=seed, storage_format=storage, force=force,
                         verify=not no_verify, dims=_parse_dims(dims), device=device,
-                        progress=not quiet)
+                        progress=not quiet, max_memory=max_memory)
         results = results if isinstance(results, list) else [results]
         if report_path is not None:
             reports = [r.report.to_dict() for r in results]

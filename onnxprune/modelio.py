@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from . import mapped
 from .errors import OnnxPruneError
 
 PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised in one piece
@@ -22,9 +23,12 @@ PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised
 
 @dataclass
 class LoadedModel:
+    """A model; its external tensors stay in their data files (absolute locations) until read."""
+
     model: onnx.ModelProto
     path: Path | None  # None when the model was given in memory
     data_files: list[Path]  # external data files of the input
+    stage: object | None = None  # staging.OutputStage of the output being written, if any
 
     @property
     def external_data(self) -> bool:
@@ -33,6 +37,26 @@ class LoadedModel:
     @property
     def files(self) -> list[Path]:
         return ([self.path] if self.path else []) + self.data_files
+
+    def stage_output(self, output) -> None:
+        """Write external tensors straight into the data file of `output` from now on (models
+        with external data; None: back to writing them into the proto)."""
+        from .staging import OutputStage
+
+        if self.stage is not None:
+            self.stage.close()
+        self.stage = OutputStage(self.model, output) if output and self.external_data else None
+
+    def write_array(self, tensor: onnx.TensorProto, array: np.ndarray) -> None:
+        """Replace a tensor's values: at its place in the staged output's data file when there is
+        one, else in the proto (`write_array`)."""
+        if self.stage is None or not self.stage.covers(tensor):
+            write_array(tensor, array)
+            return
+        source = {e.key: e.value for e in tensor.external_data}
+        self.stage.write(tensor, memoryview(_little_endian(tensor, array).reshape(-1).view(np.uint8)))
+        # the tensor just written may still be read by the caller; the pages of the others go
+        mapped.drop_resident_pages(keep=(source["location"], int(source.get("offset", 0))))
 
 
 def iter_graphs(graph: onnx.GraphProto):
@@ -47,15 +71,17 @@ def iter_graphs(graph: onnx.GraphProto):
                     yield from iter_graphs(g)
 
 
-def iter_tensors(model: onnx.ModelProto, *, sparse: bool = True):
+def iter_tensors(model: onnx.ModelProto, *, sparse: bool = True, dense: bool = True):
     """Every TensorProto holding data: initializers and Constant values, in all graphs.
 
-    With sparse=False the parts of sparse tensors are left out."""
+    With sparse=False the parts (values, indices) of sparse tensors are left out, with
+    dense=False everything else."""
     for graph in iter_graphs(model.graph):
-        yield from graph.initializer
+        if dense:
+            yield from graph.initializer
         for node in graph.node:
             for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
+                if attr.type == onnx.AttributeProto.TENSOR and dense:
                     yield attr.t
                 elif attr.type == onnx.AttributeProto.SPARSE_TENSOR and sparse:
                     yield attr.sparse_tensor.values
@@ -88,9 +114,12 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | bytes) -> LoadedMod
     except OSError as e:
         raise OnnxPruneError(f"{path}: cannot read ({e.strerror})") from None
     data_files: list[Path] = []
-    for tensor in iter_tensors(model):
+    # sparse parts are loaded inline (onnx's external-data helpers skip them); strings cannot be mapped
+    tensors = [(t, t.data_type == onnx.TensorProto.STRING) for t in iter_tensors(model, sparse=False)]
+    tensors += [(t, True) for t in iter_tensors(model, dense=False)]
+    for tensor, inline in tensors:
         if _is_external(tensor):
-            file = _load_external(tensor, path.parent, path)
+            file = _check_external(tensor, path.parent, path, load=inline)
             if file not in data_files:
                 data_files.append(file)
     return LoadedModel(model, path, data_files)
@@ -114,10 +143,11 @@ def _checked(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
 
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_SPARSE_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["sparse_initializer"].number
 
 
 def _read_streamed(path: Path) -> onnx.ModelProto:
-    """Parse a model file initializer by initializer, so memory never holds the file's bytes
+    """Parse a model file (sparse) initializer by initializer, so memory never holds the file's bytes
     and the parsed model at once (onnx.load needs both: twice the file size)."""
     model = onnx.ModelProto()
     size = path.stat().st_size
@@ -131,10 +161,11 @@ def _read_streamed(path: Path) -> onnx.ModelProto:
                 graph_pending = bytearray()
                 for gfield, gheader, gstart, gend in _fields(f, start, end):
                     payload = _read_exact(f, gstart, gend)
-                    if gfield == _INIT_FIELD:
+                    if gfield in (_INIT_FIELD, _SPARSE_FIELD):
                         model.graph.MergeFromString(bytes(graph_pending))
                         graph_pending.clear()
-                        model.graph.initializer.add().ParseFromString(payload)
+                        target = model.graph.initializer if gfield == _INIT_FIELD else model.graph.sparse_initializer
+                        target.add().ParseFromString(payload)
                     else:
                         graph_pending += gheader + payload
                 model.graph.MergeFromString(bytes(graph_pending))
@@ -191,7 +222,9 @@ def _read_exact(f, start: int, end: int) -> bytes:
     return data
 
 
-def _load_external(tensor: onnx.TensorProto, base: Path, model_path: Path) -> Path:
+def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load: bool) -> Path:
+    """Validate an external tensor's file and extent, then point it at the file by absolute
+    path (so it can be read without the model's folder), or load it inline."""
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
     file = (base / location).resolve()
@@ -199,25 +232,33 @@ def _load_external(tensor: onnx.TensorProto, base: Path, model_path: Path) -> Pa
         raise OnnxPruneError(
             f"{model_path}: external data file '{location}' for tensor '{tensor.name}' is missing")
     offset = int(info.get("offset", 0))
-    elem = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    default_len = int(np.prod(tensor.dims, dtype=np.int64)) * elem
-    length = int(info.get("length", default_len))
-    with open(file, "rb") as f:
-        f.seek(offset)
-        raw = f.read(length)
-    if len(raw) != length:
+    length = int(info.get("length", tensor_nbytes(tensor)))
+    if offset + length > file.stat().st_size or length < tensor_nbytes(tensor):
         raise OnnxPruneError(
             f"{model_path}: external data file '{location}' is truncated "
-            f"(tensor '{tensor.name}' needs {length} bytes at offset {offset})")
-    tensor.raw_data = raw
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.DEFAULT
+            f"(tensor '{tensor.name}' needs {max(length, tensor_nbytes(tensor))} bytes at offset {offset})")
+    if load:
+        with open(file, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    else:
+        from .staging import point
+
+        point(tensor, str(file), offset, tensor_nbytes(tensor))
     return file
 
 
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values; a read-only view of raw_data when possible (no copy)."""
+    """The tensor's values; a read-only view of raw_data when possible (no copy), a read-only
+    memory map (mapped.MappedTensor) for a loaded model's external tensors."""
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if _is_external(tensor):
+        info = {e.key: e.value for e in tensor.external_data}
+        if os.path.isabs(info.get("location", "")):
+            return mapped.open_tensor(info["location"], int(info.get("offset", 0)), dtype,
+                                      tuple(tensor.dims))
     size = int(np.prod(tensor.dims, dtype=np.int64))
     if dtype.kind in "fiuV" and len(tensor.raw_data) == dtype.itemsize * size > 0:
         return np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<")).reshape(tuple(tensor.dims))
@@ -225,22 +266,41 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 
 def take_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values, moved out of the proto (no second copy); write_array puts them back."""
+    """The tensor's values, moved out of the proto (no second copy); write_array puts them back.
+    External tensors stay where they are (mapped, nothing to move)."""
     array = tensor_to_array(tensor)
+    if _is_external(tensor):
+        return array
     for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
         tensor.ClearField(field)
     return array
 
 
 def write_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
-    """Replace a tensor's values, keeping its name, dtype and dims (raw little-endian bytes)."""
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    array = np.ascontiguousarray(array, dtype=dtype)
-    assert tuple(array.shape) == tuple(tensor.dims), (array.shape, tensor.dims)
+    """Replace a tensor's values in the proto, keeping its name, dtype and dims (raw
+    little-endian bytes; an external tensor becomes inline)."""
+    array = _little_endian(tensor, array)
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
                   "string_data"):
         tensor.ClearField(field)
-    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    if _is_external(tensor):
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = array.tobytes()
+
+
+def _little_endian(tensor: onnx.TensorProto, array: np.ndarray) -> np.ndarray:
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    array = np.ascontiguousarray(array, dtype=dtype)
+    assert tuple(array.shape) == tuple(tensor.dims), (array.shape, tensor.dims)
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
+
+
+def resolve_external(model: onnx.ModelProto) -> None:
+    """Load every external tensor into the proto (an in-memory result must stand alone)."""
+    for tensor in iter_tensors(model):
+        if _is_external(tensor):
+            write_array(tensor, np.asarray(tensor_to_array(tensor)))
 
 
 def output_files(path, external_data: bool) -> list[Path]:
@@ -261,40 +321,65 @@ def check_targets(targets: list[Path], force: bool, protect=()) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
-               force: bool = False, protect: tuple[Path, ...] = (), check=None) -> list[Path]:
+               force: bool = False, protect: tuple[Path, ...] = (), check=None,
+               stage=None) -> list[Path]:
     """Write atomically: into a temporary folder beside the target, then renamed into place.
 
-    With external_data (forced for models over 2 GB), tensors of 1 KiB or more go to
-    `<name>.data` next to the model. `check(path)` runs on the finished temporary copy before
-    anything is moved into place: if it raises, no output appears. Returns the files written.
-    `protect` lists paths never to overwrite, even with force (the input and its data files).
+    With external data (a model with external tensors, external_data=True, or over 2 GB),
+    tensors go to `<name>.data` next to the model: external tensors at their offsets (through
+    `stage`, the staging.OutputStage that pruned tensors were already written to, or a new one),
+    inline tensors of 1 KiB or more after them. `check(path)` runs on the finished temporary copy
+    before anything is moved into place: if it raises, no output appears. Returns the files
+    written. `protect` lists paths never to overwrite, even with force (the input and its data).
+    After the move, the model's external tensors refer to the written data file.
     """
+    from .staging import OutputStage, make_temp_folder
+
     path = Path(path)
-    external_data = external_data or data_nbytes(model) > PROTOBUF_LIMIT - (64 << 20)
+    external_data = (external_data or stage is not None or _has_external(model)
+                     or _inline_nbytes(model) > PROTOBUF_LIMIT - (64 << 20))
     targets = output_files(path, external_data)
-    data_name = targets[-1].name
     check_targets(targets, force, protect)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OnnxPruneError(f"{parent}: output folder does not exist")
+    if external_data and stage is None:
+        stage = OutputStage(model, path)
+    tmp = stage.tmp if stage is not None else make_temp_folder(parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=parent))
-    except OSError as e:
-        raise OnnxPruneError(f"{parent}: cannot write output ({e.strerror})") from None
-    try:
-        if external_data:
-            _write_with_external_data(model, tmp / path.name, data_name)
+        if stage is not None:
+            stage.finish(model, tmp / path.name)
         else:
-            _write_streamed(model, tmp / path.name)
+            write_streamed(model, tmp / path.name)
         if check is not None:
             check(tmp / path.name)
         for target in reversed(targets):  # the model file appears last
             os.replace(tmp / target.name, target)
+        if stage is not None:
+            stage.settle(model, targets[-1])
     except OSError as e:
         raise OnnxPruneError(f"{path}: cannot write output ({e.strerror})") from None
     finally:
+        if stage is not None:
+            stage.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return targets
+
+
+def check_by_path(candidate: Path, reference=None) -> str | None:
+    """The ONNX checker on a written model, by path (the only way it takes models over 2 GB).
+
+    Raises OnnxPruneError when the candidate fails and the reference (the input: a path or
+    bytes) passes; returns a note when both fail, else None."""
+    try:
+        onnx.checker.check_model(str(candidate))
+        return None
+    except Exception as e:  # ValidationError, or errors of the C++ loader
+        problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    try:
+        if reference is not None:
+            onnx.checker.check_model(reference if isinstance(reference, bytes) else str(reference))
+    except Exception:
+        return f"the ONNX checker rejects the input model too: {problem}"
+    raise OnnxPruneError(f"the pruned model fails the ONNX checker: {problem}")
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
@@ -310,11 +395,19 @@ def data_nbytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in iter_tensors(model))
 
 
-def _shell(message, skip: str):
-    """A copy of a message without one (large) field."""
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(_is_external(t) for t in iter_tensors(model))
+
+
+def _inline_nbytes(model: onnx.ModelProto) -> int:
+    return sum(tensor_nbytes(t) for t in iter_tensors(model) if not _is_external(t))
+
+
+def _shell(message, skip: tuple[str, ...]):
+    """A copy of a message without some (large) fields."""
     copy = type(message)()
     for field, value in message.ListFields():
-        if field.name == skip:
+        if field.name in skip:
             continue
         target = getattr(copy, field.name)
         if field.is_repeated:
@@ -335,54 +428,26 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
+_STREAMED = ("initializer", "sparse_initializer")  # graph fields written one element at a time
+
+
+def write_streamed(model: onnx.ModelProto, path: Path) -> None:
     """Serialise tensor by tensor: peak memory is one tensor, not a second copy of the model.
 
-    The bytes are a valid ModelProto: the graph field (7) is written once, its initializers
-    (field 5) after its other fields; protobuf readers accept fields in any order.
+    The bytes are a valid ModelProto: the graph field (7) is written once, its (sparse)
+    initializers after its other fields; protobuf readers accept fields in any order.
     """
-    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-    init_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-    graph_shell = _shell(model.graph, "initializer").SerializeToString()
-    inits = model.graph.initializer
-    sizes = [t.ByteSize() for t in inits]  # cheap per tensor: no recursion into big messages
-    init_tag = _varint(init_field << 3 | 2)
-    graph_len = len(graph_shell) + sum(len(init_tag) + len(_varint(n)) + n for n in sizes)
+    graph_shell = _shell(model.graph, _STREAMED).SerializeToString()
+    parts = []  # (tag, element, size) of each streamed element, in order
+    for name in _STREAMED:
+        tag = _varint(onnx.GraphProto.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+        parts += [(tag, t, t.ByteSize()) for t in getattr(model.graph, name)]  # cheap per tensor
+    graph_len = len(graph_shell) + sum(len(tag) + len(_varint(n)) + n for tag, _, n in parts)
     with open(path, "wb") as f:
-        f.write(_shell(model, "graph").SerializeToString())
+        f.write(_shell(model, ("graph",)).SerializeToString())
         if model.HasField("graph"):
-            f.write(_varint(graph_field << 3 | 2) + _varint(graph_len))
+            f.write(_varint(_GRAPH_FIELD << 3 | 2) + _varint(graph_len))
             f.write(graph_shell)
-            for tensor, n in zip(inits, sizes):
-                f.write(init_tag + _varint(n))
-                f.write(tensor.SerializeToString())
-
-
-def _write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
-                              threshold: int = 1024) -> None:
-    """Move large tensors' bytes into one data file, serialise, then restore them in memory."""
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        with open(path.with_name(data_name), "wb") as data:
-            # Sparse tensors stay inline: onnx.load's external-data helpers skip them.
-            for tensor in iter_tensors(model, sparse=False):
-                if not tensor.HasField("raw_data") or len(tensor.raw_data) < threshold:
-                    continue
-                pad = -data.tell() % 64  # aligned offsets allow memory-mapping the data
-                data.write(b"\0" * pad)
-                offset = data.tell()
-                raw = tensor.raw_data
-                data.write(raw)
-                moved.append((tensor, raw))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data_name), ("offset", str(offset)),
-                                   ("length", str(len(raw)))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-        path.write_bytes(model.SerializeToString())
-    finally:
-        for tensor, raw in moved:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+            for tag, element, n in parts:
+                f.write(tag + _varint(n))
+                f.write(element.SerializeToString())

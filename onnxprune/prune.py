@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import graph, modelio, solve, storage
+from . import budget, graph, modelio, solve, storage
 from .calibration.collect import calibratable, collect_statistics
 from .calibration.source import load_calibration
 from .errors import OnnxPruneError
@@ -22,7 +22,7 @@ from .report import LayerRow, PruneReport
 from .verify import compare_models
 
 DATA_FREE_METHODS = ("layer", "global", "global-mt")
-CALIBRATED_METHODS = ("dc",)
+CALIBRATED_METHODS = ("dc", "ltp")
 METHODS = DATA_FREE_METHODS + CALIBRATED_METHODS
 ALLOCATIONS = ("global-mt", "uniform")
 STORAGES = ("dense", "sparse")
@@ -54,7 +54,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
           calib=None, calib_samples: int | None = 512, batch_size: int = 32,
           allocation: str = "global-mt", refit: bool = False, sequential: bool = False,
           max_positions: int | None = 64, row_cap: int = 20000, seed: int = 0,
-          progress: bool = False):
+          progress: bool = False, max_memory: int | str = budget.DEFAULT):
     """Prune a model (a path, bytes or a ModelProto; never modified).
 
     `sparsity` is one level, or a list of levels (a trail: one load and one calibration pass,
@@ -63,6 +63,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     (unless verify=False). Returns a PruneResult, or a list of them for a trail.
     """
     levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
+    max_memory = budget.parse_size(max_memory)  # bytes; see budget.py for what it decides
     _check_options(levels, method, storage_format, min_keep, allocation, calib, refit)
     trail = not np.isscalar(sparsity)
     outputs = [None] * len(levels)
@@ -105,12 +106,19 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     clock = time.perf_counter()
     counts_per_level = [_zero_counts(method, allocation, dense, s, min_keep, mt_variant)
                         for s in levels]
+    learned = None
+    if method == "ltp":  # the allocation is learned; global-mt stays as the comparison
+        learned = _ltp_counts(layers, dense, stats, levels, counts_per_level, seed)
     timings["select"] = time.perf_counter() - clock
 
+    mt_counts_per_level = counts_per_level
+    if learned is not None:
+        counts_per_level = [learned[s].zeros_all for s in levels]
     results = []
     for s, counts, out in zip(levels, counts_per_level, outputs):
         level_timings = dict(timings)
         clock = time.perf_counter()
+        loaded.stage_output(out)  # external data: pruned tensors go straight to the output's data file
         rows, notes = _apply_level(loaded, layers, dense, biases, counts, method, stats, refit,
                              sequential and (method == "dc" or refit), calib_set if sequential else None,
                              dict(batch_size=batch_size, row_cap=row_cap, max_positions=max_positions,
@@ -119,8 +127,10 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
         report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
                              skipped=[vars(x) for x in skipped], timings=level_timings,
                              calibration=calibration, notes=notes)
+        if learned is not None:
+            report.ltp = _ltp_summary(learned[s], rows, mt_counts_per_level[levels.index(s)], s)
         results.append(_finish(loaded, model, layers, report, out, storage_format, force, verify,
-                               dims, device, copy=trail and out is None))
+                               dims, device, copy=trail and out is None, max_memory=max_memory))
     return results if trail else results[0]
 
 
@@ -149,13 +159,13 @@ def _apply_level(loaded, layers, dense, biases, counts, method, stats, refit, se
             if method == "dc":
                 fallback.append(layer.name)
         if refit and layer_stats is not None and method != "dc":
-            new = solve.refit_layer(layer, new, layer_stats)
-        modelio.write_array(layer.tensor, new)
+            new = solve.refit_layer(layer, array, new, layer_stats)
+        loaded.write_array(layer.tensor, new)
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              int(np.count_nonzero(array == 0)), int(np.count_nonzero(new == 0)),
                              layer.graph, "bias refitted" if new_bias is not None else ""))
         if new_bias is not None:
-            modelio.write_array(layer.bias, new_bias)
+            loaded.write_array(layer.bias, new_bias)
         if detached:
             dense[i] = None  # its data now lives in the proto again
     if sequential and calibration is not None:
@@ -168,27 +178,39 @@ def _apply_level(loaded, layers, dense, biases, counts, method, stats, refit, se
 
 
 def _finish(loaded, source, layers, report, output, storage_format, force, verify, dims, device,
-            copy) -> PruneResult:
+            copy, max_memory=budget.DEFAULT) -> PruneResult:
     """Storage format, atomic write with verification, file sizes."""
     clock = time.perf_counter()
     pruned = loaded.model
     if copy or storage_format == "sparse":
         pruned = onnx.ModelProto()
         pruned.CopyFrom(loaded.model)  # later levels rewrite the tensors of loaded.model
+    if output is None:
+        modelio.resolve_external(pruned)  # an in-memory result holds all its weights
     report.input_bytes = sum(f.stat().st_size for f in loaded.files)
     if storage_format == "sparse":
-        converted = storage.to_sparse_initializers(pruned, {layer.name for layer in layers})
+        cap = min(max_memory, modelio.PROTOBUF_LIMIT - (64 << 20)) if loaded.external_data else None
+        converted, over = storage.to_sparse_initializers(pruned, {layer.name for layer in layers}, cap)
         report.notes.append(f"{len(converted)} of {len(layers)} pruned tensors stored sparse "
                             "(the others are smaller dense or are not initializers)")
+        if over:
+            report.notes.append(f"{len(over)} tensors stay dense: sparse tensors are stored inline "
+                                f"and the inline limit of {budget.describe(cap)} was reached")
     reference = loaded.path if loaded.path else _as_bytes(source)
+    too_big = budget.verification_note(modelio.data_nbytes(loaded.model), max_memory) if loaded.external_data else None
 
     def check(candidate):
-        if verify:
+        if isinstance(candidate, Path):  # the ONNX checker by path (the only way over 2 GB)
+            report.notes.extend(filter(None, [modelio.check_by_path(candidate, reference)]))
+        if verify and too_big:
+            report.notes.append(too_big)
+        elif verify:
             report.verification = compare_models(reference, candidate, dims=dims, device=device)
 
     if output is not None:
         written = modelio.save_model(pruned, output, external_data=loaded.external_data,
-                                     force=force, protect=tuple(loaded.files), check=check)
+                                     force=force, protect=tuple(loaded.files), check=check,
+                                     stage=loaded.stage)
         report.output_files = [str(p) for p in written]
         report.output_bytes = sum(p.stat().st_size for p in written)
     elif verify and modelio.data_nbytes(pruned) > modelio.PROTOBUF_LIMIT:
@@ -204,6 +226,44 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
     report.timings["write_verify"] = time.perf_counter() - clock
     keep = output is None or not copy
     return PruneResult(pruned if keep else None, report)
+
+
+def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, seed) -> dict:
+    """LTP allocation for every level along one optimisation path.
+
+    Layers without statistics (subgraphs, unresolved layouts) keep their global-mt counts; the
+    calibrated layers share the rest of each level's budget through the learned thresholds.
+    Returns {sparsity level: LTPResult with .zeros_all, the counts of all layers}.
+    """
+    from .methods import ltp
+
+    calibrated = [i for i, layer in enumerate(layers) if layer.name in stats]
+    others = set(range(len(layers))) - set(calibrated)
+    if not calibrated:
+        raise OnnxPruneError("ltp: no layer has calibration statistics (layers inside subgraphs "
+                             "or with unresolved layouts cannot be calibrated)")
+    weights = [dense[i].reshape(-1)[solve.block_index(layers[i])] for i in calibrated]
+    grams = [stats[layers[i].name].gram for i in calibrated]
+    targets = [sum(counts) - sum(counts[i] for i in others) for counts in mt_counts_per_level]
+    if len(set(targets)) != len(targets):
+        raise OnnxPruneError("ltp: two sparsity levels give the same number of zeros")
+    result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed,
+                                  trail=targets if len(targets) > 1 else None)
+    learned = {}
+    for level, counts, res in zip(levels, mt_counts_per_level, result.levels or [result]):
+        res.zeros_all = list(counts)
+        for i, z in zip(calibrated, res.zeros):
+            res.zeros_all[i] = z
+        learned[level] = res
+    return learned
+
+
+def _ltp_summary(res, rows, mt_counts, sparsity) -> dict:
+    """What LTP learned, next to what global-mt and uniform would have chosen."""
+    for row, mt in zip(rows, mt_counts):
+        row.note = f"global-mt {mt / row.params:.1%}, uniform {sparsity:.1%}" if row.params else ""
+    return {"lambda": res.lam, "thresholds": res.thresholds, "objective": res.objective,
+            "probes": res.probes, "temperatures": res.temperatures}
 
 
 def _zero_counts(method, allocation, dense, sparsity, min_keep, mt_variant) -> list[int]:

@@ -38,6 +38,7 @@ class PruneReport:
     output_files: list[str] = field(default_factory=list)
     verification: dict | None = None
     calibration: dict | None = None
+    ltp: dict | None = None  # learned thresholds, lambda and objective trajectory
     timings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

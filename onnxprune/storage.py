@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .modelio import iter_graphs
+from .modelio import iter_graphs, tensor_to_array
 
 INDEX_BYTES = 8  # the onnx checker accepts INT64 indices only
 
@@ -18,13 +18,31 @@ def sparse_nbytes(nnz: int, itemsize: int) -> int:
     return nnz * (itemsize + INDEX_BYTES)
 
 
-def to_sparse_initializers(model: onnx.ModelProto, names: set[str]) -> list[str]:
-    """Move the named initializers to sparse_initializer where that is smaller; edits in place."""
-    converted = []
+def to_sparse_initializers(model: onnx.ModelProto, names: set[str],
+                           max_inline_bytes: int | None = None) -> tuple[list[str], list[str]]:
+    """Move the named initializers to sparse_initializer where that is smaller; edits in place.
+
+    Sparse values and indices are stored inline, also in models with external data: onnx.load's
+    external-data helpers skip sparse tensors, so external ones would not load back.
+    `max_inline_bytes` caps their total (the model file must stay under 2 GB, and is read
+    whole); the tensors past it stay dense. Returns (converted, left dense by the cap).
+    """
+    converted, over = [], []
+    room = max_inline_bytes
     for graph in iter_graphs(model.graph):
         keep = []
         for tensor in graph.initializer:
-            sparse = _as_sparse(tensor) if tensor.name in names else None
+            sparse = None
+            if tensor.name in names:
+                array = tensor_to_array(tensor).reshape(-1)
+                nnz = int(np.count_nonzero(array))
+                nbytes = sparse_nbytes(nnz, array.dtype.itemsize)
+                if nbytes < array.nbytes and (room is None or nbytes <= room):
+                    sparse = _as_sparse(tensor, array)
+                    room = None if room is None else room - nbytes
+                elif nbytes < array.nbytes:
+                    over.append(tensor.name)
+                del array  # a mapped tensor's pages go with it
             if sparse is None:
                 keep.append(tensor)
             else:
@@ -33,27 +51,19 @@ def to_sparse_initializers(model: onnx.ModelProto, names: set[str]) -> list[str]
         if len(keep) != len(graph.initializer):
             del graph.initializer[:]
             graph.initializer.extend(keep)
-    return converted
+    return converted, over
 
 
-def _as_sparse(tensor: onnx.TensorProto) -> onnx.SparseTensorProto | None:
-    from .modelio import tensor_to_array
-
+def _as_sparse(tensor: onnx.TensorProto, flat: np.ndarray) -> onnx.SparseTensorProto:
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    flat = tensor_to_array(tensor).reshape(-1)
     indices = np.flatnonzero(flat)
-    if sparse_nbytes(indices.size, dtype.itemsize) >= flat.size * dtype.itemsize:
-        return None
-    values = onnx.TensorProto()
+    sparse = onnx.SparseTensorProto()
+    sparse.dims.extend(tensor.dims)
+    values, index_tensor = sparse.values, sparse.indices  # filled in place: no second copy
     values.name, values.data_type = tensor.name, tensor.data_type
     values.dims.append(indices.size)
     values.raw_data = np.ascontiguousarray(flat[indices]).astype(dtype.newbyteorder("<")).tobytes()
-    index_tensor = onnx.TensorProto()
     index_tensor.data_type = onnx.TensorProto.INT64
     index_tensor.dims.append(indices.size)
     index_tensor.raw_data = indices.astype("<i8").tobytes()
-    sparse = onnx.SparseTensorProto()
-    sparse.values.CopyFrom(values)
-    sparse.indices.CopyFrom(index_tensor)
-    sparse.dims.extend(tensor.dims)
     return sparse

@@ -15,6 +15,7 @@ import onnx
 
 from .. import layout, modelio
 from ..errors import OnnxPruneError
+from ..external_session import make_external_session
 from ..graph import Layer
 from ..runtime import make_session, provider_name
 from .accumulators import LayerStats
@@ -41,8 +42,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
     graph_inputs = {i.name for i in model.graph.input}
     wanted = list(dict.fromkeys(layer.input_name for layer in layers
                                 if layer.input_name not in graph_inputs))
-    shapes = {layer.name: layer.operand(modelio.tensor_to_array(layer.tensor)).shape
-              for layer in layers}
+    shapes = {layer.name: layer.shape if layer.index is None else layer.index.shape
+              for layer in layers}  # the operand's shape, without reading the weights
     stats: dict[str, LayerStats] = {}
     rngs = {layer.name: np.random.default_rng([seed, i]) for i, layer in enumerate(layers)}
     samples = n_batches = 0
@@ -72,8 +73,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
 class _session_with_outputs:
     """A session over the model with extra outputs; the ModelProto is restored afterwards.
 
-    Small models go to onnxruntime as bytes; models with external data (or over 2 GB) are
-    written to a temporary folder and given by path, as onnxruntime needs for their data.
+    Small models go to onnxruntime as bytes; models with external data as bytes plus their
+    mapped data files; inline models over 2 GB are written to a temporary folder.
     """
 
     def __init__(self, model, names, device, external_data):
@@ -87,7 +88,9 @@ class _session_with_outputs:
         for name in added:
             outputs.add().name = name  # onnxruntime infers the type of an untyped output
         try:
-            if self.external or self.model.ByteSize() > modelio.PROTOBUF_LIMIT:
+            if self.external:  # weights read where they are, nothing written (see external_session)
+                return make_external_session(self.model, self.device)
+            if self.model.ByteSize() > modelio.PROTOBUF_LIMIT:
                 self.tmp = tempfile.TemporaryDirectory(prefix="onnxprune-calib-")
                 path = Path(self.tmp.name) / "model.onnx"
                 modelio.save_model(self.model, path, external_data=True)

@@ -120,10 +120,14 @@ def _refit_direct(W, M, H):
         rows = np.flatnonzero(~on_support)
         Hinv = np.linalg.inv(H)
         Hinv = 0.5 * (Hinv + np.swapaxes(Hinv, 1, 2))
+        mu = np.zeros((k * d_out, d_in))  # the multipliers, scattered to their pruned positions
         for sub, idx, valid, y in _solve_restricted(Hinv, blk[rows], ~Mr[rows], Wr[rows]):
             r = rows[sub]
-            cols = Hinv[blk[r][:, None], idx, :]  # (rows, |P|, d_in)
-            V[r] = (Wr[r] - np.einsum("rs,rsd->rd", np.where(valid, y, 0.0), cols)) * Mr[r]
+            vals = np.zeros((len(r), d_in))
+            np.put_along_axis(vals, idx, np.where(valid, y, 0.0), axis=1)
+            mu[r] = vals
+        shift = (mu.reshape(k, d_out, d_in) @ Hinv).reshape(k * d_out, d_in)
+        V[rows] = (Wr[rows] - shift[rows]) * Mr[rows]
     return V.reshape(k, d_out, d_in)
 
 

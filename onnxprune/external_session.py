@@ -1,0 +1,59 @@
+"""onnxruntime sessions over a loaded model whose weights stay in their data files.
+
+onnxruntime (1.31) refuses external-data locations that are absolute, reached through a
+symlink or outside the model's folder ("External data path escapes model directory"). A loaded
+model refers to its data by absolute path, possibly to several folders (the input, and a staged
+output holding the layers pruned so far), so it cannot be handed over by path without copying its
+weights. Instead the model proto (small: its weights are external) goes as bytes, and each data
+file as a read-only memory map under a short name
+(SessionOptions.add_external_initializers_from_files_in_memory). onnxruntime copies the tensors
+it needs while the session is created; the maps are closed right after. Nothing is written.
+"""
+from __future__ import annotations
+
+import mmap
+
+import onnx
+import onnxruntime as ort
+
+from .errors import OnnxPruneError
+from .modelio import PROTOBUF_LIMIT, iter_tensors
+from .runtime import providers_for
+
+
+def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.InferenceSession:
+    """A session over `model` (tensors inline or external with absolute locations)."""
+    names: dict[str, str] = {}  # data file -> name given to onnxruntime
+    changed = []
+    for tensor in iter_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                changed.append((entry, entry.value))
+                entry.value = names.setdefault(entry.value, f"weights{len(names)}.bin")
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            raise OnnxPruneError("the model holds over 2 GB of inline tensors; onnxruntime "
+                                 "cannot take it without writing it out (give an output path)")
+        proto = model.SerializeToString()
+    finally:
+        for entry, value in changed:
+            entry.value = value
+    maps = []
+    try:
+        for path in names:
+            with open(path, "rb") as f:
+                maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if names:
+            options.add_external_initializers_from_files_in_memory(
+                list(names.values()), maps, [len(m) for m in maps])
+        return ort.InferenceSession(proto, options, providers=providers_for(device))
+    except OnnxPruneError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types: one line
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {message}") from None
+    finally:
+        for m in maps:
+            m.close()

@@ -1,0 +1,143 @@
+"""Calibration through onnxruntime: data sources, checks, statistics, device fallback, DC end to end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import builders
+from onnxprune import OnnxPruneError, prune
+from onnxprune.calibration.collect import collect_statistics
+from onnxprune.calibration.source import load_calibration
+from onnxprune.graph import find_layers
+from onnxprune.runtime import make_session, providers_for
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def cnn_data(n=40, seed=0):
+    return {"input": np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)}
+
+
+def test_statistics_equal_explicit_rows_and_do_not_depend_on_batch_size():
+    model = builders.cnn_with_batchnorm()
+    layers, _ = find_layers(model)
+    data = load_calibration(cnn_data(), model, None)
+    one, info1 = collect_statistics(model, layers, data.batches(1), max_positions=None)
+    many, info64 = collect_statistics(model, layers, data.batches(64), max_positions=None)
+    assert info1["samples"] == info64["samples"] == 40 and info1["batches"] == 40
+    for name in one:
+        np.testing.assert_allclose(one[name].gram, many[name].gram, rtol=1e-12, atol=1e-9)
+        assert one[name].count == many[name].count
+    # the Gemm's input is the flattened activation: its Gram is X^T X of what onnxruntime computes
+    gemm = next(layer for layer in layers if layer.op == "Gemm")
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    augmented.graph.output.add().name = gemm.input_name
+    x = ort.InferenceSession(augmented.SerializeToString()).run([gemm.input_name], cnn_data())[0]
+    np.testing.assert_allclose(one[gemm.name].gram[0], x.astype(np.float64).T @ x, rtol=1e-6)
+
+
+def test_python_sources_iterable_and_reader_match_the_dict():
+    model = builders.cnn_with_batchnorm()
+    samples = cnn_data(30)
+    batches = [{"input": samples["input"][i:i + 7]} for i in range(0, 30, 7)]
+
+    class Reader:  # onnxruntime.quantization.CalibrationDataReader convention
+        def __init__(self):
+            self.items = iter(batches)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    for source in (iter(batches), Reader(), batches):
+        got = load_calibration(source, model, None)
+        np.testing.assert_array_equal(got.samples["input"], samples["input"])
+    assert load_calibration(Reader(), model, 10).size == 10
+
+
+def test_files_directory_and_glob(tmp_path):
+    model = builders.cnn_with_batchnorm()
+    samples = cnn_data(12)
+    np.savez(tmp_path / "a.npz", input=samples["input"][:5])
+    np.savez(tmp_path / "b.npz", input=samples["input"][5:])
+    for spec in (tmp_path, str(tmp_path / "*.npz")):
+        np.testing.assert_array_equal(load_calibration(spec, model, None).samples["input"],
+                                      samples["input"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"x": np.zeros((4, 1, 8, 8), np.float32)}, "'input'"),                # missing input
+    ({"input": np.zeros((4, 8, 8), np.float32)}, "input"),                 # wrong rank
+    ({"input": np.zeros((4, 1, 9, 8), np.float32)}, "axis 2"),             # wrong fixed dim
+    ({"input": np.zeros((4, 1, 8, 8), np.int64)}, "input"),                # int for a float input
+    ({"input": np.zeros((0, 1, 8, 8), np.float32)}, "no samples"),         # empty
+])
+def test_bad_calibration_data_is_one_clear_error(bad, message):
+    with pytest.raises(OnnxPruneError, match=message):
+        load_calibration(bad, builders.cnn_with_batchnorm(), None)
+
+
+def test_bad_calibration_sources():
+    model = builders.cnn_with_batchnorm()
+    with pytest.raises(OnnxPruneError, match="not supported"):
+        load_calibration(42, model, None)
+    with pytest.raises(OnnxPruneError, match="dict of arrays"):
+        load_calibration([np.zeros(3)], model, None)
+    with pytest.raises(OnnxPruneError):
+        load_calibration("/nonexistent/calib.npz", model, None)
+
+
+def test_methods_that_need_data_refuse_to_run_without_it():
+    with pytest.raises(OnnxPruneError, match="needs calibration data"):
+        prune(builders.mlp_gemm(), 0.5, method="dc")
+    with pytest.raises(OnnxPruneError, match="needs calibration data"):
+        prune(builders.mlp_gemm(), 0.5, refit=True)
+
+
+def test_random_calibration_only_when_asked_and_reported():
+    result = prune(builders.mlp_gemm(), 0.5, method="dc", calib="random", calib_samples=32)
+    assert result.report.calibration["random"] is True
+    assert "RANDOM" in result.report.format()
+
+
+def test_cuda_requested_but_absent_falls_back_to_cpu(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers_for("cuda") == ["CPUExecutionProvider"]
+    session = make_session(builders.mlp_gemm().SerializeToString(), "cuda")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(OnnxPruneError, match="unknown device"):
+        providers_for("tpu")
+
+
+def test_dc_end_to_end_exact_sparsity_and_bias_refit():
+    model = builders.mlp_gemm()
+    data = {"input": np.random.default_rng(1).standard_normal((200, 20)).astype(np.float32)}
+    result = prune(model, 0.7, method="dc", calib=data)
+    report = result.report
+    assert report.zeros == round(0.7 * report.params)
+    assert report.calibration["samples"] == 200 and report.calibration["provider"] == "CPU"
+    assert all(row.note == "bias refitted" for row in report.layers)
+    dense = ort.InferenceSession(model.SerializeToString()).run(None, data)[0]
+    pruned = ort.InferenceSession(result.model.SerializeToString()).run(None, data)[0]
+    magnitude = prune(model, 0.7, method="global-mt").model
+    mag = ort.InferenceSession(magnitude.SerializeToString()).run(None, data)[0]
+    assert np.mean((pruned - dense) ** 2) < 0.5 * np.mean((mag - dense) ** 2)
+
+
+def test_dc_on_the_animal_cnn_beats_magnitude(tmp_path):
+    """Real data: the reference CNN at 0.9, a short calibration set."""
+    from onnxprune.evaluate import evaluate
+
+    calib = dict(np.load(MODELS / "animal_calib.npz"))
+    test = {k: v[:500] for k, v in np.load(MODELS / "animal_test.npz").items()}
+    accuracy = {}
+    for method in ("global-mt", "dc"):
+        out = tmp_path / f"{method}.onnx"
+        prune(MODELS / "animal_cnn.onnx", 0.9, method=method, calib=calib, calib_samples=128,
+              output=out, verify=False)
+        accuracy[method] = evaluate(out, test, progress=False)["accuracy"]
+    assert accuracy["dc"] > accuracy["global-mt"] + 0.15, accuracy
