@@ -1,8 +1,8 @@
 """The memory budget (--max-memory) and the decisions it drives.
 
-Pruning a model with external data needs the budget plus about five times its largest tensor
-(the tensor, its magnitude keys and the new values), whatever the model's size. What would need
-the whole model in memory is done only when the model's weights fit the budget: running it in
+Pruning a model with external data needs about four to five times its largest tensor (the
+tensor, its magnitude keys and the new values), whatever the model's size. What would need the
+whole model in memory is done only when the model's weights fit the budget: running it in
 onnxruntime to verify it, and keeping its sparse tensors inline (see storage).
 """
 from __future__ import annotations

@@ -58,7 +58,10 @@ def _parse_dims(values) -> dict[str, int]:
                    "global-mt: Global MP where every layer keeps at least --min-keep percent of "
                    "all prunable weights (no layer is emptied). Needs --calib: dc: per layer, "
                    "sparse weights that reproduce the dense layer's output on calibration data "
-                   "(DC programming, FeTa), biases refitted.")
+                   "(DC programming, FeTa), biases refitted. ltp: per-layer thresholds learned "
+                   "by gradient descent on the layers' calibration reconstruction error plus a "
+                   "soft L0 count (an LTP-style adaptation: no training), so the allocation "
+                   "between layers is learned; combine with --refit.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the pruned model.  [default: MODEL.pruned.onnx beside MODEL]")
 @click.option("--min-keep", type=float, default=0.05, show_default=True,
@@ -80,10 +83,10 @@ def _parse_dims(values) -> dict[str, int]:
                    "sparse_initializer (values + INT64 indices) where smaller. onnxruntime "
                    "densifies sparse tensors at load: smaller files, not faster inference.")
 @click.option("--calib", metavar="PATH", default=None,
-              help="Calibration data for dc and --refit: an .npz keyed by model input name "
+              help="Calibration data for dc, ltp and --refit: an .npz keyed by model input name "
                    "(first axis = samples), or a folder / glob of .npz or <input>.npy files. "
                    "'random' uses random inputs (for testing only; the report says so).")
-@click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True,
+@click.option("--calib-samples", type=click.IntRange(1), default=1024, show_default=True,
               help="Use at most this many calibration samples.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Samples per onnxruntime run during calibration.")
@@ -111,18 +114,23 @@ def _parse_dims(values) -> dict[str, int]:
                    "present (auto), else cpu; the report says which ran.")
 @click.option("--max-memory", default="1G", show_default=True, metavar="SIZE",
               help="Memory budget for models with external data (e.g. 512M, 4G): pruning streams "
-                   "the weights and needs this plus about 5x the largest tensor; the output is "
+                   "the weights and needs this plus about 4-5x the largest tensor; the output is "
                    "run in onnxruntime only if its weights fit, and sparse tensors (stored "
                    "inline) are limited to it.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="ltp: save a PNG of the learned-threshold objective per optimisation step.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, include, exclude,
                   calib, calib_samples, batch_size, allocation, refit, sequential, seed,
-                  storage, force, no_verify, dims, device, max_memory, report_path, quiet):
+                  storage, force, no_verify, dims, device, max_memory, report_path, plot_path,
+                  quiet):
     """Prune MODEL to the given sparsity and write MODEL.pruned.onnx (or --output)."""
     try:
         levels = _parse_sparsity(sparsity_text)
+        if plot_path is not None and method != "ltp":
+            raise OnnxPruneError("--plot shows the LTP objective: use it with --method ltp")
         output = output or default_output(model)
         results = prune(model, levels if len(levels) > 1 else levels[0], method=method,
                         output=output, min_keep=min_keep, mt_variant=mt_variant, include=include,
@@ -132,6 +140,10 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
                         verify=not no_verify, dims=_parse_dims(dims), device=device,
                         progress=not quiet, max_memory=max_memory)
         results = results if isinstance(results, list) else [results]
+        if plot_path is not None:
+            from .plot import plot_ltp_objective
+
+            plot_ltp_objective([r.report for r in results], plot_path)
         if report_path is not None:
             reports = [r.report.to_dict() for r in results]
             _write_json(report_path, reports[0] if len(reports) == 1 else {"levels": reports})

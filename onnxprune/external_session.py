@@ -12,6 +12,8 @@ it needs while the session is created; the maps are closed right after. Nothing 
 from __future__ import annotations
 
 import mmap
+import tempfile
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -20,9 +22,14 @@ from .errors import OnnxPruneError
 from .modelio import PROTOBUF_LIMIT, iter_tensors
 from .runtime import providers_for
 
+# older onnxruntime lacks it: the model is then written to a temporary folder
+_IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")
+
 
 def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.InferenceSession:
     """A session over `model` (tensors inline or external with absolute locations)."""
+    if not _IN_MEMORY_FILES:
+        return _session_from_a_copy(model, device)
     names: dict[str, str] = {}  # data file -> name given to onnxruntime
     changed = []
     for tensor in iter_tensors(model):
@@ -57,3 +64,16 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     finally:
         for m in maps:
             m.close()
+
+
+def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:
+    """The model and its weights written to a temporary folder and loaded from there."""
+    from .modelio import save_model
+    from .runtime import make_session
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # save_model re-points the tensors it writes
+    with tempfile.TemporaryDirectory(prefix="onnxprune-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(copy, path, external_data=True)
+        return make_session(path, device)

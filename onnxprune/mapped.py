@@ -10,7 +10,6 @@ leave the whole model resident.
 from __future__ import annotations
 
 import mmap
-import os
 import weakref
 
 import numpy as np
@@ -20,7 +19,7 @@ _live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> Mapp
 
 class MappedTensor(np.memmap):
     def __new__(cls, path, dtype, shape, offset: int):
-        self = super().__new__(cls, path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+        self = super().__new__(cls, str(path), dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
         self._origin = self.ctypes.data  # address of the byte at `offset` (views move from it)
         _live[id(self)] = self
         return self
@@ -63,10 +62,11 @@ def read_array(path, offset: int, dtype, count: int) -> np.ndarray:
     out = np.empty(count, dtype)
     view = memoryview(out.view(np.uint8))
     with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
         done = 0
         while done < view.nbytes:  # a single read returns at most ~2 GB on Linux
-            n = os.preadv(f.fileno(), [view[done:]], offset + done)
-            if n <= 0:
+            n = f.readinto(view[done:])
+            if not n:
                 raise EOFError(f"{path}: {view.nbytes - done} bytes missing at offset {offset + done}")
             done += n
     return out
@@ -77,10 +77,11 @@ def drop_resident_pages(keep: tuple[str, int] | None = None) -> None:
     they are read again from the page cache if touched. Tensors stay mapped for the whole run
     and a trail reads each once per level: this keeps RSS at the tensor in use, not at all
     tensors ever read."""
-    for tensor in list(_live.values()):
-        if tensor._mmap is None or (tensor.filename, tensor.offset) == keep:
+    advice = getattr(mmap, "MADV_DONTNEED", None)  # POSIX only
+    for tensor in list(_live.values()) if advice is not None else []:
+        if tensor._mmap is None or (str(tensor.filename), tensor.offset) == keep:
             continue
         try:
-            tensor._mmap.madvise(mmap.MADV_DONTNEED)
+            tensor._mmap.madvise(advice)
         except (ValueError, OSError):  # closed meanwhile, or madvise unsupported here
             pass

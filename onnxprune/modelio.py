@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +163,8 @@ def _read_streamed(path: Path) -> onnx.ModelProto:
                     if gfield in (_INIT_FIELD, _SPARSE_FIELD):
                         model.graph.MergeFromString(bytes(graph_pending))
                         graph_pending.clear()
-                        target = model.graph.initializer if gfield == _INIT_FIELD else model.graph.sparse_initializer
+                        sparse = gfield == _SPARSE_FIELD
+                        target = model.graph.sparse_initializer if sparse else model.graph.initializer
                         target.add().ParseFromString(payload)
                     else:
                         graph_pending += gheader + payload

@@ -51,7 +51,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
           min_keep: float = 0.05, mt_variant: str = "rescale", include: str | None = None,
           exclude: str | None = None, storage_format: str = "dense", force: bool = False,
           verify: bool = True, dims: dict[str, int] | None = None, device: str = "auto",
-          calib=None, calib_samples: int | None = 512, batch_size: int = 32,
+          calib=None, calib_samples: int | None = 1024, batch_size: int = 32,
           allocation: str = "global-mt", refit: bool = False, sequential: bool = False,
           max_positions: int | None = 64, row_cap: int = 20000, seed: int = 0,
           progress: bool = False, max_memory: int | str = budget.DEFAULT):
@@ -145,11 +145,14 @@ def _apply_level(loaded, layers, dense, biases, counts, method, stats, refit, se
         layer_stats = stats.get(layer.name)
         if sequential and calibratable(layer):
             # statistics from the model as pruned so far (earlier layers already written)
-            layer_stats = collect_statistics(
+            one, info = collect_statistics(
                 loaded.model, [layer], calib_set.batches(calib_options["batch_size"]),
                 row_cap=_row_caps([layer], method, calib_options["row_cap"]),
                 max_positions=calib_options["max_positions"], device=calib_options["device"],
-                external_data=loaded.external_data, seed=calib_options["seed"])[0].get(layer.name)
+                external_data=loaded.external_data, seed=calib_options["seed"])
+            layer_stats = one.get(layer.name)
+            calibration.update(provider=info["provider"],
+                               seconds=calibration.get("seconds", 0) + info["seconds"])
         new_bias = None
         if method == "dc" and layer_stats is not None:
             new, new_bias = solve.dc_layer(layer, array, n_zero, layer_stats,
@@ -197,7 +200,8 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
             report.notes.append(f"{len(over)} tensors stay dense: sparse tensors are stored inline "
                                 f"and the inline limit of {budget.describe(cap)} was reached")
     reference = loaded.path if loaded.path else _as_bytes(source)
-    too_big = budget.verification_note(modelio.data_nbytes(loaded.model), max_memory) if loaded.external_data else None
+    too_big = (budget.verification_note(modelio.data_nbytes(loaded.model), max_memory)
+               if loaded.external_data else None)  # onnxruntime would hold every weight
 
     def check(candidate):
         if isinstance(candidate, Path):  # the ONNX checker by path (the only way over 2 GB)

@@ -97,10 +97,9 @@ class OutputStage:
         dst = offset if location == str(self.data) else self.slots[(location, offset)]
         if raw.nbytes != length:
             raise ValueError(f"tensor '{tensor.name}': {raw.nbytes} bytes for a {length}-byte slot")
-        with open(self.data, "r+b", buffering=0) as f:
-            done = 0
-            while done < length:
-                done += os.pwrite(f.fileno(), raw[done:], dst + done)
+        with open(self.data, "r+b") as f:
+            f.seek(dst)
+            f.write(raw)
         self.origin.setdefault(dst, (location, offset))
         point(tensor, str(self.data), dst, length)
 
@@ -177,17 +176,20 @@ class OutputStage:
 
 
 def _copy_range(src: str | Path, src_offset: int, dst: Path, dst_offset: int, length: int) -> None:
-    """Copy bytes between files inside the kernel (no user-space buffer when it can)."""
-    with open(src, "rb", buffering=0) as fin, open(dst, "r+b", buffering=0) as fout:
+    """Copy bytes between files inside the kernel (copy_file_range: no user-space buffer,
+    Linux) or through a bounded buffer."""
+    kernel_copy = getattr(os, "copy_file_range", None)
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
         while length > 0:
             try:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), length, src_offset, dst_offset)
-            except OSError:  # e.g. an old kernel or a file system without it
-                view = memoryview(os.pread(fin.fileno(), min(length, COPY_CHUNK), src_offset))
-                n, at = len(view), dst_offset
-                while view:
-                    written = os.pwrite(fout.fileno(), view, at)
-                    view, at = view[written:], at + written
+                if kernel_copy is None:
+                    raise OSError
+                n = kernel_copy(fin.fileno(), fout.fileno(), length, src_offset, dst_offset)
+            except OSError:  # other systems, old kernels, file systems without it
+                fin.seek(src_offset)
+                chunk = fin.read(min(length, COPY_CHUNK))
+                fout.seek(dst_offset)
+                n = fout.write(chunk)
             if n <= 0:
                 raise OnnxPruneError(f"{src}: external data ends before offset {src_offset + length}")
             src_offset, dst_offset, length = src_offset + n, dst_offset + n, length - n

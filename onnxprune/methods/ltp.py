@@ -8,23 +8,31 @@ replaced by each layer's relative output error on the calibration data (ALGORITH
     R_l(tau) = trace((V - W) G (V - W)^T) / E0 + lambda * sum(m) / n_l,   V = W * m,
     E0 = trace(W G W^T),
 
-summed over a layer's blocks. Given lambda the layers decouple; one lambda shared by all layers is
-searched on log scale so that the HARD masks (keep w^2 > tau_l) zero the requested total; the
-per-layer allocation therefore comes out of the learned thresholds. The few-weight difference
-left by the search is settled on the boundary weights, ranked across layers by their soft-mask
-argument (w^2 - tau_l) / T_l, so the per-layer counts sum exactly to the target.
+summed over a layer's blocks. Given lambda the layers decouple. One lambda, shared by all layers,
+is searched on log scale so that the HARD masks (keep w^2 > tau_l) zero the requested total; the
+per-layer allocation therefore comes out of the learned thresholds. The small difference the
+search leaves is settled on the boundary weights, ranked across layers by the soft mask's
+argument (w^2 - tau_l) / T_l, so that the per-layer counts sum exactly to the target.
 
-Temperature: T_l = T0 * Var(|w_l|), in w^2 units like tau (the variance of |w| is a squared
-weight). T0 is small (DEFAULT_T0) so the soft objective follows the hard one closely: the
-sigmoid turns from 0.12 to 0.88 within +-2 T_l, a band that holds a fraction of a percent of a
-typical layer's weights. Small layers get a wider band (at least ~_MIN_SOFT weights across it),
-otherwise their objective is a staircase with flat steps where Adam stalls.
+Choices (ours):
+- Adam works on log(tau / mean(w^2)): thresholds span orders of magnitude (transformer layers
+  are heavy-tailed and some end up 99 % sparse), so steps are relative; lr 0.02 is 2 % of tau.
+- Temperature T_l = T0 * Var(|w_l|) (w^2 units, like tau), T0 = 1e-3: the sigmoid turns within
+  a fraction of a percent of a typical layer's weights, so the soft objective follows the hard
+  one. Where w^2 is sparse near tau (high sparsity, small layers) T is widened to a quarter of
+  the w^2 span of the _MIN_SOFT weights nearest the starting tau; otherwise R(tau) is a staircase
+  with flat steps on which Adam wanders.
+- Each Adam run starts at the minimiser of the layer's HARD objective on a coarse grid of
+  quantiles (its error curve is computed exactly at the grid points anyway), not at one common
+  quantile: per-layer optima range from ~25 % to ~99 %, and from a common start the result
+  depended on how far Adam got. Every probe of the lambda search is then a function of lambda
+  alone, which keeps the search well behaved.
 
-Speed: evaluating R_l directly costs one (d_out, d_in) x (d_in, d_in) product per step. Here only
-the weights in the sigmoid's transition band (|w^2 - tau| < _CUTOFF * T) change between steps:
-the product for the weights below the band (m ~ 0, V = 0) is kept and updated incrementally when
-the band moves, and the band's own interactions are summed pair by pair within each output row.
-Outside the band m is taken as exactly 0 or 1 (error below exp(-_CUTOFF)).
+Speed: evaluating R directly costs one (d_out, d_in) x (d_in, d_in) product per layer and step.
+Here, in w^2 order, the weights below the sigmoid band (m ~ 0, V - W = -w) are a prefix, their
+error a prefix sum, and their interaction with a band weight a precomputed per-weight number; a
+step only sums the pairs of band weights sharing a row. Outside the band (|w^2 - tau| >
+_CUTOFF * T) m is taken as exactly 0 or 1.
 """
 
 from __future__ import annotations
@@ -41,13 +49,16 @@ DEFAULT_LR = 0.02
 DEFAULT_STEPS = 300
 
 _CUTOFF = 8.0  # |(w^2 - tau) / T| beyond which m is 0 or 1: m (1 - m) < 3.4e-4
-_MIN_SOFT = 150.0  # small layers: T at least this many weights' worth of w^2 spread
+_MIN_SOFT = 150  # weights that the sigmoid's transition (about 4 T wide) should hold at least
+_MAX_T = 0.05  # ... but T at most this times Var(|w|) (far tails of large layers)
+# quantiles at which each layer's hard error is computed exactly (one dense product each)
+_KNOTS = (0.0, 0.2, 0.4, 0.55, 0.7, 0.8, 0.88, 0.94, 0.975, 0.995, 1.0)
 _LOG_LAM_RANGE = (math.log(1e-8), math.log(1e8))
-_MAX_PROBES = 40
-_COUNT_TOLERANCE = 1e-3  # the search stops within this fraction of all weights of the target
-_PROBE_FRACTION = 4  # a lambda probe runs steps // 4 Adam steps, the final run all of them
+_MAX_PROBES = 12
+_COUNT_TOLERANCE = 2e-3  # the search stops within this fraction of all weights of the target
+_LOG_LAM_WIDTH = 0.02  # ... or when lambda is pinned to 2 % (the count can jump there)
 _PAIR_CHUNK = 1 << 21  # row pairs handled at a time (bounds memory)
-_PAIR_COST = 400.0  # one explicit row pair costs about this many multiply-adds of a dense product
+_PAIR_COST = 1000.0  # an explicit row pair costs about this many multiply-adds of a dense product
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -60,12 +71,12 @@ def soft_mask(w: np.ndarray, tau: float, T: float) -> np.ndarray:
     return _sigmoid((w * w - tau) / T)
 
 
-def _as_stack(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
+def _as_stack(name: str, a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
-    if a.ndim == ndim - 1:
+    if a.ndim == 2:
         a = a[None]
-    if a.ndim != ndim:
-        raise OnnxPruneError(f"{name} must have {ndim - 1} or {ndim} dimensions, got shape {a.shape}")
+    if a.ndim != 3:
+        raise OnnxPruneError(f"{name} must have 2 or 3 dimensions, got shape {a.shape}")
     return a
 
 
@@ -74,7 +85,7 @@ def ltp_objective_and_grad(W, G, tau: float, T: float, lam: float, E0: float) ->
 
     dR/dV = 2 (V - W) G / E0;  dR/dtau = sum((dR/dV * w + lam / n) * dm/dtau),  dm/dtau = -m(1-m)/T.
     """
-    W3, G3 = _as_stack("W", W, 3), _as_stack("G", G, 3)
+    W3, G3 = _as_stack("W", W), _as_stack("G", G)
     n = W3.size
     m = soft_mask(W3, tau, T)
     D = W3 * (m - 1.0)  # V - W
@@ -91,12 +102,12 @@ class LTPResult:
 
     target_zeros: int
     zeros: list[int]  # exact per-layer zero counts, summing to target_zeros
-    thresholds: list[float]  # learned tau per layer (w^2 units); hard mask keeps w^2 > tau
+    thresholds: list[float]  # learned tau per layer (w^2 units); the hard mask keeps w^2 > tau
     lam: float  # the shared L0 weight lambda
-    objective: list[float]  # total R (all layers) per Adam step of the run at `lam`
-    temperatures: list[float]  # T per layer
+    objective: list[float]  # total R (all layers) per Adam step of the final run at `lam`
+    temperatures: list[float]  # T per layer in the final run
     hard_zeros: int  # total zeros of the hard masks at `thresholds`, before the exact settlement
-    probes: int  # Adam runs spent by the lambda search
+    probes: int  # Adam runs spent by the lambda search, the final run included
     levels: list["LTPResult"] = field(default_factory=list)  # trail runs: one result per level
 
 
@@ -119,19 +130,19 @@ def _pair_sums(row, col, gbase, Gflat, full=(), earlier=()):
     if nb == 0:
         return out_full, out_early
     # an entry alone in its row only meets itself (the common case for a narrow band)
-    alone = np.bincount(row - row.min())[row - row.min()] == 1
+    shifted = row - row.min()
+    alone = np.bincount(shifted)[shifted] == 1
     if alone.any():
         one = np.flatnonzero(alone)
         g = np.take(Gflat, gbase[one] + col[one])
         for v, out in zip(full, out_full):
             out[one] = g * v[one]
-        if alone.all():
-            return out_full, out_early
         rest = np.flatnonzero(~alone)
-        sub_full, sub_early = _pair_sums(row[rest], col[rest], gbase[rest], Gflat,
-                                         [v[rest] for v in full], [v[rest] for v in earlier])
-        for out, sub in zip(out_full + out_early, sub_full + sub_early):
-            out[rest] = sub
+        if len(rest):
+            sub_full, sub_early = _pair_sums(row[rest], col[rest], gbase[rest], Gflat,
+                                             [v[rest] for v in full], [v[rest] for v in earlier])
+            for out, sub in zip(out_full + out_early, sub_full + sub_early):
+                out[rest] = sub
         return out_full, out_early
     order = np.argsort(row, kind="stable")  # keeps the w^2 order inside each row
     r = row[order]
@@ -168,20 +179,19 @@ def _pair_sums(row, col, gbase, Gflat, full=(), earlier=()):
 class _Layers:
     """All layers' weights sorted by w^2, with what makes one objective evaluation cheap.
 
-    In w^2 order the weights below the sigmoid band (m ~ 0, so V - W = -w) are a prefix of each
-    layer. Their total error is a prefix sum `Hc`, and their interaction with a band weight e is
-    `q_e` (e's row's interaction with all its smaller weights) minus that with the band weights
-    listed before e. What is left per step is the pairs of band weights sharing a row.
-    q and Hc are filled lazily, slice by slice of the sorted weights, where the band goes: a
-    slice costs one dense product (all weights below it, times G) plus its internal pairs.
+    Per layer, in w^2 order (entries e = 0..n-1): Q[e] = sum over the smaller weights e' of e's
+    row of w_e' G[c_e', c_e], and Hc[c] = the error of pruning the c smallest weights. Each
+    layer's sorted weights are cut at the _KNOTS quantiles; one dense product per knot (all
+    weights below it, times G) gives Hc at the knot and the part of Q from below the slice; the
+    part from inside a slice (explicit pairs) is added lazily, where the band goes.
     """
 
     def __init__(self, weights, grams, T0):
         self.L = len(weights)
         shapes, xs, ws, fs, Ws, Gs = [], [], [], [], [], []
-        T, E0, scale, xmax, frozen = [], [], [], [], []
+        E0, spread, frozen = [], [], []
         for j, (W, G) in enumerate(zip(weights, grams)):
-            W3, G3 = _as_stack(f"weights[{j}]", W, 3), _as_stack(f"grams[{j}]", G, 3)
+            W3, G3 = _as_stack(f"weights[{j}]", W), _as_stack(f"grams[{j}]", G)
             k, d_out, d_in = W3.shape
             if G3.shape != (k, d_in, d_in):
                 raise OnnxPruneError(f"layer {j}: Gram of shape {G3.shape} does not match weights {W3.shape}")
@@ -194,9 +204,7 @@ class _Layers:
                 G3 = np.broadcast_to(np.eye(d_in), G3.shape).copy()
                 e0 = float(np.sum(W3 * W3))
             x = (W3 * W3).ravel()
-            n = x.size
             order = np.argsort(x)  # deterministic; the order among equal w^2 does not matter
-            spread = max(float(np.var(np.abs(W3))), 1e-3 * float(x.mean())) if n else 0.0
             shapes.append((k, d_out, d_in))
             xs.append(x[order])
             ws.append(W3.ravel()[order])
@@ -205,92 +213,118 @@ class _Layers:
             Gs.append(np.ascontiguousarray(G3))
             frozen.append(not e0 > 0)  # empty layer or all weights zero: nothing to learn
             E0.append(e0 if e0 > 0 else 1.0)
-            T.append(T0 * spread if spread > 0 else 1.0)
-            scale.append(float(x.mean()) if n and x.mean() > 0 else 1.0)
-            xmax.append(float(x.max()) if n and x.max() > 0 else 1.0)
+            spread.append(max(float(np.var(np.abs(W3))), 1e-3 * float(x.mean())) if x.size else 0.0)
         self.shapes, self.W, self.G = shapes, Ws, Gs
-        self.G32 = [g.astype(np.float32) for g in Gs]
         self.n = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(self.n)[:-1]]).astype(np.int64)
-        self.hoff = self.start + np.arange(self.L)  # where each layer's prefix sums start in Hc
+        self.hoff = self.start + np.arange(self.L)  # where each layer's Hc starts
         self.X = np.concatenate(xs) if xs else np.zeros(0)
         self.Wv = np.concatenate(ws) if ws else np.zeros(0)
         self.F = np.concatenate(fs).astype(np.int64) if fs else np.zeros(0, np.int64)
-        self.Q = np.zeros(self.X.size)
-        self.Hc = np.zeros(self.X.size + self.L)
-        self.T = np.array(T)
-        self.T_base = self.T.copy()  # T0 * Var(|w|), before widening for sparse regions
         self.E0 = np.array(E0)
-        self.scale = np.array(scale)
-        self.xmax = np.array(xmax)
         self.frozen = np.array(frozen, dtype=bool)
+        self.spread = np.array(spread)
+        self.T_base = np.where(self.spread > 0, T0 * self.spread, 1.0)
+        self.T = self.T_base.copy()
+        self.scale = np.array([float(x.mean()) if x.size and x.mean() > 0 else 1.0 for x in xs])
+        self.xmax = np.array([float(x[-1]) if x.size and x[-1] > 0 else 1.0 for x in xs])
         # one sorted key over all layers, so band edges for every layer come from one call
         layer_of = np.repeat(np.arange(self.L), self.n)
         self.key = layer_of + 0.25 + 0.5 * self.X / np.repeat(self.xmax, self.n)
+        self.G32 = [g.astype(np.float32) for g in Gs]
         self.Gflat = np.concatenate([g.ravel() for g in self.G32]) if Gs else np.zeros(0, np.float32)
         self.goff = np.concatenate([[0], np.cumsum([g.size for g in Gs])[:-1]]).astype(np.int64)
         self.d_in = np.array([s[2] for s in shapes], dtype=np.int64)
         self.d_out = np.array([s[1] for s in shapes], dtype=np.int64)
-        self.rows = np.array([s[0] * s[1] for s in shapes], dtype=np.int64)
-        self.rowbase = np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64)
-        self.dense_cost = self.rows * self.d_in * self.d_in
-        # lazy slices of each layer's sorted weights (local bounds); a slice's pairs cost about
-        # what its dense product costs when there are sqrt(_PAIR_COST) slices
-        count = np.clip(np.minimum(int(math.sqrt(_PAIR_COST)), self.n // 64), 1, None)
-        self.bounds = [np.linspace(0, n, c + 1).round().astype(np.int64) for n, c in zip(self.n, count)]
-        self.done = [np.zeros(c, dtype=bool) for c in count]
+        rows = np.array([s[0] * s[1] for s in shapes], dtype=np.int64)
+        self.rowbase = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+        self.Q = np.zeros(self.X.size)
+        self.Hc = np.zeros(self.X.size + self.L)
+        self.knots = [np.unique(np.round(np.array(_KNOTS) * n).astype(np.int64)) for n in self.n]
+        self.knot_error = [np.zeros(len(c)) for c in self.knots]  # Hc at the knots, / E0
+        self.done = [np.zeros(max(len(c) - 1, 0), dtype=bool) for c in self.knots]
+        for j in np.flatnonzero(~self.frozen):
+            self._knot_products(j)
 
-    def set_temperatures(self, tau):
-        """T = max(T0 Var(|w|), w^2 span of the _MIN_SOFT weights nearest tau, / 4) per layer.
+    # -- precomputation ---------------------------------------------------------------------
+    def _knot_products(self, j):
+        k, d_out, d_in = self.shapes[j]
+        s0, n = int(self.start[j]), int(self.n[j])
+        knots = self.knots[j]
+        Z = np.zeros(n, dtype=np.float32)  # the weights below the current knot, in place
+        for i in range(1, len(knots) - 1):
+            a, b, c = int(knots[i - 1]), int(knots[i]), int(knots[i + 1])
+            Z[self.F[s0 + a : s0 + b]] = self.Wv[s0 + a : s0 + b]
+            AG = (Z.reshape(k, d_out, d_in) @ self.G32[j]).ravel()
+            self.knot_error[j][i] = float(np.dot(Z.astype(np.float64), AG)) / self.E0[j]
+            self.Q[s0 + b : s0 + c] = np.take(AG, self.F[s0 + b : s0 + c])
+        self.knot_error[j][-1] = 1.0  # pruning everything costs E0
 
-        Where w^2 is sparse (high sparsity, heavy tails) a fixed T leaves only a few weights in
-        the sigmoid's transition; R(tau) then is a staircase with flat steps and Adam wanders.
+    def _fill(self, j, lo, hi):
+        """Complete Q and Hc for layer j's local sorted range [lo, hi) and at lo."""
+        knots = self.knots[j]
+        first = int(np.searchsorted(knots, min(lo, self.n[j] - 1), side="right")) - 1
+        last = int(np.searchsorted(knots, max(hi - 1, lo), side="right")) - 1
+        for s in range(max(first, 0), min(last, len(knots) - 2) + 1):
+            if not self.done[j][s]:
+                self._fill_slice(j, int(knots[s]), int(knots[s + 1]), self.knot_error[j][s])
+                self.done[j][s] = True
+
+    def _fill_slice(self, j, a, b, base):
+        """Q and Hc on [a, b): Q already holds the part from below a (the knot's product).
+
+        The slice is cut into parts, each but the first with its own dense product, so that
+        the pairs left inside the parts cost about as much as the products.
         """
-        half = int(_MIN_SOFT) // 2
+        k, d_out, d_in = self.shapes[j]
+        s0, n = int(self.start[j]), int(self.n[j])
+        per_row = (b - a) / (k * d_out)
+        parts = int(min(max(round(per_row / d_in * math.sqrt(_PAIR_COST)), 1), max((b - a) // 64, 1)))
+        cuts = np.linspace(a, b, parts + 1).round().astype(np.int64)
+        base = base * self.E0[j]
+        h = int(self.hoff[j])
+        for i in range(parts):
+            u, v = int(cuts[i]), int(cuts[i + 1])
+            f = self.F[s0 + u : s0 + v]
+            w = self.Wv[s0 + u : s0 + v]
+            if i:  # interaction with everything below u, from one product
+                Z = np.zeros(n, dtype=np.float32)
+                Z[self.F[s0 : s0 + u]] = self.Wv[s0 : s0 + u]
+                AG = (Z.reshape(k, d_out, d_in) @ self.G32[j]).ravel()
+                self.Q[s0 + u : s0 + v] = np.take(AG, f)
+                base = float(np.dot(Z.astype(np.float64), AG))
+            rows = f // d_in
+            cols = f % d_in
+            gbase = self.goff[j] + (rows // d_out) * d_in * d_in + cols * d_in
+            _, (inside,) = _pair_sums(rows, cols, gbase, self.Gflat, earlier=(w,))
+            q = self.Q[s0 + u : s0 + v] + inside
+            self.Q[s0 + u : s0 + v] = q
+            own = w * w * np.take(self.Gflat, gbase + cols)  # w^2 G[c, c]
+            self.Hc[h + u] = base
+            self.Hc[h + u + 1 : h + v + 1] = base + np.cumsum(own + 2.0 * w * q)
+            base = self.Hc[h + v]
+
+    # -- the soft objective ----------------------------------------------------------------
+    def set_temperatures(self, tau):
+        """T = max(T0 Var(|w|), w^2 span of the _MIN_SOFT weights nearest tau / 4) per layer.
+
+        In a layer's far tail that span can be huge; there T stays below _MAX_T * Var(|w|)
+        (unless the layer is small), or the band would take in most of the layer.
+        """
+        half = _MIN_SOFT // 2
         for j in np.flatnonzero(~self.frozen):
             s, n = int(self.start[j]), int(self.n[j])
             c = int(np.searchsorted(self.X[s : s + n], tau[j], side="right"))
             a, b = max(c - half, 0), min(c + half, n - 1)
-            self.T[j] = max(self.T_base[j], 0.25 * (self.X[s + b] - self.X[s + a]))
+            wide = 0.25 * (self.X[s + b] - self.X[s + a])
+            if n > 20 * _MIN_SOFT:
+                wide = min(wide, _MAX_T * self.spread[j])
+            self.T[j] = max(self.T_base[j], wide)
 
     def _find(self, values):
         """Per layer, the global index just past the sorted entries with w^2 <= value."""
         q = np.clip(values / self.xmax, -0.4, 1.4)
         return np.searchsorted(self.key, np.arange(self.L) + 0.25 + 0.5 * q, side="right")
-
-    def _fill(self, j, lo, hi):
-        """Make q and Hc available for layer j's local sorted range [lo, hi) and at lo."""
-        b = self.bounds[j]
-        first = int(np.searchsorted(b, min(lo, self.n[j] - 1), side="right")) - 1
-        last = int(np.searchsorted(b, max(hi - 1, lo), side="right")) - 1
-        for s in range(first, min(last, len(b) - 2) + 1):
-            if not self.done[j][s]:
-                self._fill_slice(j, int(b[s]), int(b[s + 1]))
-                self.done[j][s] = True
-
-    def _fill_slice(self, j, a, b):
-        k, d_out, d_in = self.shapes[j]
-        s0 = int(self.start[j])
-        f = self.F[s0 + a : s0 + b]
-        w = self.Wv[s0 + a : s0 + b]
-        if a:
-            Z = np.zeros(self.n[j], dtype=np.float32)
-            Z[self.F[s0 : s0 + a]] = self.Wv[s0 : s0 + a]
-            AG = (Z.reshape(k, d_out, d_in) @ self.G32[j]).ravel()
-            base = float(np.dot(Z.astype(np.float64), AG))  # error of pruning all weights below a
-            q = np.take(AG, f).astype(np.float64)
-        else:
-            base, q = 0.0, np.zeros(b - a)
-        rows = f // d_in
-        cols = f % d_in
-        gbase = self.goff[j] + (rows // d_out) * d_in * d_in + cols * d_in
-        _, (inside,) = _pair_sums(rows, cols, gbase, self.Gflat, earlier=(w,))
-        q += inside
-        self.Q[s0 + a : s0 + b] = q
-        own = w * w * np.take(self.Gflat, gbase + cols)  # w^2 G[c, c]
-        h = int(self.hoff[j])
-        self.Hc[h + a] = base
-        self.Hc[h + a + 1 : h + b + 1] = base + np.cumsum(own + 2.0 * w * q)
 
     def evaluate(self, tau, lam):
         """Per-layer R and dR/dtau at thresholds `tau` (frozen layers give 0, 0)."""
@@ -298,10 +332,7 @@ class _Layers:
         lo = self._find(tau - width)
         hi = self._find(tau + width)
         lengths = np.where(self.frozen, 0, hi - lo)
-        # a band so wide that its pairs cost more than the plain product: evaluate densely
-        dense = (_PAIR_COST * lengths * lengths / np.maximum(self.rows, 1) > self.dense_cost) & ~self.frozen
-        lengths[dense] = 0
-        for j in np.flatnonzero(~self.frozen & ~dense):
+        for j in np.flatnonzero(~self.frozen):
             self._fill(j, int(lo[j] - self.start[j]), int(hi[j] - self.start[j]))
         nb = int(lengths.sum())
         lay = np.repeat(np.arange(self.L), lengths)
@@ -322,13 +353,41 @@ class _Layers:
         recon = self.Hc[self.hoff + (lo - self.start)] + _sums(lay, D * (S2 - 2.0 * below), self.L)
         kept = (self.start + self.n - hi) + _sums(lay, m, self.L)
         R = recon / self.E0 + lam * kept / np.maximum(self.n, 1)
-        for j in np.flatnonzero(dense):
-            R[j], grad[j] = ltp_objective_and_grad(self.W[j], self.G[j], tau[j], self.T[j], lam, self.E0[j])
         R[self.frozen] = 0.0
         grad[self.frozen] = 0.0
         return R, grad
 
     # -- hard masks --------------------------------------------------------------------------
+    def warm_start(self, lam, floor=None):
+        """Per layer, the threshold minimising the HARD objective on the knot grid (refined by
+        a parabola through the best knot and its neighbours); at least `floor` if given."""
+        tau = np.zeros(self.L)
+        for j in range(self.L):
+            s, n = int(self.start[j]), int(self.n[j])
+            if self.frozen[j] or n == 0:
+                continue
+            c = self.knots[j].astype(np.float64)
+            o = self.knot_error[j] + lam * (n - c) / n
+            i = int(np.argmin(o))
+            best = c[i]
+            if 0 < i < len(c) - 1:
+                # vertex of the parabola through the three knots around the minimum
+                x0, x1, x2 = c[i - 1 : i + 2]
+                y0, y1, y2 = o[i - 1 : i + 2]
+                den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+                A = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / den
+                B = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / den
+                if A > 0:
+                    best = min(max(-B / (2 * A), x0), x2)
+            cnt = int(round(best))
+            if cnt <= 0:
+                tau[j] = 0.5 * self.X[s]
+            elif cnt >= n:
+                tau[j] = self.X[s + n - 1] * (1 + 1e-6) + self.T_base[j]
+            else:
+                tau[j] = 0.5 * (self.X[s + cnt - 1] + self.X[s + cnt])
+        return tau if floor is None else np.maximum(tau, floor)
+
     def hard_zeros(self, tau):
         """Per layer #(w^2 <= tau); a frozen layer (all weights zero) counts all its weights."""
         c = np.array([np.searchsorted(self.X[s : s + n], t, side="right")
@@ -338,9 +397,10 @@ class _Layers:
     def exact_zeros(self, tau, target, lower=None):
         """Per-layer counts summing to `target`: hard counts, settled on the boundary weights.
 
-        Weights are ranked across layers by (w^2 - tau_l) / T_l (the soft mask's argument); a
-        missing zero goes to the kept weight ranked lowest, a surplus one is restored from the
-        pruned weights ranked highest. `lower` bounds each layer's count from below.
+        The difference is spread over the layers in proportion to their sizes, each layer
+        giving up (or getting back) the weights nearest its threshold: candidates are ranked by
+        (their rank from the threshold) / n_l, ties to the lower layer index. `lower` bounds
+        each layer's count from below.
         """
         c = self.hard_zeros(tau)
         floor = np.zeros(self.L, np.int64) if lower is None else np.asarray(lower, np.int64)
@@ -355,101 +415,110 @@ class _Layers:
             a, b = np.maximum(floor, c - need), c
         lengths = b - a
         lay = np.repeat(np.arange(self.L), lengths)
-        pos = np.arange(int(lengths.sum())) + np.repeat(a - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        z = (self.X[self.start[lay] + pos] - tau[lay]) / self.T[lay]
-        z[self.frozen[lay]] = -np.inf
-        if diff > 0:
-            pick = np.lexsort((pos, lay, z))[:need]
-            return c + np.bincount(lay[pick], minlength=self.L)
-        pick = np.lexsort((-pos, -lay, -z))[:need]
-        return c - np.bincount(lay[pick], minlength=self.L)
+        rank = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        key = (rank + 1) / self.n[lay] + 2.0 * self.frozen[lay]  # all-zero layers last
+        if len(key) < need:
+            raise InfeasibleError(f"cannot settle {need} weights within the per-layer bounds")
+        # the `need` smallest keys; ties at the cut go to the lower layer index
+        cut = np.partition(key, need - 1)[need - 1]
+        pick = np.flatnonzero(key < cut)
+        tied = np.flatnonzero(key == cut)[: need - len(pick)]  # already in layer order
+        moved = np.bincount(lay[np.concatenate([pick, tied])], minlength=self.L)
+        return c + moved if diff > 0 else c - moved
 
 
-_LOG = True
-
-
-def _tau(theta, s):
-    return s * np.exp(theta) if _LOG else s * theta
-
-
-def _theta(tau, s):
-    return np.log(np.maximum(tau, 1e-12 * s) / s) if _LOG else tau / s
-
-
-def _adam(layers, theta, lam, steps, lr):
-    """Adam on theta = tau / mean(w^2), cosine-decayed step; returns theta and total R per step."""
-    theta = theta.copy()
+def _adam(layers, tau, lam, steps, lr):
+    """Adam on theta = log(tau / mean(w^2)), cosine-decayed step; returns tau and R per step."""
     s = layers.scale
-    layers.set_temperatures(_tau(theta, s))
+    layers.set_temperatures(tau)
     # beyond these the band is empty and the gradient vanishes
-    lo = _theta(-(_CUTOFF - 1.0) * layers.T, s)
-    hi = _theta(layers.xmax + (_CUTOFF - 1.0) * layers.T, s)
+    lo = np.log(np.maximum(-(_CUTOFF - 1.0) * layers.T, 1e-12 * s) / s)
+    hi = np.log((layers.xmax + (_CUTOFF - 1.0) * layers.T) / s)
+    theta = np.clip(np.log(np.maximum(tau, 1e-12 * s) / s), lo, hi)
     m1 = np.zeros_like(theta)
     m2 = np.zeros_like(theta)
     b1, b2, eps = 0.9, 0.999, 1e-12
     trajectory = []
     for t in range(1, steps + 1):
-        tau = _tau(theta, s)
+        tau = s * np.exp(theta)
         R, g = layers.evaluate(tau, lam)
         trajectory.append(float(R.sum()))
-        g = g * (tau if _LOG else s)
+        g = g * tau  # d/dtheta
         m1 = b1 * m1 + (1 - b1) * g
         m2 = b2 * m2 + (1 - b2) * g * g
         rate = lr * 0.5 * (1.0 + math.cos(math.pi * (t - 1) / steps))
         theta -= rate * (m1 / (1 - b1**t)) / (np.sqrt(m2 / (1 - b2**t)) + eps)
         np.clip(theta, lo, hi, out=theta)
-    return theta, trajectory
+    return s * np.exp(theta), trajectory
 
 
-def _search_lambda(layers, target, theta_start, log_lam, steps, lr, history):
-    """Search log(lambda) so that the hard masks zero `target` weights.
+def _coarse_log_lam(layers, target, floor):
+    """log(lambda) at which the knot-grid hard objective's minimisers zero about `target`."""
+    a, b = _LOG_LAM_RANGE
+    for _ in range(50):
+        mid = 0.5 * (a + b)
+        zeros = int(layers.hard_zeros(layers.warm_start(math.exp(mid), floor)).sum())
+        a, b = (mid, b) if zeros < target else (a, mid)
+    return 0.5 * (a + b)
 
-    Each probe is a short Adam run warm-started from the nearest earlier probe; the best probe's
-    lambda then gets a full run of `steps`, from that probe's thresholds. Returns the final run.
+
+def _search_lambda(layers, target, floor, steps, lr, history):
+    """Search log(lambda) so that the hard masks zero `target` weights; returns the best probe.
+
+    Each probe is an Adam run of `steps` from the knot-grid minimiser for its lambda, so its
+    count is a function of lambda alone. The knot grid also predicts where to probe next: the
+    Adam count minus the grid's count at the same lambda is taken as a constant offset.
+    R is flat near its minimum (the count moves by ~0.5 % at no visible cost), so the search
+    stops within _COUNT_TOLERANCE of the target rather than chasing noise.
     """
+    lo_lim, hi_lim = _LOG_LAM_RANGE
     probes = []
 
-    def probe(ll, theta_from, n_steps, final=False):
-        theta, traj = _adam(layers, theta_from, math.exp(ll), n_steps, lr)
-        zeros = int(layers.hard_zeros(_tau(theta, layers.scale)).sum())
-        p = {"log_lam": ll, "theta": theta, "zeros": zeros, "objective": traj}
+    def probe(ll):
+        ll = min(max(ll, lo_lim), hi_lim)
+        tau, traj = _adam(layers, layers.warm_start(math.exp(ll), floor), math.exp(ll), steps, lr)
+        zeros = int(layers.hard_zeros(tau).sum())
+        grid = int(layers.hard_zeros(layers.warm_start(math.exp(ll), floor)).sum())
+        p = {"log_lam": ll, "tau": tau, "zeros": zeros, "offset": zeros - grid, "objective": traj,
+             "T": layers.T.copy()}
         probes.append(p)
         if history is not None:
             history.append({"target": int(target), "lam": math.exp(ll), "hard_zeros": zeros,
-                            "objective": traj[-1], "steps": n_steps, "final": final})
+                            "objective": traj[-1]})
         return p
 
-    short = max(steps // _PROBE_FRACTION, 1)
-
-    # Adam runs of a few dozen steps leave the count noisy by ~0.1 %: closer is not meaningful
     tol = int(_COUNT_TOLERANCE * layers.n.sum())
-    lo_lim, hi_lim = _LOG_LAM_RANGE
-    p = probe(min(max(log_lam, lo_lim), hi_lim), theta_start, short)
+    p = probe(_coarse_log_lam(layers, target, floor))
     below = p if p["zeros"] <= target else None
     above = p if p["zeros"] >= target else None
-    # bracket: more lambda prunes more
-    while below is None and p["log_lam"] > lo_lim and len(probes) < _MAX_PROBES:
-        p = probe(max(p["log_lam"] - math.log(10.0), lo_lim), p["theta"], short)
-        below, above = (p, above) if p["zeros"] <= target else (None, p)
-    while above is None and p["log_lam"] < hi_lim and len(probes) < _MAX_PROBES:
-        p = probe(min(p["log_lam"] + math.log(10.0), hi_lim), p["theta"], short)
-        below, above = (below, p) if p["zeros"] >= target else (p, None)
+    step = 0.05
+    while (below is None or above is None) and len(probes) < _MAX_PROBES:
+        # predicted from the grid; at least `step` further in the right direction
+        ll = _coarse_log_lam(layers, target - p["offset"], floor)
+        ll = max(ll, p["log_lam"] + step) if below is not None else min(ll, p["log_lam"] - step)
+        step *= 2
+        p = probe(ll)
+        if p["zeros"] <= target and (below is None or p["log_lam"] > below["log_lam"]):
+            below = p
+        if p["zeros"] >= target and (above is None or p["log_lam"] < above["log_lam"]):
+            above = p
+        if p["log_lam"] in (lo_lim, hi_lim):
+            break
     sides = []  # which end each interpolated probe replaced
     while (below is not None and above is not None
            and min(target - below["zeros"], above["zeros"] - target) > tol
-           and above["log_lam"] - below["log_lam"] > 1e-4 and len(probes) < _MAX_PROBES):
+           and above["log_lam"] - below["log_lam"] > _LOG_LAM_WIDTH and len(probes) < _MAX_PROBES):
         if len(sides) >= 2 and sides[-1] == sides[-2] != "mid":
             frac = 0.5  # interpolation keeps moving one end only: bisect instead
         else:  # interpolate the count linearly in log(lambda), away from the bracket ends
             frac = (target - below["zeros"]) / max(above["zeros"] - below["zeros"], 1)
             frac = min(max(frac, 0.1), 0.9)
-        theta = below["theta"] + frac * (above["theta"] - below["theta"])
-        p = probe(below["log_lam"] + frac * (above["log_lam"] - below["log_lam"]), theta, short)
+        p = probe(below["log_lam"] + frac * (above["log_lam"] - below["log_lam"]))
         side = "below" if p["zeros"] <= target else "above"
         below, above = (p, above) if side == "below" else (below, p)
         sides.append("mid" if frac == 0.5 else side)
     best = min(probes, key=lambda q: (abs(q["zeros"] - target), probes.index(q)))
-    return probe(best["log_lam"], best["theta"], steps, final=True), len(probes)
+    return best, len(probes)
 
 
 def learn_thresholds(
@@ -467,44 +536,38 @@ def learn_thresholds(
     """Learn one threshold per layer; return exact per-layer zero counts summing to target_zeros.
 
     weights[l]: (k, d_out, d_in) (or 2-D), grams[l]: (k, d_in, d_in) unnormalised X^T X of that
-    layer's calibration inputs. `steps` Adam steps per lambda probe (each warm-started from the
-    nearest probe), `lr` in units of mean(w^2). The method is deterministic: `seed` exists for a
-    uniform method interface and does not change the result. `trail`: increasing zero targets
-    solved along one path (least sparse first, each warm-started from the previous thresholds,
-    per-layer counts never decreasing); target_zeros is added to it if missing and the returned
-    result is its level, with every level in `.levels`. `history`, if a list, receives one dict
-    per probe (target, lam, hard_zeros, objective).
+    layer's calibration inputs. Every lambda probe is an Adam run of `steps` steps; `lr` is
+    relative to tau (Adam on log tau). The method is deterministic: `seed` exists for a uniform
+    method interface and changes nothing. `trail`: increasing zero targets solved along one
+    path (least sparse first; each level's thresholds start no lower than the previous level's,
+    and per-layer counts never decrease); target_zeros is added to it if missing, the returned
+    result is its level, and `.levels` holds them all. `history`, if a list, receives one dict
+    per probe (target, lam, hard_zeros, objective = final R).
     """
     del seed  # deterministic: no random choices are made
     if len(weights) != len(grams):
         raise OnnxPruneError(f"{len(weights)} weight stacks but {len(grams)} Gram stacks")
     if not (T0 > 0 and lr > 0 and steps >= 1):
         raise OnnxPruneError(f"LTP needs T0 > 0, lr > 0 and steps >= 1 (got {T0}, {lr}, {steps})")
+    if trail is not None and list(trail) != sorted(set(int(t) for t in trail)):
+        raise OnnxPruneError("the trail must list strictly increasing zero counts")
     layers = _Layers(weights, grams, T0)
     total = int(layers.n.sum())
     levels = sorted(set([int(t) for t in (trail or [])] + [int(target_zeros)]))
-    if trail is not None and list(trail) != sorted(set(int(t) for t in trail)):
-        raise OnnxPruneError("the trail must list strictly increasing zero counts")
     for t in levels:
         if not 0 <= t <= total:
             raise InfeasibleError(f"cannot zero {t} of {total} prunable weights")
-
-    # start every layer at its w^2 quantile for half the (first) target sparsity
-    frac = 0.5 * levels[0] / max(total, 1)
-    tau = np.array([np.quantile(layers.X[s : s + n], frac) if n else 0.0
-                    for s, n in zip(layers.start, layers.n)])
-    theta = _theta(tau, layers.scale)
-    log_lam, lower, results = 0.0, None, []
+    floor, lower, results = None, None, []
     for t in levels:
-        best, probes = _search_lambda(layers, t, theta, log_lam, steps, lr, history)
-        tau = _tau(best["theta"], layers.scale)
-        zeros = layers.exact_zeros(tau, t, lower)
+        final, probes = _search_lambda(layers, t, floor, steps, lr, history)
+        layers.T = final["T"]
+        zeros = layers.exact_zeros(final["tau"], t, lower)
         results.append(LTPResult(
-            target_zeros=t, zeros=[int(z) for z in zeros], thresholds=[float(v) for v in tau],
-            lam=math.exp(best["log_lam"]), objective=best["objective"],
-            temperatures=[float(v) for v in layers.T], hard_zeros=best["zeros"], probes=probes,
+            target_zeros=t, zeros=[int(z) for z in zeros], thresholds=[float(v) for v in final["tau"]],
+            lam=math.exp(final["log_lam"]), objective=final["objective"],
+            temperatures=[float(v) for v in layers.T], hard_zeros=final["zeros"], probes=probes,
         ))
-        theta, log_lam, lower = best["theta"], best["log_lam"], zeros
+        floor, lower = final["tau"], zeros
     main = results[levels.index(int(target_zeros))]
     if trail is not None:
         main.levels = results

@@ -135,7 +135,7 @@ def _select_smallest(weights: Sequence[np.ndarray], k: int, chunk_size: int) -> 
 
 
 def global_zero_counts(weights: Sequence[np.ndarray], sparsity: float, *,
-                       chunk_size: int = 1 << 22) -> list[int]:
+                       chunk_size: int = 1 << 18) -> list[int]:
     """Global MP: the round(s * N) smallest |w| over all arrays; returns each array's share.
 
     `keep_mask(w_l, counts[l])` per array reproduces the single global ranking exactly. Arrays
@@ -180,7 +180,7 @@ def _largest_remainder(real: np.ndarray, caps: np.ndarray, total: int) -> list[i
 
 def min_threshold_zero_counts(weights: Sequence[np.ndarray], sparsity: float, *,
                               min_keep_percent: float = 0.05, variant: str = "rescale",
-                              chunk_size: int = 1 << 22) -> list[int]:
+                              chunk_size: int = 1 << 18) -> list[int]:
     """Global MP + Minimum Threshold: every layer keeps >= m = floor(N * p / 100) weights
     (layers with n_l <= m stay dense) and the total is exactly round(s * N) zeros.
 

@@ -1,0 +1,304 @@
+"""Models with external data, pruned without loading their weights (issue 6).
+
+Small models saved with size threshold 0 (every tensor external) take the same code paths as
+multi-GB ones: mapped reads, the output's data file written tensor by tensor, checker by path.
+"""
+from __future__ import annotations
+
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import builders
+from onnxprune import OnnxPruneError, budget, prune
+from onnxprune.cli import main
+from onnxprune.mapped import MappedTensor, open_tensor
+from onnxprune.methods import magnitude
+from onnxprune.modelio import iter_tensors, load_model, tensor_to_array
+
+ELEMS = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+def stack(n_layers=4, width=32, elem=TensorProto.FLOAT, seed=0, ties=False):
+    """MatMul + bias + Relu blocks; `ties` rounds weights so many magnitudes are equal."""
+    rng = np.random.default_rng(seed)
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    nodes, inits, x = [], [], "x"
+    for i in range(n_layers):
+        w = rng.standard_normal((width, width)) * (1 + i)
+        w = np.round(w * 4) / 4 if ties else w
+        inits += [numpy_helper.from_array(w.astype(dtype), f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(width).astype(dtype), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Relu", [f"a{i}"], [f"h{i}"])]
+        x = f"h{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    return builders.make_model(nodes, [builders.vinfo("x", ["n", width], elem)],
+                               [builders.vinfo("y", ["n", width], elem)], inits)
+
+
+def save_external(model, path, location="weights.bin"):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save moves the data of the model it is given
+    onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+    return path
+
+
+def tensors(path):
+    model = onnx.load(path)
+    dense = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    sparse = {}
+    for s in model.graph.sparse_initializer:
+        values = numpy_helper.to_array(s.values)
+        full = np.zeros(int(np.prod(s.dims)), values.dtype)
+        full[numpy_helper.to_array(s.indices)] = values
+        sparse[s.values.name] = full.reshape(tuple(s.dims))
+    return dense, sparse
+
+
+def assert_bitwise_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("elem", sorted(ELEMS))
+@pytest.mark.parametrize("method", ["layer", "global", "global-mt"])
+def test_external_output_equals_in_memory_path(tmp_path, method, elem):
+    model = stack(elem=ELEMS[elem])
+    src = save_external(model, tmp_path / "in.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = tmp_path / "out.onnx"
+    verify = elem != "bf16"  # onnxruntime has no bfloat16 kernels for these ops
+    got = prune(src, 0.8, method=method, output=out, min_keep=1, verify=verify)
+    ref = prune(model, 0.8, method=method, min_keep=1, verify=False)  # everything in memory
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    assert got.report.output_files == [str(out), str(out) + ".data"]
+    saved = onnx.load(out, load_external_data=False)
+    locations = {e.value for t in iter_tensors(saved) for e in t.external_data if e.key == "location"}
+    assert locations == {"out.onnx.data"}  # every tensor, in the output's own data file
+    expected = {t.name: numpy_helper.to_array(t) for t in ref.model.graph.initializer}
+    dense, _ = tensors(out)
+    assert dense.keys() == expected.keys()
+    for name in expected:
+        assert_bitwise_equal(dense[name], expected[name])
+    assert [r.zeros_after for r in got.report.layers] == [r.zeros_after for r in ref.report.layers]
+    assert not verify or got.report.verification["max_abs_diff"]  # run in onnxruntime by path
+    onnx.checker.check_model(str(out))
+
+
+def test_weights_stay_in_their_file_until_read(tmp_path):
+    src = save_external(stack(), tmp_path / "in.onnx")
+    loaded = load_model(src)
+    assert loaded.data_files == [tmp_path / "weights.bin"]
+    for tensor in iter_tensors(loaded.model):
+        assert tensor.data_location == TensorProto.EXTERNAL and not tensor.raw_data
+    w = tensor_to_array(loaded.model.graph.initializer[0])
+    assert isinstance(w, MappedTensor) and not w.flags.writeable
+    np.testing.assert_array_equal(w, numpy_helper.to_array(stack().graph.initializer[0]))
+
+
+def test_mapped_slices_are_read_not_mapped(tmp_path):
+    values = np.arange(10_000, dtype=np.float16)
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"\xff" * 7 + values.tobytes())
+    mapped = open_tensor(path, 7, np.float16, (100, 100))
+    flat = mapped.reshape(-1)
+    chunk = flat[1234:5678]
+    assert type(chunk) is np.ndarray and chunk.flags.writeable  # a copy read with pread
+    np.testing.assert_array_equal(chunk, values[1234:5678])
+    np.testing.assert_array_equal(flat[9990:20000], values[9990:])
+    np.testing.assert_array_equal(mapped[3, ::7], values.reshape(100, 100)[3, ::7])
+    assert type(mapped == 0) is np.ndarray and int((mapped == 0).sum()) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_chunked_selection_over_mapped_tensors_equals_a_full_sort(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    arrays = [np.round(rng.standard_normal(n) * 8).astype(dtype) / 8 for n in (1000, 3001, 17, 2048)]
+    path, offset, mapped = tmp_path / "w.bin", 0, []
+    with open(path, "wb") as f:
+        for a in arrays:
+            f.write(a.astype(dtype).tobytes())
+    for a in arrays:
+        mapped.append(open_tensor(path, offset, dtype, a.shape))
+        offset += a.nbytes
+    flat = np.concatenate([np.abs(a.astype(np.float64)) for a in arrays])
+    owner = np.concatenate([np.full(a.size, i) for i, a in enumerate(arrays)])
+    order = np.lexsort((np.arange(flat.size), owner, flat))  # |w|, then array, then index
+    for sparsity in (0.1, 0.5, 0.93):
+        k = magnitude.target_zeros(flat.size, sparsity)
+        expected = np.bincount(owner[order[:k]], minlength=len(arrays)).tolist()
+        assert magnitude.global_zero_counts(mapped, sparsity, chunk_size=333) == expected
+
+
+def test_sparse_external_reads_back_in_onnx_and_onnxruntime(tmp_path):
+    model = stack(n_layers=3, width=48)
+    src = save_external(model, tmp_path / "in.onnx")
+    dense_out, sparse_out = tmp_path / "d.onnx", tmp_path / "s.onnx"
+    prune(src, 0.9, method="global", output=dense_out)
+    result = prune(src, 0.9, method="global", output=sparse_out, storage_format="sparse")
+    dense, _ = tensors(dense_out)
+    stored_dense, stored_sparse = tensors(sparse_out)  # onnx.load, external data included
+    assert sorted(stored_sparse) == ["w0", "w1", "w2"]
+    for name, value in {**stored_dense, **stored_sparse}.items():
+        assert_bitwise_equal(value, dense[name])
+    dense_bytes = sum(p.stat().st_size for p in (dense_out, tmp_path / "d.onnx.data"))
+    assert result.report.output_bytes < 0.5 * dense_bytes
+    x = np.random.default_rng(0).standard_normal((3, 48)).astype(np.float32)
+    ys = [ort.InferenceSession(str(p)).run(None, {"x": x})[0] for p in (dense_out, sparse_out)]
+    np.testing.assert_array_equal(ys[0], ys[1])
+    onnx.checker.check_model(str(sparse_out))
+
+    # sparse tensors are inline: past the inline limit (the budget) tensors stay dense
+    capped = prune(src, 0.9, method="global", output=tmp_path / "c.onnx", storage_format="sparse",
+                   max_memory=1500)
+    assert any("stay dense" in note for note in capped.report.notes)
+    c_dense, c_sparse = tensors(tmp_path / "c.onnx")
+    assert 0 < len(c_sparse) < 3 and sorted({**c_dense, **c_sparse}) == sorted(dense)
+    y = ort.InferenceSession(str(tmp_path / "c.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, ys[0])
+
+
+def test_missing_or_truncated_data_file_is_a_clear_error(tmp_path):
+    src = save_external(stack(), tmp_path / "in.onnx")
+    data = (tmp_path / "weights.bin").read_bytes()
+    (tmp_path / "weights.bin").write_bytes(data[:-1])
+    with pytest.raises(OnnxPruneError, match=r"'weights.bin' is truncated \(tensor 'b3'"):
+        prune(src, 0.5, output=tmp_path / "out.onnx")
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(OnnxPruneError, match="'weights.bin' for tensor 'w0' is missing"):
+        prune(src, 0.5, output=tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]  # nothing left behind
+
+
+def test_peak_memory_is_the_largest_tensor_not_the_model(tmp_path):
+    width, peaks = 256, {}  # tensors of 256 KiB; models of 6 and 24 MiB
+    for n_layers in (24, 96):
+        src = save_external(stack(n_layers, width), tmp_path / f"in{n_layers}.onnx")
+        tracemalloc.start()
+        try:
+            prune(src, 0.9, method="global-mt", output=tmp_path / f"out{n_layers}.onnx", verify=False)
+            peaks[n_layers] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    growth = 72 * width * width * 4  # 18 MiB more weights
+    assert peaks[96] - peaks[24] < growth / 16, peaks
+    assert peaks[96] < 96 * width * width * 4 / 6, peaks
+
+
+def test_verification_is_skipped_with_a_note_over_the_budget(tmp_path):
+    src = save_external(stack(), tmp_path / "in.onnx")
+    result = prune(src, 0.5, output=tmp_path / "out.onnx", max_memory="4K")
+    assert result.report.verification is None
+    assert any(note.startswith("not verified in onnxruntime") for note in result.report.notes)
+    assert "--max-memory" in result.report.format()
+    assert (tmp_path / "out.onnx.data").exists()
+    assert budget.parse_size("1.5G") == 3 << 29 and budget.parse_size("512MiB") == 1 << 29
+    with pytest.raises(OnnxPruneError, match="--max-memory"):
+        budget.parse_size("lots")
+
+
+def test_cli_max_memory_option(tmp_path):
+    src = save_external(stack(), tmp_path / "in.onnx")
+    ok = CliRunner().invoke(main, [str(src), "-s", "0.5", "--max-memory", "256M"])
+    assert ok.exit_code == 0 and "verified in onnxruntime" in ok.output, ok.output
+    bad = CliRunner().invoke(main, [str(src), "-s", "0.5", "--max-memory", "big", "--force"])
+    assert bad.exit_code == 1 and "--max-memory expects a size" in bad.output
+
+
+def test_trail_over_external_data_equals_in_memory_trail(tmp_path):
+    model = stack()
+    src = save_external(model, tmp_path / "in.onnx")
+    prune(src, [0.5, 0.9], method="global", output=tmp_path / "t.onnx")
+    refs = prune(model, [0.5, 0.9], method="global", verify=False)
+    for level, ref in zip(("0.5", "0.9"), refs):
+        dense, _ = tensors(tmp_path / f"t.s{level}.onnx")
+        for t in ref.model.graph.initializer:
+            assert_bitwise_equal(dense[t.name], numpy_helper.to_array(t))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibration_reads_external_weights_in_place(tmp_path, sequential):
+    model = stack(n_layers=3, width=16)
+    src = save_external(model, tmp_path / "in.onnx")
+    calib = {"x": np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)}
+    got = prune(src, 0.6, method="dc", calib=calib, output=tmp_path / "out.onnx",
+                sequential=sequential)
+    ref = prune(model, 0.6, method="dc", calib=calib, verify=False, sequential=sequential)
+    dense, _ = tensors(tmp_path / "out.onnx")
+    for t in ref.model.graph.initializer:
+        assert_bitwise_equal(dense[t.name], numpy_helper.to_array(t))
+    assert got.report.calibration["samples"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.onnx.data",
+                                                          "weights.bin"]
+
+
+def test_a_failed_check_leaves_no_output(tmp_path, monkeypatch):
+    import importlib
+
+    pipeline = importlib.import_module("onnxprune.prune")  # the module, not the function
+    src = save_external(stack(), tmp_path / "in.onnx")
+
+    def refuse(*args, **kwargs):
+        raise OnnxPruneError("refused")
+
+    monkeypatch.setattr(pipeline, "compare_models", refuse)
+    with pytest.raises(OnnxPruneError, match="refused"):
+        prune(src, 0.5, output=tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "weights.bin"]
+
+
+def test_checker_by_path_blames_the_output_only_when_the_input_passes(tmp_path):
+    from onnxprune.modelio import check_by_path
+
+    good = save_external(stack(n_layers=1), tmp_path / "good.onnx", location="good.bin")
+    broken = stack(n_layers=1)
+    broken.graph.node[0].input[0] = "nowhere"  # an input no node produces
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(broken.SerializeToString())
+    assert check_by_path(good, reference=bad) is None
+    with pytest.raises(OnnxPruneError, match="fails the ONNX checker"):
+        check_by_path(bad, reference=good)
+    assert "rejects the input model too" in check_by_path(bad, reference=bad)
+
+
+def test_without_in_memory_data_files_or_kernel_copies(tmp_path, monkeypatch):
+    import os
+
+    from onnxprune import external_session
+
+    monkeypatch.setattr(external_session, "_IN_MEMORY_FILES", False)  # older onnxruntime
+    monkeypatch.delattr(os, "copy_file_range", raising=False)  # not Linux
+    model = stack(n_layers=2, width=16)
+    src = save_external(model, tmp_path / "in.onnx")
+    calib = {"x": np.random.default_rng(3).standard_normal((32, 16)).astype(np.float32)}
+    prune(src, 0.6, method="dc", calib=calib, output=tmp_path / "out.onnx")
+    ref = prune(model, 0.6, method="dc", calib=calib, verify=False)
+    dense, _ = tensors(tmp_path / "out.onnx")
+    for t in ref.model.graph.initializer:
+        assert_bitwise_equal(dense[t.name], numpy_helper.to_array(t))
+
+
+def test_pages_read_through_the_map_can_be_dropped(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    from onnxprune.mapped import drop_resident_pages
+
+    size = 32 << 20
+    (tmp_path / "w.bin").write_bytes(np.ones(size // 4, np.float32).tobytes())
+    mapped = open_tensor(tmp_path / "w.bin", 0, np.float32, (size // 4,))
+    rss = psutil.Process().memory_info().rss
+    assert float(np.asarray(mapped).sum()) == size // 4  # every page touched through the map
+    touched = psutil.Process().memory_info().rss
+    drop_resident_pages(keep=(str(tmp_path / "w.bin"), 0))  # the one in use stays
+    assert psutil.Process().memory_info().rss > touched - size / 4
+    drop_resident_pages()
+    assert touched - rss > size / 2 and psutil.Process().memory_info().rss < touched - size / 2
+    np.testing.assert_array_equal(mapped[:5], 1)  # still readable
