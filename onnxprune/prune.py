@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 from . import budget, graph, modelio, solve, storage
 from .calibration.collect import calibratable, collect_statistics
@@ -108,7 +109,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                         for s in levels]
     learned = None
     if method == "ltp":  # the allocation is learned; global-mt stays as the comparison
-        learned = _ltp_counts(layers, dense, stats, levels, counts_per_level, seed)
+        learned = _ltp_counts(layers, dense, stats, levels, counts_per_level, min_keep, seed)
     timings["select"] = time.perf_counter() - clock
 
     mt_counts_per_level = counts_per_level
@@ -232,11 +233,16 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
     return PruneResult(pruned if keep else None, report)
 
 
-def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, seed) -> dict:
+def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, seed) -> dict:
     """LTP allocation for every level along one optimisation path.
 
     Layers without statistics (subgraphs, unresolved layouts) keep their global-mt counts; the
     calibrated layers share the rest of each level's budget through the learned thresholds.
+    (ours) The L0 term is divided by the number of ALL weights, not each layer's own size: with
+    the per-layer form of ALGORITHMS.md, lambda prices a layer's kept FRACTION, so emptying a
+    small layer (or one whose output is carried by a few weights) looked nearly free and the
+    network collapsed (10-15 % accuracy on the reference CNNs at 0.9). The learned counts also
+    obey the same Minimum Threshold as global-mt (--min-keep).
     Returns {sparsity level: LTPResult with .zeros_all, the counts of all layers}.
     """
     from .methods import ltp
@@ -251,13 +257,15 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, seed) -> dict
     targets = [sum(counts) - sum(counts[i] for i in others) for counts in mt_counts_per_level]
     if len(set(targets)) != len(targets):
         raise OnnxPruneError("ltp: two sparsity levels give the same number of zeros")
-    result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed,
-                                  trail=targets if len(targets) > 1 else None)
+    with threadpool_limits(limits=1, user_api="blas"):  # many small products: see solve.py
+        result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed, l0="total",
+                                      trail=targets if len(targets) > 1 else None)
     learned = {}
     for level, counts, res in zip(levels, mt_counts_per_level, result.levels or [result]):
         res.zeros_all = list(counts)
         for i, z in zip(calibrated, res.zeros):
             res.zeros_all[i] = z
+        res.zeros_all = magnitude.cap_zero_counts(res.zeros_all, [d.size for d in dense], min_keep)
         learned[level] = res
     return learned
 

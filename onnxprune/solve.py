@@ -80,7 +80,9 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     idx = block_index(layer)
     W = dense.reshape(-1)[idx].astype(np.float64)
     keep = pruned.reshape(-1)[idx] != 0
-    return _to_stored(pruned, idx, refit.refit_on_support(W, keep, stats.gram))
+    with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
+        new = refit.refit_on_support(W, keep, stats.gram)
+    return _to_stored(pruned, idx, new)
 
 
 def magnitude_layer(stored: np.ndarray, n_zero: int) -> np.ndarray:

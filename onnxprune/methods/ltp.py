@@ -10,29 +10,36 @@ replaced by each layer's relative output error on the calibration data (ALGORITH
 
 summed over a layer's blocks. Given lambda the layers decouple. One lambda, shared by all layers,
 is searched on log scale so that the HARD masks (keep w^2 > tau_l) zero the requested total; the
-per-layer allocation therefore comes out of the learned thresholds. The small difference the
-search leaves is settled on the boundary weights, ranked across layers by the soft mask's
-argument (w^2 - tau_l) / T_l, so that the per-layer counts sum exactly to the target.
+per-layer allocation therefore comes out of the learned thresholds. R is normalised per layer,
+so scaling a layer's G changes nothing; what counts is how G weighs the small weights against
+the large ones. The search stops within 0.2 % of the target (R is flat near its minimum: the
+count drifts by that much at no visible cost); the rest is settled on the weights nearest the
+thresholds, spread over the layers in proportion to their sizes, so the counts sum exactly.
 
 Choices (ours):
-- Adam works on log(tau / mean(w^2)): thresholds span orders of magnitude (transformer layers
-  are heavy-tailed and some end up 99 % sparse), so steps are relative; lr 0.02 is 2 % of tau.
-- Temperature T_l = T0 * Var(|w_l|) (w^2 units, like tau), T0 = 1e-3: the sigmoid turns within
-  a fraction of a percent of a typical layer's weights, so the soft objective follows the hard
-  one. Where w^2 is sparse near tau (high sparsity, small layers) T is widened to a quarter of
-  the w^2 span of the _MIN_SOFT weights nearest the starting tau; otherwise R(tau) is a staircase
-  with flat steps on which Adam wanders.
-- Each Adam run starts at the minimiser of the layer's HARD objective on a coarse grid of
-  quantiles (its error curve is computed exactly at the grid points anyway), not at one common
-  quantile: per-layer optima range from ~25 % to ~99 %, and from a common start the result
+- Adam works on log(tau / mean(w^2)), lr 0.02 (2 % of tau per step), cosine-decayed over
+  `steps`: thresholds span orders of magnitude (transformer weights are heavy-tailed, and some
+  layers end up 99 % sparse), so relative steps suit every layer.
+- Temperature, in w^2 units like tau: T_l = T0 * Var(|w_l|) with T0 = 1e-4 (Var(|w|) is a
+  squared weight), widened to a quarter of the w^2 span of the _MIN_SOFT = 150 weights nearest
+  the starting threshold, capped at 0.05 Var(|w|) in large layers. A fixed T0 cannot serve all
+  layers: at the median of a Gaussian layer ~0.7 T0 n weights lie within +-2T, at its 97th
+  percentile ~25 times fewer. With too few, R(tau) is a staircase with flat steps where Adam
+  stalls; with too many, the soft objective drifts from the hard one and every step costs more.
+  The count-based width keeps ~150 weights in every transition; T0 * Var(|w|) only decides for
+  layers over ~1.5 M weights.
+- Each Adam run starts at the minimiser of the layer's HARD objective on a grid of quantiles
+  (_KNOTS; the hard error there is computed exactly anyway), not at one common quantile (half
+  the target): per-layer optima range from ~25 % to ~99 %, and from a common start the result
   depended on how far Adam got. Every probe of the lambda search is then a function of lambda
-  alone, which keeps the search well behaved.
+  alone, and the grid predicts where to probe next.
 
-Speed: evaluating R directly costs one (d_out, d_in) x (d_in, d_in) product per layer and step.
-Here, in w^2 order, the weights below the sigmoid band (m ~ 0, V - W = -w) are a prefix, their
-error a prefix sum, and their interaction with a band weight a precomputed per-weight number; a
-step only sums the pairs of band weights sharing a row. Outside the band (|w^2 - tau| >
-_CUTOFF * T) m is taken as exactly 0 or 1.
+Speed: evaluating R directly costs one (d_out, d_in) x (d_in, d_in) product per layer and step
+(~0.2 s for MiniLM's 36 matrices, far too slow for hundreds of steps times the probes). Here, in
+w^2 order, the weights below the sigmoid band (m ~ 0, V - W = -w) are a prefix, their error a
+prefix sum, and their interaction with a band weight a precomputed per-weight number; a step
+only sums the pairs of band weights sharing a row. Outside the band (|w^2 - tau| > _CUTOFF * T)
+m is taken as exactly 0 or 1 (m (1 - m) < 3.4e-4 there).
 """
 
 from __future__ import annotations
@@ -104,10 +111,10 @@ class LTPResult:
     zeros: list[int]  # exact per-layer zero counts, summing to target_zeros
     thresholds: list[float]  # learned tau per layer (w^2 units); the hard mask keeps w^2 > tau
     lam: float  # the shared L0 weight lambda
-    objective: list[float]  # total R (all layers) per Adam step of the final run at `lam`
-    temperatures: list[float]  # T per layer in the final run
+    objective: list[float]  # total R (all layers) per Adam step of the run at `lam`
+    temperatures: list[float]  # T per layer in that run
     hard_zeros: int  # total zeros of the hard masks at `thresholds`, before the exact settlement
-    probes: int  # Adam runs spent by the lambda search, the final run included
+    probes: int  # Adam runs (lambda probes) spent by the search
     levels: list["LTPResult"] = field(default_factory=list)  # trail runs: one result per level
 
 
@@ -188,13 +195,14 @@ class _Layers:
 
     def __init__(self, weights, grams, T0):
         self.L = len(weights)
-        shapes, xs, ws, fs, Ws, Gs = [], [], [], [], [], []
+        shapes, xs, ws, fs, Gs = [], [], [], [], []
         E0, spread, frozen = [], [], []
         for j, (W, G) in enumerate(zip(weights, grams)):
             W3, G3 = _as_stack(f"weights[{j}]", W), _as_stack(f"grams[{j}]", G)
             k, d_out, d_in = W3.shape
             if G3.shape != (k, d_in, d_in):
-                raise OnnxPruneError(f"layer {j}: Gram of shape {G3.shape} does not match weights {W3.shape}")
+                raise OnnxPruneError(
+                    f"layer {j}: Gram of shape {G3.shape} does not match weights {W3.shape}")
             if not (np.all(np.isfinite(W3)) and np.all(np.isfinite(G3))):
                 raise OnnxPruneError(f"layer {j}: weights and Gram must be finite")
             G3 = 0.5 * (G3 + np.swapaxes(G3, 1, 2))
@@ -209,14 +217,14 @@ class _Layers:
             xs.append(x[order])
             ws.append(W3.ravel()[order])
             fs.append(order)
-            Ws.append(W3)
-            Gs.append(np.ascontiguousarray(G3))
+            Gs.append(G3)
             frozen.append(not e0 > 0)  # empty layer or all weights zero: nothing to learn
             E0.append(e0 if e0 > 0 else 1.0)
             spread.append(max(float(np.var(np.abs(W3))), 1e-3 * float(x.mean())) if x.size else 0.0)
-        self.shapes, self.W, self.G = shapes, Ws, Gs
+        self.shapes = shapes
         self.n = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(self.n)[:-1]]).astype(np.int64)
+        self.l0_norm = np.maximum(self.n, 1).astype(np.float64)  # L0 term: kept / l0_norm
         self.hoff = self.start + np.arange(self.L)  # where each layer's Hc starts
         self.X = np.concatenate(xs) if xs else np.zeros(0)
         self.Wv = np.concatenate(ws) if ws else np.zeros(0)
@@ -231,9 +239,11 @@ class _Layers:
         # one sorted key over all layers, so band edges for every layer come from one call
         layer_of = np.repeat(np.arange(self.L), self.n)
         self.key = layer_of + 0.25 + 0.5 * self.X / np.repeat(self.xmax, self.n)
-        self.G32 = [g.astype(np.float32) for g in Gs]
-        self.Gflat = np.concatenate([g.ravel() for g in self.G32]) if Gs else np.zeros(0, np.float32)
+        # float32 G: the dense products run twice as fast; the per-weight sums stay float64
+        flat = [g.ravel() for g in Gs] or [np.zeros(0)]
+        self.Gflat = np.concatenate(flat).astype(np.float32)
         self.goff = np.concatenate([[0], np.cumsum([g.size for g in Gs])[:-1]]).astype(np.int64)
+        self.G32 = [self.Gflat[o : o + g.size].reshape(g.shape) for o, g in zip(self.goff, Gs)]
         self.d_in = np.array([s[2] for s in shapes], dtype=np.int64)
         self.d_out = np.array([s[1] for s in shapes], dtype=np.int64)
         rows = np.array([s[0] * s[1] for s in shapes], dtype=np.int64)
@@ -345,14 +355,15 @@ class _Layers:
         row = f // d_in
         col = f % d_in
         gbase = self.goff[lay] + (row // self.d_out[lay]) * d_in * d_in + col * d_in
-        (S2,), (S1,) = _pair_sums(self.rowbase[lay] + row, col, gbase, self.Gflat, full=(D,), earlier=(w,))
+        (S2,), (S1,) = _pair_sums(self.rowbase[lay] + row, col, gbase, self.Gflat,
+                                  full=(D,), earlier=(w,))
         below = self.Q[idx] - S1  # interaction with the weights below the band (all pruned)
         DG = S2 - below  # ((V - W) G) at the band weights
         dm = -m * (1.0 - m) / Tb
-        grad = _sums(lay, (2.0 * DG * w / self.E0[lay] + lam / self.n[lay]) * dm, self.L)
+        grad = _sums(lay, (2.0 * DG * w / self.E0[lay] + lam / self.l0_norm[lay]) * dm, self.L)
         recon = self.Hc[self.hoff + (lo - self.start)] + _sums(lay, D * (S2 - 2.0 * below), self.L)
         kept = (self.start + self.n - hi) + _sums(lay, m, self.L)
-        R = recon / self.E0 + lam * kept / np.maximum(self.n, 1)
+        R = recon / self.E0 + lam * kept / self.l0_norm
         R[self.frozen] = 0.0
         grad[self.frozen] = 0.0
         return R, grad
@@ -367,7 +378,7 @@ class _Layers:
             if self.frozen[j] or n == 0:
                 continue
             c = self.knots[j].astype(np.float64)
-            o = self.knot_error[j] + lam * (n - c) / n
+            o = self.knot_error[j] + lam * (n - c) / self.l0_norm[j]
             i = int(np.argmin(o))
             best = c[i]
             if 0 < i < len(c) - 1:
@@ -532,6 +543,7 @@ def learn_thresholds(
     seed: int = 0,
     trail: list[int] | None = None,
     history: list | None = None,
+    l0: str = "layer",
 ) -> LTPResult:
     """Learn one threshold per layer; return exact per-layer zero counts summing to target_zeros.
 
@@ -542,7 +554,9 @@ def learn_thresholds(
     path (least sparse first; each level's thresholds start no lower than the previous level's,
     and per-layer counts never decrease); target_zeros is added to it if missing, the returned
     result is its level, and `.levels` holds them all. `history`, if a list, receives one dict
-    per probe (target, lam, hard_zeros, objective = final R).
+    per probe (target, lam, hard_zeros, objective = final R). `l0`: "layer" divides each
+    layer's soft count by its size, as in ALGORITHMS.md; "total" (ours) by the number of all
+    weights, so lambda prices every weight the same and the budget is a total count.
     """
     del seed  # deterministic: no random choices are made
     if len(weights) != len(grams):
@@ -552,6 +566,10 @@ def learn_thresholds(
     if trail is not None and list(trail) != sorted(set(int(t) for t in trail)):
         raise OnnxPruneError("the trail must list strictly increasing zero counts")
     layers = _Layers(weights, grams, T0)
+    if l0 == "total":
+        layers.l0_norm[:] = max(int(layers.n.sum()), 1)
+    elif l0 != "layer":
+        raise OnnxPruneError(f"unknown LTP L0 normalisation {l0!r} (layer or total)")
     total = int(layers.n.sum())
     levels = sorted(set([int(t) for t in (trail or [])] + [int(target_zeros)]))
     for t in levels:

@@ -208,6 +208,24 @@ def min_threshold_zero_counts(weights: Sequence[np.ndarray], sparsity: float, *,
         return _waterfill(weights, sizes, caps, target, chunk_size)
 
     zeros = np.array(_select_smallest(weights, target, chunk_size), dtype=np.float64)
+    return _rescale_and_clamp(zeros, sizes, caps, m, target)
+
+
+def cap_zero_counts(counts: Sequence[int], sizes: Sequence[int], min_keep_percent: float = 0.05) -> list[int]:
+    """Apply the Minimum Threshold to any allocation (e.g. a learned one): the same rescale-and-
+    clamp procedure as global-mt, starting from `counts`; the total is unchanged."""
+    sizes = np.array(sizes, dtype=np.int64)
+    m = min_keep_count(int(sizes.sum()), min_keep_percent)
+    caps = np.maximum(sizes - m, 0)
+    target = int(sum(counts))
+    if target > caps.sum():
+        raise InfeasibleError(f"{target} zeros cannot leave every layer at least m={m} weights "
+                              "(lower --min-keep or the sparsity)")
+    return _rescale_and_clamp(np.array(counts, dtype=np.float64), sizes, caps, m, target)
+
+
+def _rescale_and_clamp(zeros: np.ndarray, sizes: np.ndarray, caps: np.ndarray, m: int,
+                       target: int) -> list[int]:
     clamped = np.zeros(len(sizes), dtype=bool)
     free = sizes > m  # layers with n_l <= m are never free nor clamped: they stay dense
     while True:

@@ -1,0 +1,80 @@
+"""LTP and --refit through the pipeline: exact levels, trails, MT floor, plot, real data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import builders
+from onnxprune import prune
+from onnxprune.cli import main
+from onnxprune.evaluate import evaluate
+from onnxprune.methods import ltp
+from onnxprune.methods.magnitude import cap_zero_counts, min_keep_count
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def test_cap_zero_counts_keeps_the_total_and_the_floor():
+    sizes = [144, 4608, 5120]
+    m = min_keep_count(sum(sizes), 1.0)  # 98 weights per layer
+    capped = cap_zero_counts([143, 4156, 4586], sizes, 1.0)
+    assert sum(capped) == 143 + 4156 + 4586
+    assert all(n - z >= m for n, z in zip(sizes, capped))
+    assert cap_zero_counts([10, 20, 30], sizes, 0.05) == [10, 20, 30]  # nothing to clamp
+
+
+def test_total_l0_prices_every_weight_the_same():
+    """A tiny layer with informative inputs is not emptied under the 'total' normalisation."""
+    rng = np.random.default_rng(0)
+    small, big = rng.standard_normal((1, 4, 8)), rng.standard_normal((1, 64, 256))
+    grams = [np.eye(8)[None] * 100.0, np.eye(256)[None]]
+    target = round(0.9 * (small.size + big.size))
+    layer_form = ltp.learn_thresholds([small, big], grams, target, l0="layer")
+    total_form = ltp.learn_thresholds([small, big], grams, target, l0="total")
+    assert sum(total_form.zeros) == sum(layer_form.zeros) == target
+    assert total_form.zeros[0] < layer_form.zeros[0]
+
+
+def test_ltp_trail_is_exact_and_monotone(tmp_path):
+    data = {"input": np.random.default_rng(2).standard_normal((128, 20)).astype(np.float32)}
+    results = prune(builders.mlp_gemm(), [0.5, 0.7, 0.9], method="ltp", calib=data,
+                    output=tmp_path / "t.onnx", verify=False)
+    assert [Path(f).name for r in results for f in r.report.output_files] == [
+        "t.s0.5.onnx", "t.s0.7.onnx", "t.s0.9.onnx"]
+    previous = None
+    for r in results:
+        assert r.report.zeros == round(r.report.target_sparsity * r.report.params)
+        zeros = [row.zeros_after for row in r.report.layers]
+        if previous:
+            assert all(a >= b for a, b in zip(zeros, previous))
+        previous = zeros
+        assert r.report.ltp["objective"] and "global-mt" in r.report.layers[0].note
+
+
+def test_ltp_plot_and_report(tmp_path):
+    import onnx
+
+    onnx.save(builders.mlp_gemm(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", input=np.random.default_rng(3).standard_normal((64, 20)).astype(np.float32))
+    result = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "-s", "0.6", "-m", "ltp", "--calib",
+                                       str(tmp_path / "c.npz"), "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "global-mt" in result.output and "uniform 60.0%" in result.output
+
+
+def test_refit_and_ltp_on_the_animal_cnn(tmp_path):
+    calib = dict(np.load(MODELS / "animal_calib.npz"))
+    test = {k: v[:500] for k, v in np.load(MODELS / "animal_test.npz").items()}
+    accuracy = {}
+    for name, kwargs in {"global-mt": {}, "global-mt+refit": {"refit": True},
+                         "ltp+refit": {"method": "ltp", "refit": True}}.items():
+        out = tmp_path / f"{name}.onnx"
+        prune(MODELS / "animal_cnn.onnx", 0.9, calib=calib, calib_samples=256, output=out,
+              verify=False, **kwargs)
+        accuracy[name] = evaluate(out, test, progress=False)["accuracy"]
+    assert accuracy["global-mt+refit"] > accuracy["global-mt"] + 0.2, accuracy
+    assert accuracy["ltp+refit"] > accuracy["global-mt"] + 0.2, accuracy
