@@ -195,3 +195,29 @@ def test_already_zero_weights_count(tmp_path):
 def test_integer_only_model_has_nothing_to_prune():
     with pytest.raises(OnnxPruneError, match="no prunable weights"):
         prune(builders.int_weights(), 0.5)
+
+
+def test_pass_through_chain_and_old_ir_initializer_inputs(tmp_path):
+    """Weight -> Cast -> Reshape -> Unsqueeze -> Squeeze -> Transpose -> MatMul; the weight is
+    also listed as a graph input (old IR style) and still counts as a weight."""
+    rng = np.random.default_rng(9)
+    w = numpy_helper.from_array(rng.standard_normal(48).astype(np.float16), "w_flat")
+    shape = numpy_helper.from_array(np.array([6, 8], np.int64), "shape")
+    nodes = [
+        onnx.helper.make_node("Cast", ["w_flat"], ["w32"], to=TensorProto.FLOAT),
+        onnx.helper.make_node("Reshape", ["w32", "shape"], ["w2d"]),
+        onnx.helper.make_node("Unsqueeze", ["w2d", "axes"], ["w3d"]),
+        onnx.helper.make_node("Squeeze", ["w3d", "axes"], ["w2d_again"]),
+        onnx.helper.make_node("Transpose", ["w2d_again"], ["wt"], perm=[1, 0]),
+        onnx.helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+    model = builders.make_model(
+        nodes, [builders.vinfo("x", ["n", 6]), builders.vinfo("w_flat", [48], TensorProto.FLOAT16)],
+        [builders.vinfo("y", ["n", 8])], [w, shape, axes])
+    layers, _ = find_layers(model)
+    assert [layer.name for layer in layers] == ["w_flat"]
+    stored = numpy_helper.to_array(w)
+    np.testing.assert_array_equal(layers[0].operand(stored), stored.reshape(6, 8).T)
+    result = prune(model, 0.75, method="layer", verify=False)
+    assert result.report.zeros == 36
