@@ -205,7 +205,7 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
                if loaded.external_data else None)  # onnxruntime would hold every weight
 
     def check(candidate):
-        if isinstance(candidate, Path):  # the ONNX checker by path (the only way over 2 GB)
+        if verify and isinstance(candidate, Path):  # the checker by path: the only way over 2 GB
             report.notes.extend(filter(None, [modelio.check_by_path(candidate, reference)]))
         if verify and too_big:
             report.notes.append(too_big)
