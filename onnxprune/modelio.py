@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,11 @@ class LoadedModel:
     path: Path | None  # None when the model was given in memory
     data_files: list[Path]  # external data files of the input
     stage: object | None = None  # staging.OutputStage of the output being written, if any
+    # With defer_writes, new values of inline tensors wait here ({id: (tensor, array)}) and go
+    # straight from the arrays into the written file: replacing raw_data in the proto first
+    # would leave the old bytes in protobuf's arena, which frees nothing until the model goes.
+    defer_writes: bool = False
+    pending: dict = field(default_factory=dict)
 
     @property
     def external_data(self) -> bool:
@@ -36,6 +41,12 @@ class LoadedModel:
     @property
     def files(self) -> list[Path]:
         return ([self.path] if self.path else []) + self.data_files
+
+    def flush_pending(self) -> None:
+        """Put the deferred values into the proto (after the file was written)."""
+        while self.pending:
+            _, (tensor, array) = self.pending.popitem()
+            write_array(tensor, array)
 
     def stage_output(self, output) -> None:
         """Write external tensors straight into the data file of `output` from now on (models
@@ -50,7 +61,10 @@ class LoadedModel:
         """Replace a tensor's values: at its place in the staged output's data file when there is
         one, else in the proto (`write_array`)."""
         if self.stage is None or not self.stage.covers(tensor):
-            write_array(tensor, array)
+            if self.defer_writes:
+                self.pending[id(tensor)] = (tensor, _little_endian(tensor, array))
+            else:
+                write_array(tensor, array)
             return
         source = {e.key: e.value for e in tensor.external_data}
         self.stage.write(tensor, memoryview(_little_endian(tensor, array).reshape(-1).view(np.uint8)))
@@ -322,7 +336,7 @@ def check_targets(targets: list[Path], force: bool, protect=()) -> None:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
                force: bool = False, protect: tuple[Path, ...] = (), check=None,
-               stage=None) -> list[Path]:
+               stage=None, replacements: dict | None = None) -> list[Path]:
     """Write atomically: into a temporary folder beside the target, then renamed into place.
 
     With external data (a model with external tensors, external_data=True, or over 2 GB),
@@ -348,7 +362,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         if stage is not None:
             stage.finish(model, tmp / path.name)
         else:
-            write_streamed(model, tmp / path.name)
+            write_streamed(model, tmp / path.name, replacements)
         if check is not None:
             check(tmp / path.name)
         for target in reversed(targets):  # the model file appears last
@@ -431,17 +445,45 @@ def _varint(n: int) -> bytes:
 _STREAMED = ("initializer", "sparse_initializer")  # graph fields written one element at a time
 
 
-def write_streamed(model: onnx.ModelProto, path: Path) -> None:
+def _encoded(tensor, replacements):
+    """(what to write, its encoded size) for one streamed element."""
+    if id(tensor) in replacements:
+        data = replacements[id(tensor)][1]
+        nbytes = data.nbytes
+    elif (isinstance(tensor, onnx.TensorProto) and tensor.HasField("raw_data")
+          and tensor_nbytes(tensor) >= 1 << 20):
+        data, nbytes = tensor, tensor_nbytes(tensor)  # its bytes are copied once, when written
+    else:
+        return tensor, tensor.ByteSize()  # cheap per tensor
+    shell = _shell(tensor, _TENSOR_DATA_FIELDS).SerializeToString()
+    return (shell, data), len(shell) + len(_raw_tag()) + len(_varint(nbytes)) + nbytes
+
+
+def _raw_tag() -> bytes:
+    return _varint(onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number << 3 | 2)
+
+
+_TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                       "uint64_data", "string_data")
+
+
+def write_streamed(model: onnx.ModelProto, path: Path, replacements: dict | None = None) -> None:
     """Serialise tensor by tensor: peak memory is one tensor, not a second copy of the model.
 
     The bytes are a valid ModelProto: the graph field (7) is written once, its (sparse)
     initializers after its other fields; protobuf readers accept fields in any order.
+    `replacements` ({id(tensor): (tensor, little-endian array)}) gives new values for
+    main-graph initializers, written from the arrays instead of the proto's raw_data.
     """
+    replacements = dict(replacements or {})
+    streamed = {id(t) for name in _STREAMED for t in getattr(model.graph, name)}
+    for key in [k for k in replacements if k not in streamed]:  # Constants, subgraphs: in place
+        write_array(*replacements.pop(key))
     graph_shell = _shell(model.graph, _STREAMED).SerializeToString()
     parts = []  # (tag, element, size) of each streamed element, in order
     for name in _STREAMED:
         tag = _varint(onnx.GraphProto.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
-        parts += [(tag, t, t.ByteSize()) for t in getattr(model.graph, name)]  # cheap per tensor
+        parts += [(tag, *_encoded(t, replacements)) for t in getattr(model.graph, name)]
     graph_len = len(graph_shell) + sum(len(tag) + len(_varint(n)) + n for tag, _, n in parts)
     with open(path, "wb") as f:
         f.write(_shell(model, ("graph",)).SerializeToString())
@@ -450,4 +492,14 @@ def write_streamed(model: onnx.ModelProto, path: Path) -> None:
             f.write(graph_shell)
             for tag, element, n in parts:
                 f.write(tag + _varint(n))
-                f.write(element.SerializeToString())
+                if isinstance(element, tuple):  # a big or replaced tensor: shell, then raw bytes
+                    # (serialising a big tensor whole briefly holds its bytes twice)
+                    shell, data = element
+                    raw = (data.raw_data if isinstance(data, onnx.TensorProto)
+                           else memoryview(data.reshape(-1).view(np.uint8)))
+                    f.write(shell)
+                    f.write(_raw_tag() + _varint(len(raw) if isinstance(raw, bytes) else raw.nbytes))
+                    f.write(raw)
+                    del raw
+                else:
+                    f.write(element.SerializeToString())

@@ -120,6 +120,9 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
         level_timings = dict(timings)
         clock = time.perf_counter()
         loaded.stage_output(out)  # external data: pruned tensors go straight to the output's data file
+        # one written level of dense storage: new inline values go from arrays to the file
+        loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
+                               and not sequential and not loaded.external_data)
         rows, notes = _apply_level(loaded, layers, dense, biases, counts, method, stats, refit,
                              sequential and (method == "dc" or refit), calib_set if sequential else None,
                              dict(batch_size=batch_size, row_cap=row_cap, max_positions=max_positions,
@@ -215,7 +218,8 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
     if output is not None:
         written = modelio.save_model(pruned, output, external_data=loaded.external_data,
                                      force=force, protect=tuple(loaded.files), check=check,
-                                     stage=loaded.stage)
+                                     stage=loaded.stage, replacements=loaded.pending)
+        loaded.flush_pending()  # the returned model holds the new values too
         report.output_files = [str(p) for p in written]
         report.output_bytes = sum(p.stat().st_size for p in written)
     elif verify and modelio.data_nbytes(pruned) > modelio.PROTOBUF_LIMIT:
