@@ -217,6 +217,10 @@ def measure(model: str, levels: list[float], methods: list[str], baselines: list
             out = Path(level["output_files"][0])
             row = dict(common, ok=True, error=None, metrics=metrics(out),
                        **{k: v for k, v in level.items() if k != "output_files"})
+            emptied = [layer["name"] for layer in level["layers"] if layer["zeros"] == layer["params"]]
+            if emptied:  # the same words onnxsim_baselines uses for its rows
+                row["notes"] = row["notes"] + [f"{len(emptied)} layers pruned to all zeros: "
+                                               + ", ".join(emptied)]
             rows.append(row)
             _remove(level["output_files"], keep)
         log(f"{model}: {method}: {len(trail_levels)} levels in {trail['trail_wall_s']:.1f} s, "
@@ -293,9 +297,11 @@ def layer_study(model: str, sparsity: float, workdir: Path, log) -> dict:
     drop = np.array([r["drop"] for r in rows], dtype=float)
     rho = spearman(depth, drop)
     p = permutation_p(depth, drop) if np.isfinite(rho) else float("nan")
+    size = np.array([r["params"] for r in rows], dtype=float)
     log(f"{model}: one layer at {sparsity:g}: Spearman(layers after, drop) = {rho:.3f}, p = {p:.3f}")
     return {"model": model, "sparsity": sparsity, "dense_accuracy": dense, "layers": rows,
-            "spearman": rho, "p_value": p}
+            "spearman": rho, "p_value": p, "spearman_size": spearman(size, drop),
+            "spearman_depth_size": spearman(depth, size)}
 
 
 def weight_layers_after(model, names: list[str]) -> dict[str, int]:

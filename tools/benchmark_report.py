@@ -52,8 +52,8 @@ class Footnotes:
             marks.append(f"[{self.texts.index(text) + 1}]")
         return (" " + "".join(marks)) if marks else ""
 
-    def render(self) -> list[str]:
-        return [f"[{i}] {_escape(t)}  " for i, t in enumerate(self.texts, 1)]
+    def render(self, limit: int = 400) -> list[str]:
+        return [f"[{i}] {_escape(_clip(t, limit))}  " for i, t in enumerate(self.texts, 1)]
 
 
 def render(result: dict, level: int, image: str, details: bool,
@@ -202,7 +202,7 @@ def _finding_global_vs_layer(rows, levels) -> list[str]:
     if not models:
         return ["1. *Global MP vs per-layer hard thresholding*: not measured in this run "
                 "(needs methods `global` and `layer` on " + ", ".join(MAGNITUDE_MODELS) + ")."]
-    held, fails, details = 0, [], []
+    held, ties, fails, details = 0, 0, [], []
     for model in models:
         margins = []
         for s in levels:
@@ -214,6 +214,7 @@ def _finding_global_vs_layer(rows, levels) -> list[str]:
             margins.append((s, a - b))
             if a >= b:
                 held += 1
+                ties += a == b
             else:
                 fails.append(f"{model} at {s:g} (global {a:.4f} vs layer {b:.4f})")
         if margins:
@@ -225,7 +226,7 @@ def _finding_global_vs_layer(rows, levels) -> list[str]:
     verdict = "**holds**" if not fails else "**does not hold everywhere**"
     text = (f"1. *Global MP is at least as accurate as per-layer hard thresholding at every "
             f"sparsity* ({', '.join(models)}): {verdict}: global ≥ layer at {held} of {total} "
-            f"(model, sparsity) pairs" + (f"; it fails at {'; '.join(fails)}" if fails else "")
+            f"(model, sparsity) pairs ({ties} of them equal)" + (f"; it fails at {'; '.join(fails)}" if fails else "")
             + ". " + "; ".join(details) + ".")
     return [text]
 
@@ -233,7 +234,7 @@ def _finding_global_vs_layer(rows, levels) -> list[str]:
 def _finding_min_threshold(rows, levels) -> list[str]:
     high = [s for s in levels if s >= 0.95] or levels[-1:]
     note = "" if high[0] >= 0.95 else f" (no level ≥ 0.95 in this run; shown at {high[0]:g})"
-    parts, mt_ok, global_emptied, measured = [], True, [], False
+    parts, mt_ok, global_emptied, raised = [], True, [], []
     models = sorted({r["model"] for r in rows}, key=[r["model"] for r in rows].index)
     for model in models:
         for s in high:
@@ -241,22 +242,29 @@ def _finding_min_threshold(rows, levels) -> list[str]:
             mt = _find(rows, "onnxprune", "global-mt", s, model)
             if not (g and mt and g["ok"] and mt["ok"]):
                 continue
-            measured = True
             gk, mk = _min_kept(g), _min_kept(mt)
             mt_ok &= mk["emptied"] == 0
             if gk["emptied"]:
                 global_emptied.append(f"{model} at {s:g} ({gk['emptied']} layers)")
+            if mk["kept"] > gk["kept"]:
+                raised.append(f"{model} at {s:g}")
             parts.append(f"{model} at {s:g}: Global MP {_kept_text(gk)}; with MT {_kept_text(mk)}")
-    if not measured:
+    if not parts:
         return ["2. *MT prevents any layer from being emptied*: not measured in this run "
                 "(needs methods `global` and `global-mt`)."]
     verdict = "**holds**" if mt_ok else "**fails**"
+    others = [f"`{r['method']}` on {r['model']} at {r['target_sparsity']:g} ({_min_kept(r)['emptied']})"
+              for r in rows if r["tool"] == "onnxprune" and r["ok"] and r.get("layers")
+              and r["method"] not in ("global", "global-mt") and _min_kept(r)["emptied"]]
     emptied = (f"Global MP alone emptied a layer on {', '.join(global_emptied)}" if global_emptied
-               else "Global MP alone emptied no layer here either, so these models do not exercise "
-                    "MT's guarantee; MT still raises the smallest layers' kept counts")
+               else "Global MP alone emptied no layer here either")
+    changed = (f"MT raised the smallest kept count on {', '.join(raised)}" if raised
+               else "MT did not raise the smallest kept count anywhere")
     return [f"2. *MT prevents any layer from being emptied at 0.95+*{note}: {verdict}: with MT "
-            f"no layer is all zeros. {emptied}. Smallest kept count per layer: "
-            + "; ".join(parts) + "."]
+            f"no layer is all zeros. {emptied}; {changed}. Smallest kept count per layer: "
+            + "; ".join(parts) + "."
+            + (" Other onnxprune methods that emptied layers (how many): " + ", ".join(others) + "."
+               if others else " No other onnxprune method emptied a layer at any level.")]
 
 
 def _min_kept(row) -> dict:
@@ -276,6 +284,7 @@ def _kept_text(k: dict) -> str:
 
 def _finding_layer_study(study) -> list[str]:
     rho, p = study["spearman"], study["p_value"]
+    size_rho, depth_size = study.get("spearman_size", np.nan), study.get("spearman_depth_size", np.nan)
     worst = max(study["layers"], key=lambda r: r["drop"])
     if not np.isfinite(rho):
         verdict = "**cannot tell** (no variation in depth or in damage)"
@@ -287,11 +296,17 @@ def _finding_layer_study(study) -> list[str]:
     else:
         verdict = ("**disagrees**: damage does not grow with the number of layers after the "
                    "pruned one")
+    if np.isfinite(size_rho) and abs(size_rho) >= abs(rho):
+        size = "the layer's weight count predicts the drop at least as well"
+    else:
+        size = "depth predicts the drop better than the layer's weight count"
     return [f"3. *Pruning only layer i of {study['model']} at {study['sparsity']:g}*: our data "
             f"{verdict} (Spearman correlation between layers after i and the accuracy drop "
             f"{rho:+.2f}, one-sided permutation p = {p:.3f}, {len(study['layers'])} layers). "
-            f"Largest drop: `{worst['name']}` ({worst['layers_after']} layers after it, "
-            f"{worst['params']:,} weights), accuracy {worst['accuracy']:.4f}."]
+            f"For comparison, between weight count and drop it is {size_rho:+.2f}, between depth "
+            f"after i and weight count {depth_size:+.2f}, so {size}. Largest drop: "
+            f"`{worst['name']}` ({worst['layers_after']} layers after it, {worst['params']:,} "
+            f"weights), accuracy {worst['accuracy']:.4f}."]
 
 
 def _finding_best(rows, models, levels) -> list[str]:
@@ -380,6 +395,10 @@ def _label(tool, method) -> str:
 
 def _mb(n) -> str:
     return f"{n / 1e6:.3f}" if n else "-"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " … (in full in benchmark.json)"
 
 
 def _escape(text: str) -> str:
