@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ class LoadedModel:
     # straight from the arrays into the written file: replacing raw_data in the proto first
     # would leave the old bytes in protobuf's arena, which frees nothing until the model goes.
     defer_writes: bool = False
-    pending: dict = field(default_factory=dict)
+    pending: dict = dataclass_field(default_factory=dict)
 
     @property
     def external_data(self) -> bool:
