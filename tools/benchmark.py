@@ -99,6 +99,8 @@ def onnxprune_methods() -> list[str]:
     methods = list(api.METHODS)
     if "refit" in inspect.signature(api.prune).parameters:
         methods.append(REFIT_VARIANT)
+        if "ltp" in methods:  # LTP learns the allocation; its acceptance is with the refit
+            methods.append("ltp+refit")
     return methods
 
 
