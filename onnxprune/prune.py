@@ -99,8 +99,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
         calibration["random"] = calib_set.random
         timings["calibrate"] = time.perf_counter() - clock
 
-    # One copy of the weights: a single level takes them out of the proto (each is written
-    # back once pruned); a trail or sequential calibration needs the proto intact meanwhile.
+    # A single level moves the weights out of the proto (each goes back, or straight into the
+    # output file, once pruned); a trail or sequential calibration needs the proto intact.
     detach = not trail and not sequential
     dense = [modelio.take_array(layer.tensor) if detach else modelio.tensor_to_array(layer.tensor)
              for layer in layers]
@@ -123,10 +123,11 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
         # one written level of dense storage: new inline values go from arrays to the file
         loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
                                and not sequential and not loaded.external_data)
-        rows, notes = _apply_level(loaded, layers, dense, biases, counts, method, stats, refit,
-                             sequential and (method == "dc" or refit), calib_set if sequential else None,
-                             dict(batch_size=batch_size, row_cap=row_cap, max_positions=max_positions,
-                                  device=device, seed=seed), progress, calibration, detach)
+        rows, notes = _apply_level(
+            loaded, layers, dense, biases, counts, method, stats, refit,
+            sequential and (method == "dc" or refit), calib_set if sequential else None,
+            dict(batch_size=batch_size, row_cap=row_cap, max_positions=max_positions,
+                 device=device, seed=seed), progress, calibration, detach)
         level_timings["prune"] = time.perf_counter() - clock
         report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
                              skipped=[vars(x) for x in skipped], timings=level_timings,
