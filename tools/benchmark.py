@@ -368,6 +368,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer-study", help="MODEL:SPARSITY, or 'none' (default animal_resnet:0.95)")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: rewrite the tables and plot (and README) from OUT/benchmark.json")
     p.add_argument("--keep-models", action="store_true", help="keep the pruned models in OUT/models")
     p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(
         f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in QUICK.items()))
@@ -388,6 +390,12 @@ def main(argv=None) -> int:
     from onnxsim_baselines import BASELINES
 
     import benchmark_report
+
+    if args.render_only:
+        result = json.loads((args.out / "benchmark.json").read_text())
+        benchmark_report.write_all(result, args.out, update_readme=ROOT / "README.md"
+                                   if args.update_readme else None)
+        return 0
 
     q = QUICK if args.quick else {}
     models = _list(args.models, q.get("models", DEFAULT_MODELS))

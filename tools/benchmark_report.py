@@ -142,10 +142,11 @@ def _model_section(model, rows, levels, h, notes, details) -> list[str]:
         wall = np.mean([r["wall_s"] for r in rs])
         peak = max(rs, key=lambda r: r["peak_rss_mb"] or 0)
         first, last = _find(rows, tool, method, lo), _find(rows, tool, method, hi)
+        largest = max(rs, key=lambda r: r["target_sparsity"])  # a pair run at fewer levels
         out.append(" | ".join([
             f"| {_label(tool, method)}", str(rs[0].get("calib_samples") or "-"), f"{wall:.2f}",
             f"{peak['peak_rss_mb']:.0f} ({peak['imported_rss_mb']:.0f})",
-            _mb(last.get("output_bytes")) if last and last["ok"] else "-",
+            _mb(largest.get("output_bytes")),
             _mb(first.get("sparse_output_bytes")) if first and first["ok"] else "-",
             _mb(last.get("sparse_output_bytes")) if last and last["ok"] else "-"]) + " |")
     if details:
@@ -331,26 +332,34 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows, models = result["rows"], result["settings"]["models"]
+    methods = _methods(rows)  # one colour and marker per method, the same in every panel
+    colours = plt.get_cmap("tab10").colors
+    style = {key: dict(color=colours[i % len(colours)], marker=_MARKERS[i % len(_MARKERS)],
+                       linestyle="--" if key[0] == "onnxsim" else "-",
+                       label=_label(*key).replace("`", ""))
+             for i, key in enumerate(methods)}
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
         model_rows = [r for r in rows if r["model"] == model]
         dense = next(r for r in model_rows if r["tool"] == "dense")
-        for i, (tool, method) in enumerate(_methods(model_rows)):
-            rs = sorted((r for r in model_rows if r["tool"] == tool and r["method"] == method),
+        for key in _methods(model_rows):
+            rs = sorted((r for r in model_rows if (r["tool"], r["method"]) == key),
                         key=lambda r: r["target_sparsity"])
             ax.plot([r["target_sparsity"] for r in rs],
                     [_score(r) if r["ok"] else np.nan for r in rs],
-                    linestyle="--" if tool == "onnxsim" else "-", marker=_MARKERS[i % len(_MARKERS)],
-                    markersize=4, markerfacecolor="none",
-                    label=_label(tool, method).replace("`", ""))
-        ax.axhline(_score(dense), color="gray", linestyle=":", linewidth=1, label="dense")
+                    markersize=4, markerfacecolor="none", **style[key])
+        ax.axhline(_score(dense), color="gray", linestyle=":", linewidth=1)
         ax.set_title(model)
         ax.set_xlabel("sparsity")
         ax.set_ylabel("accuracy" if dense["labelled"] else "mean cosine to dense")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    handles = [Line2D([], [], markersize=4, markerfacecolor="none", **style[key]) for key in methods]
+    handles.append(Line2D([], [], color="gray", linestyle=":", linewidth=1, label="dense"))
+    axes[0][-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                       fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
