@@ -18,7 +18,10 @@ from onnx import numpy_helper
 from . import mapped
 from .errors import OnnxPruneError
 
-PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised in one piece
+PROTOBUF_LIMIT = 2**31 - 1
+# the fields of a TensorProto that can hold its values
+TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                      "uint64_data", "string_data")  # a ModelProto larger than this cannot be serialised in one piece
 
 
 @dataclass
@@ -286,8 +289,8 @@ def take_array(tensor: onnx.TensorProto) -> np.ndarray:
     array = tensor_to_array(tensor)
     if _is_external(tensor):
         return array
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        tensor.ClearField(field)
+    for name in TENSOR_DATA_FIELDS:
+        tensor.ClearField(name)
     return array
 
 
@@ -295,9 +298,8 @@ def write_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     """Replace a tensor's values in the proto, keeping its name, dtype and dims (raw
     little-endian bytes; an external tensor becomes inline)."""
     array = _little_endian(tensor, array)
-    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                  "string_data"):
-        tensor.ClearField(field)
+    for name in TENSOR_DATA_FIELDS:  # raw_data is set just below
+        tensor.ClearField(name)
     if _is_external(tensor):
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
@@ -456,7 +458,7 @@ def _encoded(tensor, replacements):
         data, nbytes = tensor, tensor_nbytes(tensor)  # its bytes are copied once, when written
     else:
         return tensor, tensor.ByteSize()  # cheap per tensor
-    shell = _shell(tensor, _TENSOR_DATA_FIELDS).SerializeToString()
+    shell = _shell(tensor, TENSOR_DATA_FIELDS).SerializeToString()
     return (shell, data), len(shell) + len(_raw_tag()) + len(_varint(nbytes)) + nbytes
 
 
@@ -464,8 +466,6 @@ def _raw_tag() -> bytes:
     return _varint(onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number << 3 | 2)
 
 
-_TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                       "uint64_data", "string_data")
 
 
 def write_streamed(model: onnx.ModelProto, path: Path, replacements: dict | None = None) -> None:
