@@ -71,7 +71,10 @@ def make_deterministic(seed: int) -> None:
 
 def stratified_split(labels: np.ndarray, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
     """Disjoint index sets of the given sizes, each with (as near as possible) the class mix of
-    `labels`. Sizes must add up to len(labels)."""
+    `labels`. Sizes must add up to len(labels). The "train" split is in dataset order (what the
+    committed models were trained on); the others stay in dealt order, so that any prefix of
+    them (`--calib-samples N` takes the first N) covers every class: the datasets are stored
+    class by class."""
     if sum(sizes.values()) != len(labels):
         raise ValueError(f"split sizes {sizes} do not add up to {len(labels)} samples")
     rng = np.random.default_rng(seed)
@@ -83,7 +86,8 @@ def stratified_split(labels: np.ndarray, sizes: dict[str, int], seed: int) -> di
     order = np.argsort(rank, kind="stable")
     splits, start = {}, 0
     for name, size in sizes.items():
-        splits[name] = np.sort(order[start:start + size])
+        part = order[start:start + size]
+        splits[name] = np.sort(part) if name == "train" else part
         start += size
     return splits
 

@@ -35,6 +35,15 @@ class MappedTensor(np.memmap):
             return arr
         return arr[()] if return_scalar else arr.view(np.ndarray)
 
+    def read_into(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Elements [start, start + out.size) of this 1-D contiguous map, read into `out` (a
+        caller's reusable buffer: no fresh pages, no mapping)."""
+        if self.ndim != 1 or self._origin is None or not self.flags.c_contiguous:
+            out[...] = self[start:start + out.size]
+            return out
+        position = self.offset + (self.ctypes.data - self._origin) + start * self.itemsize
+        return read_into(self.filename, position, out)
+
     def __getitem__(self, key):
         if (self.ndim == 1 and isinstance(key, slice) and key.step in (None, 1)
                 and self._origin is not None and self.flags.c_contiguous):
@@ -59,8 +68,12 @@ def open_tensor(path, offset: int, dtype, shape) -> np.ndarray:
 
 def read_array(path, offset: int, dtype, count: int) -> np.ndarray:
     """`count` elements at byte `offset` of a file, read into a new array (no mapping)."""
-    out = np.empty(count, dtype)
-    view = memoryview(out.view(np.uint8))
+    return read_into(path, offset, np.empty(count, dtype))
+
+
+def read_into(path, offset: int, out: np.ndarray) -> np.ndarray:
+    """Fill the contiguous array `out` from byte `offset` of a file; returns `out`."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         done = 0

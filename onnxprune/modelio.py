@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from . import mapped
+from .parallel import map_in_threads, scratch
 from .errors import OnnxPruneError
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -60,6 +61,29 @@ class LoadedModel:
         if self.stage is not None:
             self.stage.close()
         self.stage = OutputStage(self.model, output) if output and self.external_data else None
+
+    def streams(self, tensor: onnx.TensorProto) -> bool:
+        """Whether the tensor's new value can go straight into the staged output's data file."""
+        return self.stage is not None and self.stage.covers(tensor)
+
+    def rewrite(self, tensor: onnx.TensorProto, fn, chunk_size: int) -> list:
+        """Replace a streamed tensor's values chunk by chunk, never holding it whole:
+        fn(chunk, start, out) returns (the new flat chunk, *info) for the chunk at flat index
+        `start` (`out`: a buffer it may write it into); each new chunk is written at its place. Returns every chunk's info, in order."""
+        flat = tensor_to_array(tensor).reshape(-1)
+        read = getattr(flat, "read_into", None)  # mapped: read into reusable buffers
+
+        def one(start):
+            n = min(chunk_size, flat.size - start)
+            chunk = flat[start:start + n] if read is None else read(start, scratch("in", n, flat.dtype))
+            new, *info = fn(chunk, start, scratch("out", n, flat.dtype))
+            new = np.ascontiguousarray(new, dtype=flat.dtype)
+            self.stage.write_part(tensor, start * flat.dtype.itemsize, memoryview(new.view(np.uint8)))
+            return info
+
+        infos = map_in_threads(one, range(0, flat.size, chunk_size))
+        self.stage.written(tensor)
+        return infos
 
     def write_array(self, tensor: onnx.TensorProto, array: np.ndarray) -> None:
         """Replace a tensor's values: at its place in the staged output's data file when there is

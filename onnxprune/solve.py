@@ -85,9 +85,10 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     return _to_stored(pruned, idx, new)
 
 
-def magnitude_layer(stored: np.ndarray, n_zero: int) -> np.ndarray:
-    keep = magnitude.keep_mask(stored, n_zero)
-    return np.where(keep, stored, np.zeros((), stored.dtype))
+def magnitude_layer(stored: np.ndarray, n_zero: int, cut: magnitude.Cut | None = None) -> np.ndarray:
+    """`stored` with its n_zero smallest |w| set to zero (by `cut` when the ranking gave one)."""
+    cut = cut or magnitude.layer_cut(stored, n_zero)
+    return magnitude.apply_cut(stored.reshape(-1), cut)[0].reshape(stored.shape)
 
 
 def _to_stored(stored: np.ndarray, idx: np.ndarray, blocks: np.ndarray) -> np.ndarray:

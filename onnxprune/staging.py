@@ -63,6 +63,7 @@ class OutputStage:
         self.tmp = make_temp_folder(path.parent if str(path.parent) else Path(".")).resolve()
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.tmp, True)
         self.closed = False
+        self._fd = self._close_fd = None  # the data file, opened on the first write
         self.data = self.tmp / (path.name + ".data")
         self.slots: dict[tuple[str, int], int] = {}  # (source file, offset) -> offset here
         self.lengths: dict[int, int] = {}
@@ -93,19 +94,40 @@ class OutputStage:
 
     def write(self, tensor: onnx.TensorProto, raw: memoryview) -> None:
         """Write a covered tensor's new bytes at its offset; the tensor then refers to them."""
+        if raw.nbytes != external_ref(tensor)[2]:
+            raise ValueError(f"tensor '{tensor.name}': {raw.nbytes} bytes for a "
+                             f"{external_ref(tensor)[2]}-byte slot")
+        self.write_part(tensor, 0, raw)
+        self.written(tensor)
+
+    def write_part(self, tensor: onnx.TensorProto, start: int, raw: memoryview) -> None:
+        """Write bytes of a covered tensor's new value at `start` bytes into its slot (safe from
+        several threads; call `written` once every byte of it is written)."""
+        location, offset, length = external_ref(tensor)
+        if start + raw.nbytes > length:
+            raise ValueError(f"tensor '{tensor.name}': bytes {start}-{start + raw.nbytes} "
+                             f"outside its {length}-byte slot")
+        dst = offset if location == str(self.data) else self.slots[(location, offset)]
+        if self._fd is None:
+            self._fd = os.open(self.data, os.O_RDWR)
+            self._close_fd = weakref.finalize(self, os.close, self._fd)
+        done = 0
+        while done < raw.nbytes:  # pwrite may write less than asked
+            done += os.pwrite(self._fd, raw[done:], dst + start + done)
+
+    def written(self, tensor: onnx.TensorProto) -> None:
+        """The tensor's new value is complete in the staged file: it refers to it from now on."""
         location, offset, length = external_ref(tensor)
         dst = offset if location == str(self.data) else self.slots[(location, offset)]
-        if raw.nbytes != length:
-            raise ValueError(f"tensor '{tensor.name}': {raw.nbytes} bytes for a {length}-byte slot")
-        with open(self.data, "r+b") as f:
-            f.seek(dst)
-            f.write(raw)
         self.origin.setdefault(dst, (location, offset))
         point(tensor, str(self.data), dst, length)
 
     def finish(self, model: onnx.ModelProto, model_path: Path) -> None:
         """Complete the data file for `model` (the owner, or a copy of it with fewer external
         tensors) and write the model file beside it; `model` is left as it was."""
+        if self._close_fd is not None:  # the data file may be replaced below
+            self._close_fd()
+            self._fd = self._close_fd = None
         refs, moved = [], []
         for tensor in iter_tensors(model, sparse=False):
             ref = external_ref(tensor)
@@ -172,6 +194,8 @@ class OutputStage:
 
     def close(self) -> None:
         self.closed = True
+        if self._close_fd is not None:
+            self._close_fd()
         self._cleanup()
 
 

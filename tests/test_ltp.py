@@ -201,3 +201,76 @@ def test_bad_requests():
         learn_thresholds(weights, grams, 10, trail=[20, 10])
     with pytest.raises(OnnxPruneError):
         learn_thresholds(weights, grams, 10, T0=0.0)
+
+
+def test_nsr_gradient_matches_finite_difference():
+    """loss="nsr": R = e / (1 - e) + L0 term; dR/dtau against central differences."""
+    rng = np.random.default_rng(11)
+    W = rng.standard_normal((2, 7, 11))
+    G = gram(rng, 2, 11)
+    E0 = float(np.sum(W * (W @ G)))
+    T = 0.05 * np.var(np.abs(W))
+    for q in (0.2, 0.5, 0.8):
+        tau = float(np.quantile(W * W, q))
+        h = 1e-6 * float(np.mean(W * W))
+        R, grad = ltp_objective_and_grad(W, G, tau, T, 0.7, E0, loss="nsr")
+        r_sum, _ = ltp_objective_and_grad(W, G, tau, T, 0.0, E0)  # e itself
+        m = soft_mask(W, tau, T)
+        assert R == pytest.approx(r_sum / (1 - r_sum) + 0.7 * m.mean())
+        up, _ = ltp_objective_and_grad(W, G, tau + h, T, 0.7, E0, loss="nsr")
+        down, _ = ltp_objective_and_grad(W, G, tau - h, T, 0.7, E0, loss="nsr")
+        assert grad == pytest.approx((up - down) / (2 * h), rel=1e-5)
+
+
+def test_fast_evaluation_matches_direct_nsr(monkeypatch):
+    monkeypatch.setattr(ltp, "_CUTOFF", 20.0)
+    weights, grams = problem(7)
+    layers = ltp._Layers(weights, grams, 0.01)
+    layers.loss = "nsr"
+    rng = np.random.default_rng(8)
+    for _ in range(4):
+        tau = np.array([np.quantile(w * w, rng.uniform(0.05, 0.9)) for w in weights])
+        layers.set_temperatures(tau)
+        R, grad = layers.evaluate(tau, 0.8)
+        for j, (W, G) in enumerate(zip(weights, grams)):
+            r, g = ltp_objective_and_grad(W, G, tau[j], layers.T[j], 0.8, layers.E0[j], loss="nsr")
+            assert R[j] == pytest.approx(r, rel=1e-7)
+            assert grad[j] == pytest.approx(g, rel=1e-5)
+
+
+def test_obs_gram_prices_the_error_left_after_refit():
+    """w_i^2 * obs_gram_ii = error of pruning weight i alone and refitting the rest of its row."""
+    from onnxprune.methods.refit import damped_gram, output_error, refit_on_support
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((4, 10))
+    G = gram(rng, 1, 10, n=6)[0]  # rank-deficient: damping keeps every saliency finite
+    O = ltp.obs_gram(G)[0]
+    assert np.allclose(O, np.diag(np.diag(O)))
+    H = damped_gram(G[None], 0.01)[0]
+    for r, i in ((0, 3), (2, 7)):
+        keep = np.ones_like(W, dtype=bool)
+        keep[r, i] = False
+        V = refit_on_support(W, keep, G, damping=0.01)
+        assert output_error(W, V, H) == pytest.approx(W[r, i] ** 2 * O[i, i], rel=1e-8)
+    assert np.array_equal(ltp.obs_gram(np.zeros((2, 3, 3))), np.broadcast_to(np.eye(3), (2, 3, 3)))
+
+
+def test_nsr_spreads_the_error_over_layers():
+    """e / (1 - e) stops one layer from losing most of its signal while the others lose none."""
+    weights, grams = problem(3)
+    target = int(0.8 * sum(w.size for w in weights))
+    worst = []
+    for loss in ("sum", "nsr"):
+        res = learn_thresholds(weights, grams, target, l0="total", loss=loss)
+        errs = []
+        for W, G, z in zip(weights, grams, res.zeros):
+            W3 = W if W.ndim == 3 else W[None]
+            flat = np.abs(W3).ravel()
+            keep = np.zeros(flat.size, bool)
+            keep[np.argsort(flat, kind="stable")[z:]] = True
+            D = W3 * ~keep.reshape(W3.shape)
+            errs.append(np.sum(D * (D @ G)) / np.sum(W3 * (W3 @ G)))
+        worst.append(max(errs))
+    assert worst[1] < worst[0]
+    with pytest.raises(OnnxPruneError):
+        learn_thresholds(weights, grams, target, loss="log")

@@ -8,10 +8,13 @@ from torch.nn.utils import prune
 
 from onnxprune.errors import InfeasibleError, OnnxPruneError
 from onnxprune.methods.magnitude import (
+    apply_cut,
     global_zero_counts,
     keep_mask,
+    layer_cut,
     layer_zero_counts,
     min_threshold_zero_counts,
+    select_smallest,
 )
 
 DTYPES = [np.float16, np.float32, np.float64, ml_dtypes.bfloat16]
@@ -284,3 +287,78 @@ def test_min_threshold_rejects_bad_options():
         min_threshold_zero_counts(w, 0.5, min_keep_percent=100)
     with pytest.raises(OnnxPruneError):
         min_threshold_zero_counts(w, 0.5, variant="greedy")
+
+
+# --- selection strategies and cuts ----------------------------------------------------------
+
+def mixed_arrays(rng, dtypes):
+    arrays = [rng.standard_normal((40, 30)), tie_heavy(rng, (333,), np.float64),
+              rng.standard_normal((7, 3, 3)) * 1e-3, rng.standard_normal(5000) * 0.1]
+    arrays = [a.astype(dt) for a, dt in zip(arrays, dtypes)]
+    arrays[1][:50] = 0
+    return arrays
+
+
+@pytest.mark.parametrize("dtypes", [(np.float32,) * 4, (np.float16,) * 4, (ml_dtypes.bfloat16,) * 4,
+                                    (np.float16, ml_dtypes.bfloat16, np.float32, np.float16),
+                                    (np.float16, np.float64, np.float32, np.float32)])
+def test_every_selection_strategy_gives_the_stable_sort_ranking(dtypes):
+    rng = np.random.default_rng(11)
+    arrays = mixed_arrays(rng, dtypes)
+    total = sum(a.size for a in arrays)
+    for k in (0, 1, 49, 50, 51, total // 2, int(total * 0.9), total - 1, total):
+        expected = reference_global_counts(arrays, k)
+        for strategy in ("gather", "bracket", "radix"):
+            got = select_smallest(arrays, k, chunk_size=97, strategy=strategy)
+            assert got.counts == expected, (strategy, k)
+
+
+def test_bracket_falls_back_when_the_sample_misleads_it(monkeypatch):
+    # a sample that saw only the start of a sorted array brackets the wrong range
+    import onnxprune.methods.magnitude as mag
+    w = [np.sort(np.random.default_rng(3).standard_normal(20000).astype(np.float32) ** 2)]
+    monkeypatch.setattr(mag, "_PIECE", 1)
+    monkeypatch.setattr(mag, "_sample", lambda weights, space: mag._keys(w[0][:1000], space))
+    calls = []
+    original = mag._radix_select
+    monkeypatch.setattr(mag, "_radix_select", lambda *a: calls.append(1) or original(*a))
+    assert select_smallest(w, 15000, strategy="bracket").counts == [15000]
+    assert calls  # the sample bracketed the wrong range, so the exact fallback ran
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuts_from_the_global_ranking_reproduce_it_chunk_by_chunk(dtype):
+    rng = np.random.default_rng(12)
+    arrays = [tie_heavy(rng, (n,), dtype) for n in (500, 77, 1203)]
+    order, owner = stable_prune_order(arrays)
+    total = sum(a.size for a in arrays)
+    for k in (0, 1, 333, 900, total):
+        ranking = select_smallest(arrays, k, chunk_size=50)
+        expected = np.zeros(total, bool)
+        expected[order[:k]] = True
+        pruned = []
+        for i, a in enumerate(arrays):
+            cut = ranking.cut(i, ranking.counts[i], a, chunk_size=50)
+            parts = [apply_cut(a[s:s + 64], cut, s) for s in range(0, a.size, 64)]
+            new = np.concatenate([p[0] for p in parts])
+            keep = keep_mask(a, ranking.counts[i])
+            assert np.array_equal(new[keep].view(np.uint8), a[keep].view(np.uint8))  # exact bits
+            assert not new[~keep].view(np.uint8).any()  # the pruned ones are +0.0
+            assert sum(p[1] for p in parts) == int(np.count_nonzero(a == 0))
+            assert sum(p[2] for p in parts) == int(np.count_nonzero(new == 0))
+            pruned.append(~keep)
+        assert np.array_equal(np.concatenate(pruned), expected)
+
+
+def test_a_cut_outside_the_boundary_is_refused_and_layer_cut_matches_keep_mask():
+    rng = np.random.default_rng(13)
+    arrays = [rng.standard_normal(1000).astype(np.float32) for _ in range(2)]
+    ranking = select_smallest(arrays, 900)
+    assert ranking.cut(0, ranking.counts[0] + 5, arrays[0]) is None
+    for n_zero in (0, 1, 517, 1000):
+        cut = layer_cut(arrays[0], n_zero)
+        new, _, after = apply_cut(arrays[0], cut)
+        assert after == n_zero
+        np.testing.assert_array_equal(new != 0, keep_mask(arrays[0], n_zero))
+    with pytest.raises(ValueError):
+        layer_cut(arrays[0], 1001)

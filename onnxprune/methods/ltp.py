@@ -64,8 +64,51 @@ _LOG_LAM_RANGE = (math.log(1e-8), math.log(1e8))
 _MAX_PROBES = 12
 _COUNT_TOLERANCE = 2e-3  # the search stops within this fraction of all weights of the target
 _LOG_LAM_WIDTH = 0.02  # ... or when lambda is pinned to 2 % (the count can jump there)
+_MIN_KEPT_SIGNAL = 1e-3  # nsr: 1 - e floored here (e can reach 1: all pruned)
 _PAIR_CHUNK = 1 << 21  # row pairs handled at a time (bounds memory)
 _PAIR_COST = 1000.0  # an explicit row pair costs about this many multiply-adds of a dense product
+
+
+LOSSES = ("sum", "nsr")
+
+
+def _chain(e, loss: str):
+    """A layer's error term as a function of its relative error e (array), and d/de.
+
+    "sum": e itself (ALGORITHMS.md). "nsr" (ours): e / (1 - e), the layer's noise-to-signal
+    ratio if the pruned output is seen as the part of the signal that survived (1 - e) plus an
+    error of e. Through a chain of layers that each add an error, it is the noise-to-signal
+    ratios that add up (the first-order cascade rule), not the errors: e / (1 - e) equals e for
+    small errors but grows without bound as a layer loses all its signal, so the sum no
+    longer lets one layer lose most of it because the others lose nothing.
+    """
+    e = np.asarray(e, dtype=np.float64)
+    if loss == "sum":
+        return e, np.ones_like(e)
+    r = np.clip(1.0 - e, _MIN_KEPT_SIGNAL, None)
+    return e / r, 1.0 / (r * r)
+
+
+def obs_gram(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
+    """Diagonal metric diag(1 / [H^-1]_ii) per block, H = G + damping * mean(diag G) * I.
+
+    w_i^2 / [H^-1]_ii is the Optimal-Brain-Surgeon saliency: the output error of pruning weight
+    i after the other weights of its row were re-fitted by least squares (what --refit does,
+    with the same damping). In place of G it makes R price each pruned weight at its error
+    after compensation, not at its error when merely masked (pairs are ignored).
+    An all-zero block (no calibration signal) becomes the identity, as in the refit.
+    """
+    g = _as_stack("gram", gram)
+    d = g.shape[-1]
+    mean_diag = np.einsum("kii->k", g) / max(d, 1)
+    out = np.zeros_like(g)
+    for b in range(len(g)):
+        if not mean_diag[b] > 0:
+            out[b] = np.eye(d)
+            continue
+        H = g[b] + damping * mean_diag[b] * np.eye(d)
+        out[b] = np.diag(1.0 / np.diag(np.linalg.inv(H)))
+    return out
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -87,19 +130,23 @@ def _as_stack(name: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
-def ltp_objective_and_grad(W, G, tau: float, T: float, lam: float, E0: float) -> tuple[float, float]:
+def ltp_objective_and_grad(W, G, tau: float, T: float, lam: float, E0: float,
+                           loss: str = "sum") -> tuple[float, float]:
     """R(tau) and dR/dtau for one layer (W (k, d_out, d_in), G (k, d_in, d_in); 2-D = one block).
 
-    dR/dV = 2 (V - W) G / E0;  dR/dtau = sum((dR/dV * w + lam / n) * dm/dtau),  dm/dtau = -m(1-m)/T.
+    With e = trace((V - W) G (V - W)^T) / E0 and R = phi(e) + lam * sum(m) / n (phi: _chain):
+    de/dV = 2 (V - W) G / E0;  dR/dtau = sum((phi'(e) de/dV * w + lam / n) * dm/dtau),
+    dm/dtau = -m(1-m)/T.
     """
     W3, G3 = _as_stack("W", W), _as_stack("G", G)
     n = W3.size
     m = soft_mask(W3, tau, T)
     D = W3 * (m - 1.0)  # V - W
     DG = D @ G3
-    R = float(np.sum(D * DG) / E0 + lam * m.sum() / n)
+    err, slope = _chain(np.sum(D * DG) / E0, loss)
+    R = float(err + lam * m.sum() / n)
     dm_dtau = -m * (1.0 - m) / T
-    grad = float(np.sum((2.0 * DG / E0 * W3 + lam / n) * dm_dtau))
+    grad = float(np.sum((2.0 * float(slope) * DG / E0 * W3 + lam / n) * dm_dtau))
     return R, grad
 
 
@@ -315,6 +362,12 @@ class _Layers:
             base = self.Hc[h + v]
 
     # -- the soft objective ----------------------------------------------------------------
+    loss = "sum"  # see LOSSES
+
+    def chain(self, e):
+        """The layer's error term for relative errors e, and its slope (see _chain)."""
+        return _chain(e, self.loss)
+
     def set_temperatures(self, tau):
         """T = max(T0 Var(|w|), w^2 span of the _MIN_SOFT weights nearest tau / 4) per layer.
 
@@ -360,10 +413,13 @@ class _Layers:
         below = self.Q[idx] - S1  # interaction with the weights below the band (all pruned)
         DG = S2 - below  # ((V - W) G) at the band weights
         dm = -m * (1.0 - m) / Tb
-        grad = _sums(lay, (2.0 * DG * w / self.E0[lay] + lam / self.l0_norm[lay]) * dm, self.L)
+        g_err = _sums(lay, 2.0 * DG * w * dm, self.L) / self.E0
+        g_l0 = _sums(lay, dm, self.L) * (lam / self.l0_norm)
         recon = self.Hc[self.hoff + (lo - self.start)] + _sums(lay, D * (S2 - 2.0 * below), self.L)
         kept = (self.start + self.n - hi) + _sums(lay, m, self.L)
-        R = recon / self.E0 + lam * kept / self.l0_norm
+        err, slope = self.chain(recon / self.E0)
+        grad = slope * g_err + g_l0
+        R = err + lam * kept / self.l0_norm
         R[self.frozen] = 0.0
         grad[self.frozen] = 0.0
         return R, grad
@@ -378,7 +434,7 @@ class _Layers:
             if self.frozen[j] or n == 0:
                 continue
             c = self.knots[j].astype(np.float64)
-            o = self.knot_error[j] + lam * (n - c) / self.l0_norm[j]
+            o = self.chain(self.knot_error[j])[0] + lam * (n - c) / self.l0_norm[j]
             i = int(np.argmin(o))
             best = c[i]
             if 0 < i < len(c) - 1:
@@ -544,6 +600,7 @@ def learn_thresholds(
     trail: list[int] | None = None,
     history: list | None = None,
     l0: str = "layer",
+    loss: str = "sum",
 ) -> LTPResult:
     """Learn one threshold per layer; return exact per-layer zero counts summing to target_zeros.
 
@@ -556,7 +613,9 @@ def learn_thresholds(
     result is its level, and `.levels` holds them all. `history`, if a list, receives one dict
     per probe (target, lam, hard_zeros, objective = final R). `l0`: "layer" divides each
     layer's soft count by its size, as in ALGORITHMS.md; "total" (ours) by the number of all
-    weights, so lambda prices every weight the same and the budget is a total count.
+    weights, so lambda prices every weight the same and the budget is a total count. `loss`:
+    how a layer's relative error e enters R: "sum" (e, ALGORITHMS.md) or "nsr" (ours,
+    e / (1 - e): see _chain).
     """
     del seed  # deterministic: no random choices are made
     if len(weights) != len(grams):
@@ -565,7 +624,10 @@ def learn_thresholds(
         raise OnnxPruneError(f"LTP needs T0 > 0, lr > 0 and steps >= 1 (got {T0}, {lr}, {steps})")
     if trail is not None and list(trail) != sorted(set(int(t) for t in trail)):
         raise OnnxPruneError("the trail must list strictly increasing zero counts")
+    if loss not in LOSSES:
+        raise OnnxPruneError(f"unknown LTP loss {loss!r} ({' or '.join(LOSSES)})")
     layers = _Layers(weights, grams, T0)
+    layers.loss = loss
     if l0 == "total":
         layers.l0_norm[:] = max(int(layers.n.sum()), 1)
     elif l0 != "layer":
