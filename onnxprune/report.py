@@ -92,7 +92,9 @@ class PruneReport:
             c = self.calibration
             lines.append(f"calibration: {c.get('samples')} samples{' (RANDOM, as asked)' if c.get('random') else ''} "
                          f"on {c.get('provider')}, {c.get('seconds', 0):.1f} s")
-        if self.verification:
+        if self.verification and self.verification.get("provider") is None:
+            lines.append(f"verification: {self.verification['note']}")
+        elif self.verification:
             v = self.verification
             diffs = ", ".join(f"{k} {x:.3g}" for k, x in v.get("max_abs_diff", {}).items())
             lines.append(f"verified in onnxruntime ({v.get('provider')}): "

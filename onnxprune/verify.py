@@ -29,15 +29,21 @@ def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None 
 def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     """Run both models (paths, or bytes under 2 GB) on one synthetic batch.
 
-    Raises OnnxPruneError when the candidate does not load or run. When the reference itself
-    cannot run here, the candidate is still run and no difference is reported.
+    Raises OnnxPruneError when the candidate does not load or run although the reference does.
+    When the reference cannot run here either (an operator or type this onnxruntime build
+    lacks, e.g. bfloat16 MatMul on CPU), nothing is compared and the result says why.
     """
-    session = make_session(candidate, device, light=True)
-    feeds = synthetic_inputs(session, dims)
     try:
+        session = make_session(candidate, device, light=True)
+        feeds = synthetic_inputs(session, dims)
         outputs = session.run(None, feeds)
     except Exception as e:
-        raise OnnxPruneError(f"the pruned model does not run in onnxruntime: {_first_line(e)}") from None
+        reason = _first_line(e).removeprefix("onnxruntime cannot load the model: ")
+        input_fails = _fails(reference, device, dims)
+        if input_fails:
+            return {"provider": None, "max_abs_diff": {}, "note": "not run in onnxruntime: the "
+                    f"input model does not run here either ({input_fails})"}
+        raise OnnxPruneError(f"the pruned model does not run in onnxruntime: {reason}") from None
     result = {"provider": provider_name(session), "max_abs_diff": {}, "note": None}
     names = [o.name for o in session.get_outputs()]
     del session  # one model in onnxruntime at a time
@@ -52,6 +58,16 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
             diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
             result["max_abs_diff"][name] = float(np.nanmax(diff))
     return result
+
+
+def _fails(model, device, dims) -> str | None:
+    """Why `model` does not load or run on synthetic inputs here, or None when it does."""
+    try:
+        session = make_session(model, device, light=True)
+        session.run(None, synthetic_inputs(session, dims))
+    except Exception as e:
+        return _first_line(e).removeprefix("onnxruntime cannot load the model: ")
+    return None
 
 
 def _first_line(e: Exception) -> str:

@@ -302,3 +302,21 @@ def test_pages_read_through_the_map_can_be_dropped(tmp_path):
     drop_resident_pages()
     assert touched - rss > size / 2 and psutil.Process().memory_info().rss < touched - size / 2
     np.testing.assert_array_equal(mapped[:5], 1)  # still readable
+
+
+def test_a_model_onnxruntime_cannot_run_is_pruned_with_a_note(tmp_path):
+    # onnxruntime's CPU build has no bfloat16 MatMul: neither the input nor the output runs
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(ml_dtypes.bfloat16)
+    init = numpy_helper.from_array(w.view(np.uint16), "w")
+    init.data_type = TensorProto.BFLOAT16
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [1, 8])], [init])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = prune(model, 0.5, output=tmp_path / "out.onnx")
+    assert "input model does not run here either" in result.report.verification["note"]
+    assert "verification: not run in onnxruntime" in result.report.format()
+    assert (tmp_path / "out.onnx").exists()
