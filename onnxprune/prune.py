@@ -15,7 +15,8 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from . import budget, graph, modelio, solve, storage
-from .calibration.collect import calibratable, collect_statistics
+from .calibration.collect import (GroupedStatistics, accumulator_bytes, calibratable,
+                                  calibration_groups, collect_statistics, open_session)
 from .calibration.source import load_calibration
 from .errors import OnnxPruneError
 from .methods import magnitude
@@ -89,13 +90,31 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     if method in CALIBRATED_METHODS or refit:
         clock = time.perf_counter()
         calib_set = load_calibration(calib, loaded.model, calib_samples, seed)
-        if not sequential:
-            stats, calibration = collect_statistics(
-                loaded.model, layers, calib_set.batches(batch_size), row_cap=_row_caps(layers, method, row_cap),
+        caps = _row_caps(layers, method, row_cap)
+
+        def collect(group, session=None):
+            return collect_statistics(
+                loaded.model, group, calib_set.batches(batch_size), row_cap=caps,
                 max_positions=max_positions, device=device, external_data=loaded.external_data,
-                seed=seed, progress=progress)
-        else:
+                seed=seed, progress=progress, session=session)
+
+        groups = calibration_groups(layers, caps, max_memory)
+        if sequential:
             calibration = {"samples": calib_set.size, "provider": None, "sequential": True}
+        elif len(groups) <= 1:
+            stats, calibration = collect(layers)
+        elif method == "ltp":
+            need = sum(accumulator_bytes(layer, caps.get(layer.name, 0)) for g in groups for layer in g)
+            raise OnnxPruneError(
+                f"ltp learns every layer at once and needs all their statistics together "
+                f"({budget.describe(need)}, over --max-memory {budget.describe(max_memory)}): raise "
+                "--max-memory, or use dc / --refit, which calibrate layer groups in several passes")
+        else:  # one pass over the calibration data per group of layers that fits the budget
+            # one session over the dense model: every pass sees it, not what is written later
+            session = open_session(loaded.model, layers, device, loaded.external_data)
+            stats = GroupedStatistics(groups, lambda group: collect(group, session))
+            calibration = stats.info
+            calibration["samples"] = calib_set.size
         calibration["random"] = calib_set.random
         timings["calibrate"] = time.perf_counter() - clock
 

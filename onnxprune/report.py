@@ -91,7 +91,9 @@ class PruneReport:
         if self.calibration:
             c = self.calibration
             lines.append(f"calibration: {c.get('samples')} samples{' (RANDOM, as asked)' if c.get('random') else ''} "
-                         f"on {c.get('provider')}, {c.get('seconds', 0):.1f} s")
+                         f"on {c.get('provider')}, {c.get('seconds', 0):.1f} s"
+                         + (f" in {c['passes']} passes (layer groups within --max-memory)"
+                            if c.get("groups", 1) > 1 else ""))
         if self.verification and self.verification.get("provider") is None:
             lines.append(f"verification: {self.verification['note']}")
         elif self.verification:

@@ -141,3 +141,22 @@ def test_dc_on_the_animal_cnn_beats_magnitude(tmp_path):
               output=out, verify=False)
         accuracy[method] = evaluate(out, test, progress=False)["accuracy"]
     assert accuracy["dc"] > accuracy["global-mt"] + 0.15, accuracy
+
+
+def test_statistics_over_the_budget_are_collected_in_groups_with_the_same_result():
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    with np.load(MODELS / "digits_calib.npz") as z:
+        data = {"input": z["input"][:64]}
+    whole = prune(model, 0.8, method="dc", calib=data, verify=False)
+    for method, refit in (("dc", False), ("global-mt", True)):
+        one = prune(model, 0.8, method=method, refit=refit, calib=data, verify=False)
+        split = prune(model, 0.8, method=method, refit=refit, calib=data, verify=False,
+                      max_memory=20_000)  # below the largest layer's statistics: one group each
+        layers = [r for r in split.report.layers]
+        assert split.report.calibration["passes"] == split.report.calibration["groups"] == len(layers)
+        assert "passes (layer groups" in split.report.format()
+        for a, b in zip(one.model.graph.initializer, split.model.graph.initializer):
+            assert a.raw_data == b.raw_data, a.name  # the same statistics, so the same weights
+    assert whole.report.calibration.get("groups") is None
+    with pytest.raises(OnnxPruneError, match="ltp learns every layer at once"):
+        prune(model, 0.8, method="ltp", calib=data, max_memory=20_000)

@@ -56,6 +56,13 @@ class LayerStats:
             self._keys = np.empty(row_cap, dtype=np.uint64)
             self._index = np.empty(row_cap, dtype=np.int64)
 
+    @staticmethod
+    def nbytes(blocks: int, d_in: int, *, gram: bool = True, row_cap: int = 0) -> int:
+        """Most memory a LayerStats of these sizes holds (its rows waiting for the Gram too)."""
+        waiting = min(512 * d_in * blocks, (1 << 22) + d_in * blocks) * 8 if gram else 0
+        return (8 * blocks * d_in * (1 + (d_in if gram else 1)) + waiting
+                + row_cap * (4 * blocks * d_in + 16))
+
     def add_batch(self, rows: np.ndarray) -> None:
         """Fold rows (k, n, d_in) into the statistics."""
         rows = np.asarray(rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,44 +31,112 @@ def calibratable(layer: Layer) -> bool:
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                        gram: bool = True, row_cap: dict[str, int] | None = None, max_positions: int | None = None,
                        device: str = "auto", external_data: bool = False, seed: int = 0,
-                       progress: bool = False) -> tuple[dict[str, LayerStats], dict]:
+                       progress: bool = False, session=None) -> tuple[dict[str, LayerStats], dict]:
     """Statistics of each calibratable layer's input; `batches` yields {input name: array}.
 
     row_cap: {layer name: rows to sample} for the layers whose method needs raw rows.
+    session: one from open_session over these layers or more (else one is opened and closed).
 
     Returns ({layer name: LayerStats}, {samples, batches, provider, seconds}).
     """
+    if session is None:
+        with _session_with_outputs(model, _wanted(model, layers), device, external_data) as session:
+            return collect_statistics(model, layers, batches, gram=gram, row_cap=row_cap,
+                                      max_positions=max_positions, seed=seed, progress=progress,
+                                      session=session)
     start = time.perf_counter()
     layers = [layer for layer in layers if calibratable(layer)]
-    graph_inputs = {i.name for i in model.graph.input}
-    wanted = list(dict.fromkeys(layer.input_name for layer in layers
-                                if layer.input_name not in graph_inputs))
-    shapes = {layer.name: layer.shape if layer.index is None else layer.index.shape
-              for layer in layers}  # the operand's shape, without reading the weights
+    wanted = _wanted(model, layers)
+    shapes = {layer.name: _operand_shape(layer) for layer in layers}  # weights are not read
     stats: dict[str, LayerStats] = {}
-    rngs = {layer.name: np.random.default_rng([seed, i]) for i, layer in enumerate(layers)}
+    # keyed by name, so a layer sees the same positions whichever group it is collected in
+    rngs = {layer.name: np.random.default_rng([seed, zlib.crc32(layer.name.encode())])
+            for layer in layers}
     samples = n_batches = 0
-    with _session_with_outputs(model, wanted, device, external_data) as session:
-        for feeds in _progress(batches, progress):
-            values = dict(zip(wanted, session.run(wanted, feeds))) if wanted else {}
-            values.update(feeds)
-            for layer in layers:
-                rows = layout.input_rows(values[layer.input_name], layer.op, layer.attrs,
-                                         shapes[layer.name], layer.weight_side,
-                                         max_positions=max_positions, rng=rngs[layer.name])
-                if layer.name not in stats:
-                    stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2], gram=gram,
-                                                   row_cap=(row_cap or {}).get(layer.name, 0),
-                                                   seed=seed)
-                stats[layer.name].add_batch(rows)
-            samples += len(next(iter(feeds.values())))
-            n_batches += 1
-        provider = provider_name(session)
+    for feeds in _progress(batches, progress):
+        values = dict(zip(wanted, session.run(wanted, feeds))) if wanted else {}
+        values.update(feeds)
+        for layer in layers:
+            rows = layout.input_rows(values[layer.input_name], layer.op, layer.attrs,
+                                     shapes[layer.name], layer.weight_side,
+                                     max_positions=max_positions, rng=rngs[layer.name])
+            if layer.name not in stats:
+                stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2], gram=gram,
+                                               row_cap=(row_cap or {}).get(layer.name, 0),
+                                               seed=seed)
+            stats[layer.name].add_batch(rows)
+        samples += len(next(iter(feeds.values())))
+        n_batches += 1
+    provider = provider_name(session)
     if samples == 0:
         raise OnnxPruneError("the calibration data holds no samples")
     info = {"samples": samples, "batches": n_batches, "provider": provider,
             "seconds": time.perf_counter() - start}
     return stats, info
+
+
+def open_session(model: onnx.ModelProto, layers: list[Layer], device: str = "auto",
+                 external_data: bool = False):
+    """One onnxruntime session whose extra outputs are the inputs of all `layers`: several
+    passes (layer groups) then all see the model as it is now, whatever is written later."""
+    with _session_with_outputs(model, _wanted(model, layers), device, external_data) as session:
+        return session  # onnxruntime holds its own copy of the weights from here on
+
+
+def _wanted(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
+    graph_inputs = {i.name for i in model.graph.input}
+    return list(dict.fromkeys(layer.input_name for layer in layers
+                              if calibratable(layer) and layer.input_name not in graph_inputs))
+
+
+def accumulator_bytes(layer: Layer, row_cap: int = 0) -> int:
+    """Memory the statistics of a calibratable layer will hold."""
+    k, _, d_in = layout.block_shape(_operand_shape(layer), layer.op, layer.attrs, layer.weight_side)
+    return LayerStats.nbytes(k, d_in, row_cap=row_cap)
+
+
+def calibration_groups(layers: list[Layer], row_cap: dict[str, int], budget: int) -> list[list[Layer]]:
+    """The calibratable layers, in order, cut into runs whose statistics fit `budget` together
+    (one pass over the calibration data each; a layer over the budget alone is a run)."""
+    groups, used = [], 0
+    for layer in filter(calibratable, layers):
+        need = accumulator_bytes(layer, row_cap.get(layer.name, 0))
+        if not groups or used + need > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(layer)
+        used += need
+    return groups
+
+
+class GroupedStatistics:
+    """Statistics collected one group of layers at a time, on first use: `collect(group)` makes
+    one pass over the calibration data; the previous group's statistics are dropped then, so
+    memory holds one group. Layers are asked for in graph order, so each group is collected
+    once per level. `info` sums the passes."""
+
+    def __init__(self, groups: list[list[Layer]], collect):
+        self.groups, self.collect = groups, collect
+        self.group_of = {layer.name: i for i, group in enumerate(groups) for layer in group}
+        self.current, self.stats = None, {}
+        self.info = {"passes": 0, "groups": len(groups), "seconds": 0.0, "provider": None}
+
+    def get(self, name: str) -> LayerStats | None:
+        i = self.group_of.get(name)
+        if i is None:
+            return None
+        if i != self.current:
+            self.stats = {}  # dropped before the next group's statistics are gathered
+            self.stats, info = self.collect(self.groups[i])
+            self.current = i
+            self.info.update(samples=info["samples"], batches=info["batches"],
+                             provider=info["provider"], passes=self.info["passes"] + 1,
+                             seconds=self.info["seconds"] + info["seconds"])
+        return self.stats.get(name)
+
+
+def _operand_shape(layer: Layer) -> tuple:
+    return layer.shape if layer.index is None else layer.index.shape
 
 
 class _session_with_outputs:

@@ -363,10 +363,16 @@ class _Layers:
 
     # -- the soft objective ----------------------------------------------------------------
     loss = "sum"  # see LOSSES
+    importance = None  # per-layer weight of the error term (None: all 1)
 
-    def chain(self, e):
-        """The layer's error term for relative errors e, and its slope (see _chain)."""
-        return _chain(e, self.loss)
+    def chain(self, e, j=None):
+        """The error terms for relative errors e (all layers, or layer j), and their slopes:
+        _chain times the layers' importance."""
+        err, slope = _chain(e, self.loss)
+        if self.importance is None:
+            return err, slope
+        a = self.importance if j is None else self.importance[j]
+        return a * err, a * slope
 
     def set_temperatures(self, tau):
         """T = max(T0 Var(|w|), w^2 span of the _MIN_SOFT weights nearest tau / 4) per layer.
@@ -434,7 +440,7 @@ class _Layers:
             if self.frozen[j] or n == 0:
                 continue
             c = self.knots[j].astype(np.float64)
-            o = self.chain(self.knot_error[j])[0] + lam * (n - c) / self.l0_norm[j]
+            o = self.chain(self.knot_error[j], j)[0] + lam * (n - c) / self.l0_norm[j]
             i = int(np.argmin(o))
             best = c[i]
             if 0 < i < len(c) - 1:
@@ -601,6 +607,7 @@ def learn_thresholds(
     history: list | None = None,
     l0: str = "layer",
     loss: str = "sum",
+    importance=None,
 ) -> LTPResult:
     """Learn one threshold per layer; return exact per-layer zero counts summing to target_zeros.
 
@@ -615,7 +622,8 @@ def learn_thresholds(
     layer's soft count by its size, as in ALGORITHMS.md; "total" (ours) by the number of all
     weights, so lambda prices every weight the same and the budget is a total count. `loss`:
     how a layer's relative error e enters R: "sum" (e, ALGORITHMS.md) or "nsr" (ours,
-    e / (1 - e): see _chain).
+    e / (1 - e): see _chain). `importance`: one positive weight per layer multiplying its error
+    term (default 1): how much a unit of the layer's error costs at the network output.
     """
     del seed  # deterministic: no random choices are made
     if len(weights) != len(grams):
@@ -628,6 +636,11 @@ def learn_thresholds(
         raise OnnxPruneError(f"unknown LTP loss {loss!r} ({' or '.join(LOSSES)})")
     layers = _Layers(weights, grams, T0)
     layers.loss = loss
+    if importance is not None:
+        a = np.asarray(importance, dtype=np.float64)
+        if a.shape != (len(weights),) or not np.all(np.isfinite(a) & (a > 0)):
+            raise OnnxPruneError(f"importance needs one positive weight per layer ({len(weights)})")
+        layers.importance = a
     if l0 == "total":
         layers.l0_norm[:] = max(int(layers.n.sum()), 1)
     elif l0 != "layer":
