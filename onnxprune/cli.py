@@ -116,8 +116,9 @@ def _parse_dims(values) -> dict[str, int]:
 @click.option("--max-memory", default="1G", show_default=True, metavar="SIZE",
               help="Memory budget for models with external data (e.g. 512M, 4G): pruning streams "
                    "the weights and needs this plus about 4-5x the largest tensor; the output is "
-                   "run in onnxruntime only if its weights fit, and sparse tensors (stored "
-                   "inline) are limited to it.")
+                   "run in onnxruntime only if its weights fit, sparse tensors (stored inline) "
+                   "are limited to it, and calibration statistics larger than it are collected "
+                   "in several passes, one group of layers at a time.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
