@@ -1,9 +1,10 @@
 """The memory budget (--max-memory) and the decisions it drives.
 
-Pruning a model with external data needs about four to five times its largest tensor (the
-tensor, its magnitude keys and the new values), whatever the model's size. What would need the
-whole model in memory is done only when the model's weights fit the budget: running it in
-onnxruntime to verify it, and keeping its sparse tensors inline (see storage).
+The data-free methods stream a model with external data in fixed-size chunks, so their memory
+does not depend on the model or its tensors. What would need more is done only when it fits
+the budget: running the whole model in onnxruntime to verify it, keeping its sparse tensors
+inline (see storage), and holding every layer's calibration statistics at once (otherwise they
+are collected in several passes, see calibration.collect.calibration_groups).
 """
 from __future__ import annotations
 

@@ -114,8 +114,8 @@ def _parse_dims(values) -> dict[str, int]:
               help="onnxruntime execution provider: cuda when onnxruntime-gpu and a GPU are "
                    "present (auto), else cpu; the report says which ran.")
 @click.option("--max-memory", default="1G", show_default=True, metavar="SIZE",
-              help="Memory budget for models with external data (e.g. 512M, 4G): pruning streams "
-                   "the weights and needs this plus about 4-5x the largest tensor; the output is "
+              help="Memory budget (e.g. 512M, 4G). Data-free methods stream weights stored as "
+                   "external data in small chunks whatever this is; the output is "
                    "run in onnxruntime only if its weights fit, sparse tensors (stored inline) "
                    "are limited to it, and calibration statistics larger than it are collected "
                    "in several passes, one group of layers at a time.")
