@@ -320,3 +320,18 @@ def test_a_model_onnxruntime_cannot_run_is_pruned_with_a_note(tmp_path):
     assert "input model does not run here either" in result.report.verification["note"]
     assert "verification: not run in onnxruntime" in result.report.format()
     assert (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("method", ["layer", "global", "global-mt"])
+def test_streamed_chunks_with_ties_across_them_equal_the_in_memory_path(tmp_path, monkeypatch, method):
+    # chunks of 100 weights (tensors of 4,096): cuts, ties and threads cross chunk boundaries
+    monkeypatch.setattr(magnitude, "CHUNK", 100)
+    model = stack(n_layers=3, width=64, ties=True)
+    src = save_external(model, tmp_path / "in.onnx")
+    got = prune(src, 0.6, method=method, output=tmp_path / "out.onnx", min_keep=1, verify=False)
+    ref = prune(model, 0.6, method=method, min_keep=1, verify=False)
+    dense, _ = tensors(tmp_path / "out.onnx")
+    for t in ref.model.graph.initializer:
+        assert_bitwise_equal(dense[t.name], numpy_helper.to_array(t))
+    assert [(r.zeros_before, r.zeros_after) for r in got.report.layers] == \
+        [(r.zeros_before, r.zeros_after) for r in ref.report.layers]
