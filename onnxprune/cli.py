@@ -91,10 +91,11 @@ def _parse_dims(values) -> dict[str, int]:
                    "sorted by class should be shuffled first.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Samples per onnxruntime run during calibration.")
-@click.option("--allocation", type=click.Choice(["global-mt", "uniform"]), default="global-mt",
+@click.option("--allocation", type=click.Choice(["global-mt", "uniform", "ltp"]), default="global-mt",
               show_default=True,
-              help="dc: how many weights each layer keeps: the global-mt allocation, or the "
-                   "same fraction in every layer.")
+              help="dc: how many weights each layer keeps: the global-mt allocation, the "
+                   "same fraction in every layer, or the per-layer budgets ltp learns (then DC "
+                   "solves each layer within them).")
 @click.option("--refit", is_flag=True,
               help="After choosing which weights to keep, refit them by least squares so each "
                    "layer reproduces its dense output on the calibration data (needs --calib).")

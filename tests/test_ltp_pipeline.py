@@ -77,3 +77,18 @@ def test_refit_and_ltp_on_the_animal_cnn(tmp_path):
         accuracy[name] = evaluate(out, test, progress=False)["accuracy"]
     assert accuracy["global-mt+refit"] > accuracy["global-mt"] + 0.2, accuracy
     assert accuracy["ltp+refit"] > accuracy["global-mt"] + 0.2, accuracy
+
+
+def test_dc_within_the_learned_allocation(tmp_path):
+    data = {"input": np.random.default_rng(4).standard_normal((128, 20)).astype(np.float32)}
+    model = builders.mlp_gemm()
+    learned = prune(model, [0.6, 0.8], method="ltp", calib=data, verify=False)
+    solved = prune(model, [0.6, 0.8], method="dc", allocation="ltp", calib=data, verify=False)
+    mt = prune(model, [0.6, 0.8], method="dc", calib=data, verify=False)
+    for a, b, c in zip(learned, solved, mt):
+        counts = [row.zeros_after for row in b.report.layers]
+        assert counts == [row.zeros_after for row in a.report.layers]  # LTP's budgets, exactly
+        assert counts != [row.zeros_after for row in c.report.layers]  # not global-mt's
+        assert b.report.ltp["objective"] and all(row.note for row in b.report.layers)
+    result = CliRunner().invoke(main, ["prune", "--help"])
+    assert "ltp learns" in " ".join(result.output.split())

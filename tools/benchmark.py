@@ -47,7 +47,7 @@ DEFAULT_SKIP = ("minilm:onnxsim-sparsegpt",)
 SKIP_REASON = ("left out by default: each level takes tens of minutes on a 2-core machine; "
                "`--skip none` runs them")
 # Pairs run at fewer levels by default, to keep the whole run under about half an hour.
-DEFAULT_ONLY_AT = ("animal_cnn:onnxsim-sparsegpt@0.9", "minilm:dc@0.5/0.7")
+DEFAULT_ONLY_AT = ("animal_cnn:onnxsim-sparsegpt@0.9", "minilm:dc@0.5/0.7", "minilm:dc+ltp@0.5/0.7")
 ONLY_AT_REASON = ("by default only at these levels: each level takes minutes (see its s / level); "
                   "`--only-at none` runs every level")
 LAYER_STUDY = ("animal_resnet", 0.95)  # the model whose layers are pruned one at a time
@@ -101,13 +101,16 @@ def onnxprune_methods() -> list[str]:
         methods.append(REFIT_VARIANT)
         if "ltp" in methods:  # LTP learns the allocation; its acceptance is with the refit
             methods.append("ltp+refit")
+    if "ltp" in getattr(api, "ALLOCATIONS", ()):
+        methods.append("dc+ltp")  # DC's per-layer solve within LTP's learned allocation
     return methods
 
 
 def split_method(method: str) -> tuple[str, dict]:
-    """'global-mt+refit' -> ('global-mt', {'refit': True})."""
+    """'global-mt+refit' -> ('global-mt', {'refit': True}); 'dc+ltp' -> ('dc', {'allocation': 'ltp'})."""
     base, _, variant = method.partition("+")
-    return base, ({"refit": True} if variant == "refit" else {})
+    return base, ({"refit": True} if variant == "refit" else
+                  {"allocation": variant} if variant else {})
 
 
 def calib_subset(files: ModelFiles, n: int) -> dict[str, np.ndarray]:
