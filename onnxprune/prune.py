@@ -86,36 +86,13 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
               if layer.bias is not None}
     timings["load"] = time.perf_counter() - clock
 
-    stats, calibration = {}, None
+    stats, calibration, calib_set = {}, None, None
+    options = CalibrationOptions(batch_size, row_cap, max_positions, device, seed, progress)
     if method in CALIBRATED_METHODS or refit:
         clock = time.perf_counter()
         calib_set = load_calibration(calib, loaded.model, calib_samples, seed)
-        caps = _row_caps(layers, method, row_cap)
-
-        def collect(group, session=None):
-            return collect_statistics(
-                loaded.model, group, calib_set.batches(batch_size), row_cap=caps,
-                max_positions=max_positions, device=device, external_data=loaded.external_data,
-                seed=seed, progress=progress, session=session)
-
-        groups = calibration_groups(layers, caps, max_memory)
-        if sequential:
-            calibration = {"samples": calib_set.size, "provider": None, "sequential": True}
-        elif len(groups) <= 1:
-            stats, calibration = collect(layers)
-        elif method == "ltp" or allocation == "ltp":
-            need = sum(accumulator_bytes(layer, caps.get(layer.name, 0)) for g in groups for layer in g)
-            raise OnnxPruneError(
-                f"ltp learns every layer at once and needs all their statistics together "
-                f"({budget.describe(need)}, over --max-memory {budget.describe(max_memory)}): raise "
-                "--max-memory, or use dc / --refit, which calibrate layer groups in several passes")
-        else:  # one pass over the calibration data per group of layers that fits the budget
-            # one session over the dense model: every pass sees it, not what is written later
-            session = open_session(loaded.model, layers, device, loaded.external_data)
-            stats = GroupedStatistics(groups, lambda group: collect(group, session))
-            calibration = stats.info
-            calibration["samples"] = calib_set.size
-        calibration["random"] = calib_set.random
+        stats, calibration = _calibrate(loaded, layers, calib_set, method, allocation, sequential,
+                                        options, max_memory)
         timings["calibrate"] = time.perf_counter() - clock
 
     # A single level moves the weights out of the proto (each goes back, or straight into the
@@ -146,9 +123,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                                and not sequential and not loaded.external_data)
         rows, notes = _apply_level(
             loaded, layers, dense, biases, counts, ranking, method, stats, refit,
-            sequential and (method == "dc" or refit), calib_set if sequential else None,
-            dict(batch_size=batch_size, row_cap=row_cap, max_positions=max_positions,
-                 device=device, seed=seed), progress, calibration, detach)
+            calib_set if sequential and (method == "dc" or refit) else None, options,
+            calibration, detach)
         level_timings["prune"] = time.perf_counter() - clock
         report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
                              skipped=[vars(x) for x in skipped], timings=level_timings,
@@ -160,23 +136,25 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     return results if trail else results[0]
 
 
-def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, refit, sequential,
-                 calib_set, calib_options, progress, calibration, detached):
+def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, refit,
+                 sequential_set, options, calibration, detached):
     """Write this level's weights (and refitted biases) into the loaded model's tensors.
 
-    `ranking`: the level's global magnitude ranking (it gives each layer's cut) or None.
-    Returns the report rows and notes."""
+    `ranking`: the level's global magnitude ranking (it gives each layer's cut) or None;
+    `sequential_set`: the calibration set when each layer's statistics must come from the
+    model as pruned so far (--sequential), else None. Returns the report rows and notes."""
+    sequential = sequential_set is not None
     rows, notes, fallback = [], [], []
-    for i, (layer, n_zero) in enumerate(zip(_progress(layers, progress, "pruning"), counts)):
+    for i, (layer, n_zero) in enumerate(zip(_progress(layers, options.progress, "pruning"), counts)):
         array = dense[i]
         layer_stats = stats.get(layer.name)
         if sequential and calibratable(layer):
             # statistics from the model as pruned so far (earlier layers already written)
             one, info = collect_statistics(
-                loaded.model, [layer], calib_set.batches(calib_options["batch_size"]),
-                row_cap=_row_caps([layer], method, calib_options["row_cap"]),
-                max_positions=calib_options["max_positions"], device=calib_options["device"],
-                external_data=loaded.external_data, seed=calib_options["seed"])
+                loaded.model, [layer], sequential_set.batches(options.batch_size),
+                row_cap=_row_caps([layer], method, options.row_cap),
+                max_positions=options.max_positions, device=options.device,
+                external_data=loaded.external_data, seed=options.seed)
             layer_stats = one.get(layer.name)
             calibration.update(provider=info["provider"],
                                seconds=calibration.get("seconds", 0) + info["seconds"])
@@ -196,7 +174,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
         else:
             if solved:
                 new, new_bias = solve.dc_layer(layer, array, n_zero, layer_stats,
-                                               biases.get(layer.name), seed=calib_options["seed"])
+                                               biases.get(layer.name), seed=options.seed)
             else:
                 new = solve.magnitude_layer(array, n_zero, cut)
             if refitted:
@@ -217,6 +195,50 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
                      f"unresolved layout or not a layer weight) and were pruned by magnitude: "
                      + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""))
     return rows, notes
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    batch_size: int
+    row_cap: int  # rows DC keeps per ReLU layer
+    max_positions: int | None  # im2col positions per sample
+    device: str
+    seed: int
+    progress: bool
+
+
+def _calibrate(loaded, layers, calib_set, method, allocation, sequential, options, max_memory):
+    """Statistics of every calibratable layer: one pass when they fit `max_memory`, else one
+    pass per group of layers that fits (collected as they are used); none up front with
+    --sequential. Returns (stats: {layer name: LayerStats} or GroupedStatistics, report info)."""
+    caps = _row_caps(layers, method, options.row_cap)
+
+    def collect(group, session=None):
+        return collect_statistics(
+            loaded.model, group, calib_set.batches(options.batch_size), row_cap=caps,
+            max_positions=options.max_positions, device=options.device,
+            external_data=loaded.external_data, seed=options.seed, progress=options.progress,
+            session=session)
+
+    groups = calibration_groups(layers, caps, max_memory)
+    if sequential:
+        stats, calibration = {}, {"samples": calib_set.size, "provider": None, "sequential": True}
+    elif len(groups) <= 1:
+        stats, calibration = collect(layers)
+    elif method == "ltp" or allocation == "ltp":
+        need = sum(accumulator_bytes(layer, caps.get(layer.name, 0)) for g in groups for layer in g)
+        raise OnnxPruneError(
+            f"ltp learns every layer at once and needs all their statistics together "
+            f"({budget.describe(need)}, over --max-memory {budget.describe(max_memory)}): raise "
+            "--max-memory, or use dc / --refit, which calibrate layer groups in several passes")
+    else:
+        # one session over the dense model: every pass sees it, not what is written later
+        session = open_session(loaded.model, layers, options.device, loaded.external_data)
+        stats = GroupedStatistics(groups, lambda group: collect(group, session))
+        calibration = stats.info
+        calibration["samples"] = calib_set.size
+    calibration["random"] = calib_set.random
+    return stats, calibration
 
 
 def _finish(loaded, source, layers, report, output, storage_format, force, verify, dims, device,
