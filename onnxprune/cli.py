@@ -87,8 +87,8 @@ def _parse_dims(values) -> dict[str, int]:
                    "(first axis = samples), or a folder / glob of .npz or <input>.npy files. "
                    "'random' uses random inputs (for testing only; the report says so).")
 @click.option("--calib-samples", type=click.IntRange(1), default=1024, show_default=True,
-              help="Use at most this many calibration samples: the first ones, so a file "
-                   "sorted by class should be shuffled first.")
+              help="Use at most this many calibration samples (a random subset, by --seed, "
+                   "when the data holds more; a reader or iterable is read only this far).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Samples per onnxruntime run during calibration.")
 @click.option("--allocation", type=click.Choice(["global-mt", "uniform", "ltp"]), default="global-mt",

@@ -160,3 +160,16 @@ def test_statistics_over_the_budget_are_collected_in_groups_with_the_same_result
     assert whole.report.calibration.get("groups") is None
     with pytest.raises(OnnxPruneError, match="ltp learns every layer at once"):
         prune(model, 0.8, method="ltp", calib=data, max_memory=20_000)
+
+
+def test_a_sample_limit_takes_a_seeded_random_subset_not_a_prefix():
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    x = np.arange(1000, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 8, 8), np.float32)
+    subset = load_calibration({"input": x}, model, 100, seed=0).samples["input"][:, 0, 0, 0]
+    assert subset.size == 100 and np.all(np.diff(subset) > 0)  # distinct, in file order
+    assert subset.max() > 900  # a prefix would stop at 99: a file sorted by class loses classes
+    again = load_calibration({"input": x}, model, 100, seed=0).samples["input"][:, 0, 0, 0]
+    other = load_calibration({"input": x}, model, 100, seed=1).samples["input"][:, 0, 0, 0]
+    assert np.array_equal(subset, again) and not np.array_equal(subset, other)
+    everything = load_calibration({"input": x}, model, 1000, seed=0).samples["input"]
+    assert np.array_equal(everything, x)

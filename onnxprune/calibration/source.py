@@ -67,8 +67,12 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
         samples = _concatenate(batches, limit)
     samples.pop(data.LABELS_KEY, None)
     samples = data.check_against_model(samples, inputs)
-    if limit is not None:
-        samples = {k: v[:limit] for k, v in samples.items()}
+    n = data.num_samples(samples)
+    if limit is not None and n > limit:
+        # a seeded random subset, not the first `limit`: data files are often sorted (by class,
+        # by source), and a prefix of a sorted file misses whole classes
+        keep = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+        samples = {k: v[keep] for k, v in samples.items()}
     if data.num_samples(samples) == 0:
         raise OnnxPruneError("the calibration data holds no samples")
     return CalibrationSet(samples, random=False)
