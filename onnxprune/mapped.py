@@ -41,15 +41,17 @@ class MappedTensor(np.memmap):
         if self.ndim != 1 or self._origin is None or not self.flags.c_contiguous:
             out[...] = self[start:start + out.size]
             return out
-        position = self.offset + (self.ctypes.data - self._origin) + start * self.itemsize
-        return read_into(self.filename, position, out)
+        return read_into(self.filename, self._position(start), out)
+
+    def _position(self, start: int) -> int:
+        """File offset of element `start` of this (1-D, contiguous) map or view of it."""
+        return self.offset + (self.ctypes.data - self._origin) + start * self.itemsize
 
     def __getitem__(self, key):
         if (self.ndim == 1 and isinstance(key, slice) and key.step in (None, 1)
                 and self._origin is not None and self.flags.c_contiguous):
             start, stop, _ = key.indices(self.shape[0])
-            position = self.offset + (self.ctypes.data - self._origin) + start * self.itemsize
-            return read_array(self.filename, position, self.dtype, max(stop - start, 0))
+            return read_array(self.filename, self._position(start), self.dtype, max(stop - start, 0))
         result = super().__getitem__(key)
         if isinstance(result, MappedTensor) and result._mmap is None:
             return result.view(np.ndarray)

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from . import mapped
-from .parallel import map_in_threads, scratch
+from .parallel import map_in_threads, read_chunk, scratch
 from .errors import OnnxPruneError
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -71,11 +71,10 @@ class LoadedModel:
         fn(chunk, start, out) returns (the new flat chunk, *info) for the chunk at flat index
         `start` (`out`: a buffer it may write it into); each new chunk is written at its place. Returns every chunk's info, in order."""
         flat = tensor_to_array(tensor).reshape(-1)
-        read = getattr(flat, "read_into", None)  # mapped: read into reusable buffers
 
         def one(start):
             n = min(chunk_size, flat.size - start)
-            chunk = flat[start:start + n] if read is None else read(start, scratch("in", n, flat.dtype))
+            chunk = read_chunk(flat, start, start + n, "in")
             new, *info = fn(chunk, start, scratch("out", n, flat.dtype))
             new = np.ascontiguousarray(new, dtype=flat.dtype)
             self.stage.write_part(tensor, start * flat.dtype.itemsize, memoryview(new.view(np.uint8)))

@@ -36,3 +36,12 @@ def scratch(name: str, n: int, dtype) -> np.ndarray:
     if buf is None or buf.size < n:
         buf = buffers[(name, dtype)] = np.empty(n, dtype)
     return buf[:n]
+
+
+def read_chunk(flat: np.ndarray, start: int, stop: int, name: str = "chunk") -> np.ndarray:
+    """Elements [start, stop) of a flat array: a view when it is in memory; read into this
+    thread's reusable buffer `name` when the array can (`read_into`: onnxprune.mapped maps)."""
+    read = getattr(flat, "read_into", None)
+    if read is None:
+        return flat[start:stop]
+    return read(start, scratch(name, stop - start, flat.dtype))

@@ -103,11 +103,11 @@ class OutputStage:
     def write_part(self, tensor: onnx.TensorProto, start: int, raw: memoryview) -> None:
         """Write bytes of a covered tensor's new value at `start` bytes into its slot (safe from
         several threads; call `written` once every byte of it is written)."""
-        location, offset, length = external_ref(tensor)
+        length = external_ref(tensor)[2]
         if start + raw.nbytes > length:
             raise ValueError(f"tensor '{tensor.name}': bytes {start}-{start + raw.nbytes} "
                              f"outside its {length}-byte slot")
-        dst = offset if location == str(self.data) else self.slots[(location, offset)]
+        dst = self._target(tensor)
         if self._fd is None:
             self._fd = os.open(self.data, os.O_RDWR)
             self._close_fd = weakref.finalize(self, os.close, self._fd)
@@ -118,9 +118,14 @@ class OutputStage:
     def written(self, tensor: onnx.TensorProto) -> None:
         """The tensor's new value is complete in the staged file: it refers to it from now on."""
         location, offset, length = external_ref(tensor)
-        dst = offset if location == str(self.data) else self.slots[(location, offset)]
+        dst = self._target(tensor)
         self.origin.setdefault(dst, (location, offset))
         point(tensor, str(self.data), dst, length)
+
+    def _target(self, tensor: onnx.TensorProto) -> int:
+        """Offset of a covered tensor's slot in the staged data file."""
+        location, offset, _ = external_ref(tensor)
+        return offset if location == str(self.data) else self.slots[(location, offset)]
 
     def finish(self, model: onnx.ModelProto, model_path: Path) -> None:
         """Complete the data file for `model` (the owner, or a copy of it with fewer external

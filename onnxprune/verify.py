@@ -34,21 +34,17 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     lacks, e.g. bfloat16 MatMul on CPU), nothing is compared and the result says why.
     """
     try:
-        session = make_session(candidate, device, light=True)
-        feeds = synthetic_inputs(session, dims)
-        outputs = session.run(None, feeds)
+        provider, names, feeds, outputs = _run(candidate, device, dims)
     except Exception as e:
-        reason = _first_line(e).removeprefix("onnxruntime cannot load the model: ")
-        input_fails = _fails(reference, device, dims)
-        if input_fails:
+        try:
+            _run(reference, device, dims)
+        except Exception as input_error:
             return {"provider": None, "max_abs_diff": {}, "note": "not run in onnxruntime: the "
-                    f"input model does not run here either ({input_fails})"}
-        raise OnnxPruneError(f"the pruned model does not run in onnxruntime: {reason}") from None
-    result = {"provider": provider_name(session), "max_abs_diff": {}, "note": None}
-    names = [o.name for o in session.get_outputs()]
-    del session  # one model in onnxruntime at a time
+                    f"input model does not run here either ({_reason(input_error)})"}
+        raise OnnxPruneError(f"the pruned model does not run in onnxruntime: {_reason(e)}") from None
+    result = {"provider": provider, "max_abs_diff": {}, "note": None}
     try:
-        ref_outputs = make_session(reference, device, light=True).run(None, feeds)
+        ref_outputs = _run(reference, device, dims, feeds)[3]
     except Exception as e:  # the input model itself does not run on synthetic data
         result["note"] = f"the input model did not run on synthetic inputs: {_first_line(e)}"
         return result
@@ -60,14 +56,17 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     return result
 
 
-def _fails(model, device, dims) -> str | None:
-    """Why `model` does not load or run on synthetic inputs here, or None when it does."""
-    try:
-        session = make_session(model, device, light=True)
-        session.run(None, synthetic_inputs(session, dims))
-    except Exception as e:
-        return _first_line(e).removeprefix("onnxruntime cannot load the model: ")
-    return None
+def _run(model, device, dims, feeds=None):
+    """(provider, output names, feeds, outputs) of one run on `feeds`, or on a synthetic batch.
+    The session goes when this returns: one model in onnxruntime at a time."""
+    session = make_session(model, device, light=True)
+    feeds = synthetic_inputs(session, dims) if feeds is None else feeds
+    outputs = session.run(None, feeds)
+    return provider_name(session), [o.name for o in session.get_outputs()], feeds, outputs
+
+
+def _reason(e: Exception) -> str:
+    return _first_line(e).removeprefix("onnxruntime cannot load the model: ")
 
 
 def _first_line(e: Exception) -> str:

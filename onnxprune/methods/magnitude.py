@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from onnxprune.errors import InfeasibleError, OnnxPruneError
-from onnxprune.parallel import map_in_threads, scratch
+from onnxprune.parallel import map_in_threads, read_chunk, scratch
 
 _DIGIT_BITS = 16  # radix-select digit: 65536-bin histograms per pass
 
@@ -65,15 +65,6 @@ def _keys(values, space: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
 def _scratch_keys(values, space: np.dtype) -> np.ndarray:
     """_keys into this thread's reusable buffer (valid until its next call in this thread)."""
     return _keys(values, space, scratch("keys", np.size(values), _UINT[space.itemsize]))
-
-
-def _chunk(flat: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Elements [start, stop) of a flat array: a view when it is in memory; read into this
-    thread's reusable buffer when it can be (maps with `read_into`: onnxprune.mapped)."""
-    read = getattr(flat, "read_into", None)
-    if read is None:
-        return flat[start:stop]
-    return read(start, scratch("chunk", stop - start, flat.dtype))
 
 
 def _top_key(space: np.dtype) -> int:
@@ -173,7 +164,7 @@ class Selection:
         flat, seen = _flat(weight), 0  # the ties-th tie in flat order: one pass over the array
         for start in range(0, flat.size, chunk_size):
             stop = min(start + chunk_size, flat.size)
-            at = np.flatnonzero(_scratch_keys(_chunk(flat, start, stop), self.space) == self.key)
+            at = np.flatnonzero(_scratch_keys(read_chunk(flat, start, stop), self.space) == self.key)
             if seen + at.size >= ties:
                 return Cut(self.key, start + int(at[ties - seen - 1]) + 1, self.space)
             seen += at.size
@@ -267,7 +258,7 @@ def _bracketed(weights, k, space, chunk_size):
     def scan(task):
         i, start = task
         stop = min(start + chunk_size, flats[i].size)
-        shifted = _scratch_keys(_chunk(flats[i], start, stop), space)
+        shifted = _scratch_keys(read_chunk(flats[i], start, stop), space)
         np.subtract(shifted, unsigned(lo), out=shifted)
         flags = scratch("flags", stop - start, bool)
         n_below = int(np.count_nonzero(np.greater(shifted, wrap_below, out=flags)))
@@ -302,7 +293,7 @@ def _radix_select(weights, k: int, space, chunk_size: int) -> int:
         for w in weights:
             flat = _flat(w)
             for start in range(0, flat.size, chunk_size):
-                keys = _scratch_keys(_chunk(flat, start, min(start + chunk_size, flat.size)), space)
+                keys = _scratch_keys(read_chunk(flat, start, min(start + chunk_size, flat.size)), space)
                 if shift + digit_bits < total_bits:
                     keys = keys[(keys >> (shift + digit_bits)) == prefix]
                 digits = ((keys >> shift) & ((1 << digit_bits) - 1)).astype(np.intp)
@@ -320,7 +311,7 @@ def _count_around(weights, key: int, space, chunk_size: int) -> tuple[list[int],
     for w in weights:
         flat, b, t = _flat(w), 0, 0
         for start in range(0, flat.size, chunk_size):
-            keys = _scratch_keys(_chunk(flat, start, min(start + chunk_size, flat.size)), space)
+            keys = _scratch_keys(read_chunk(flat, start, min(start + chunk_size, flat.size)), space)
             b += int(np.count_nonzero(keys < key))
             t += int(np.count_nonzero(keys == key))
         below.append(b)
