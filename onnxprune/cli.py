@@ -61,7 +61,9 @@ def _parse_dims(values) -> dict[str, int]:
                    "(DC programming, FeTa), biases refitted. ltp: per-layer thresholds learned "
                    "by gradient descent on the layers' calibration reconstruction error plus a "
                    "soft L0 count (an LTP-style adaptation: no training), so the allocation "
-                   "between layers is learned; combine with --refit.")
+                   "between layers is learned; then each layer's weights learn through the "
+                   "soft mask within its budget and the top-k of them are kept (their learned "
+                   "values, or least-squares values with --refit).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the pruned model.  [default: MODEL.pruned.onnx beside MODEL]")
 @click.option("--min-keep", type=float, default=0.05, show_default=True,

@@ -158,13 +158,13 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
             layer_stats = one.get(layer.name)
             calibration.update(provider=info["provider"],
                                seconds=calibration.get("seconds", 0) + info["seconds"])
-        new_bias = None
-        solved = method == "dc" and layer_stats is not None
-        refitted = refit and layer_stats is not None and method != "dc"
+        new_bias, note = None, ""
+        solved = method in CALIBRATED_METHODS and layer_stats is not None
+        refitted = refit and layer_stats is not None and not solved
         cut = None
         if not solved:
             cut = (ranking and ranking.cut(i, n_zero, array)) or magnitude.layer_cut(array, n_zero)
-            if method == "dc":
+            if method in CALIBRATED_METHODS:
                 fallback.append(layer.name)
         if cut is not None and not refitted and loaded.streams(layer.tensor):
             # a mask alone: straight from the input's data file into the output's, in chunks
@@ -172,9 +172,13 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
                                    magnitude.CHUNK)
             zeros_before, zeros_after = (sum(p[i] for p in parts) for i in (0, 1))
         else:
-            if solved:
+            if solved and method == "dc":
                 new, new_bias = solve.dc_layer(layer, array, n_zero, layer_stats,
                                                biases.get(layer.name), seed=options.seed)
+            elif solved:
+                new, new_bias, learned_support = solve.ltp_layer(
+                    layer, array, n_zero, layer_stats, biases.get(layer.name), refit)
+                note = "learned support" if learned_support else "dense top-k support"
             else:
                 new = solve.magnitude_layer(array, n_zero, cut)
             if refitted:
@@ -183,7 +187,8 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
             loaded.write_array(layer.tensor, new)
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              zeros_before, zeros_after, layer.graph,
-                             "bias refitted" if new_bias is not None else ""))
+                             "; ".join(x for x in (note, "bias refitted" if new_bias is not None
+                                                   else "") if x)))
         if new_bias is not None:
             loaded.write_array(layer.bias, new_bias)
         if detached:
@@ -340,7 +345,8 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
 def _ltp_summary(res, rows, mt_counts, sparsity) -> dict:
     """What LTP learned, next to what global-mt and uniform would have chosen."""
     for row, mt in zip(rows, mt_counts):
-        row.note = f"global-mt {mt / row.params:.1%}, uniform {sparsity:.1%}" if row.params else ""
+        choices = f"global-mt {mt / row.params:.1%}, uniform {sparsity:.1%}" if row.params else ""
+        row.note = "; ".join(x for x in (choices, row.note) if x)
     return {"lambda": res.lam, "thresholds": res.thresholds, "objective": res.objective,
             "probes": res.probes, "temperatures": res.temperatures}
 

@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 from . import layout
 from .calibration.accumulators import LayerStats
 from .graph import Layer
-from .methods import dc, magnitude, refit
+from .methods import dc, ltp_weights, magnitude, refit
 
 
 # (ours) adaptive-lasso weighting of DC's L1 term, (mean|W| / |W_ij|): on the reference CNN at
@@ -83,6 +83,24 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
         new = refit.refit_on_support(W, keep, stats.gram)
     return _to_stored(pruned, idx, new)
+
+
+def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
+              bias: np.ndarray | None, refitted: bool):
+    """LTP's weight learning within the layer's budget (all blocks share it), the bias learning
+    with the weights where each block owns a slice of it. Returns (new stored weight, new bias
+    or None, whether the learned support won over the dense top-k)."""
+    idx = block_index(layer)
+    k, d_out, d_in = idx.shape
+    W = stored.reshape(-1)[idx].astype(np.float64)
+    b = bias_blocks(layer, bias, k, d_out)
+    rank = stats.count if stats.count < d_in + (b is not None) else None
+    with threadpool_limits(limits=1, user_api="blas"):  # see dc_layer
+        new, new_b, learned = ltp_weights.ltp_support_weights(
+            W, stats.gram if b is None else stats.augmented_gram, stored.size - n_zero,
+            refit=refitted, bias=b, rank=rank)
+    new_bias = None if new_b is None else new_b.reshape(-1).astype(bias.dtype)
+    return _to_stored(stored, idx, new), new_bias, learned
 
 
 def magnitude_layer(stored: np.ndarray, n_zero: int, cut: magnitude.Cut | None = None) -> np.ndarray:

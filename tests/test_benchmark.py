@@ -88,3 +88,21 @@ def test_readme_section_is_replaced_between_the_markers():
     assert benchmark_report.replace_section(new, "again").count("table") == 0
     with pytest.raises(SystemExit):
         benchmark_report.replace_section("no markers", "x")
+
+
+def test_merge_replaces_only_the_measured_rows_in_place():
+    def row(model, method, s, value):
+        return {"model": model, "method": method, "target_sparsity": s, "metrics": {"v": value}}
+
+    old = {"command": "full", "environment": {"date": "d0"}, "wall_s": 600, "rows": [
+        row("a", "dense", 0, 1), row("a", "x", 0.5, 1), row("a", "y", 0.5, 1),
+        row("b", "dense", 0, 1), row("b", "x", 0.5, 1)]}
+    new = {"command": "partial", "environment": {"date": "d1"}, "wall_s": 60, "rows": [
+        row("a", "dense", 0, 2), row("a", "x", 0.5, 2), row("a", "x", 0.9, 2), row("a", "z", 0.5, 2)]}
+    result = benchmark.merged(old, new)
+    assert [(r["model"], r["method"], r["metrics"]["v"]) for r in result["rows"]] == [
+        ("a", "dense", 1), ("a", "x", 2), ("a", "x", 2), ("a", "y", 1), ("a", "z", 2),
+        ("b", "dense", 1), ("b", "x", 1)]
+    assert result["updates"] == [{"command": "partial", "date": "d1", "wall_s": 60,
+                                  "rows": ["a:x", "a:z"]}]
+    assert result["command"] == "full"

@@ -374,6 +374,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: rewrite the tables and plot (and README) from OUT/benchmark.json")
     p.add_argument("--keep-models", action="store_true", help="keep the pruned models in OUT/models")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the (model, method) rows measured now in OUT/benchmark.json, "
+                        "keep the others; the update is recorded in the report")
     p.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(
         f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in QUICK.items()))
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -452,12 +455,36 @@ def main(argv=None) -> int:
                            "layer_study": list(study) if study else None},
               "wall_s": round(time.perf_counter() - started, 1), "rows": rows,
               "layer_study": study_result}
+    if args.merge:
+        result = merged(json.loads((args.out / "benchmark.json").read_text()), result)
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=1))
     benchmark_report.write_all(result, args.out, update_readme=ROOT / "README.md"
                                if args.update_readme else None)
     log(f"wrote {args.out / 'benchmark.md'}, benchmark.json, benchmark.png"
         + (", README.md" if args.update_readme else ""))
     return 0
+
+
+def merged(old: dict, new: dict) -> dict:
+    """`old` with the (model, method) rows that `new` measured replaced (its other rows, models
+    and settings kept), and the update recorded under "updates"."""
+    measured = {(r["model"], r["method"]) for r in new["rows"] if r["method"] != "dense"}
+    rows = [r for r in old["rows"] if (r["model"], r["method"]) not in measured]
+    for r in new["rows"]:
+        if r["method"] != "dense" or not any(o["model"] == r["model"] and o["method"] == "dense"
+                                             for o in rows):
+            rows.append(r)
+    # a replaced row goes where the old one was: the tables keep their order of methods
+    place = {}
+    for i, r in enumerate(old["rows"]):
+        place.setdefault((r["model"], r["method"]), i)
+        place[(r["model"], None)] = i + 0.5  # rows new to a model go after its last one
+    rows.sort(key=lambda r: place.get((r["model"], r["method"]), place.get((r["model"], None), 1e9)))
+    result = dict(old, rows=rows)
+    result["updates"] = old.get("updates", []) + [{
+        "command": new["command"], "date": new["environment"]["date"], "wall_s": new["wall_s"],
+        "rows": sorted(f"{m}:{meth}" for m, meth in measured)}]
+    return result
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -474,6 +501,8 @@ def _command(args: argparse.Namespace) -> str:
     parts.append(f"--out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     if args.update_readme:
         parts.append("--update-readme")
+    if args.merge:
+        parts.append("--merge")
     return " ".join(parts)
 
 

@@ -66,6 +66,9 @@ def render(result: dict, level: int, image: str, details: bool,
            f"{env['cpu_cores']} CPU cores, {env['date']}; onnxprune {env['onnxprune']}, "
            f"onnxsim {env['onnxsim']}, onnxruntime {env['onnxruntime']}). One-shot pruning, no "
            "fine-tuning. Do not edit by hand: rerun the command.", "",
+           *[f"Rows {', '.join(u['rows'])} re-measured by `{u['command']}` ({u['date']}, "
+             f"{u['wall_s'] / 60:.1f} min)." for u in result.get("updates", [])],
+           *([""] if result.get("updates") else []),
            f"![accuracy or fidelity against sparsity]({image})", "",
            *([f"Every row (achieved sparsity, top-1 agreement, max abs output change): "
               f"[{details_link}]({details_link})."] if details_link else []), "",

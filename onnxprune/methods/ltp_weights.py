@@ -1,0 +1,171 @@
+"""LTP's second half: the weights learn under the soft mask, within a layer's learned budget.
+
+In the LTP paper weights and thresholds train together, so the weights that survive are not the
+dense network's largest: the loss moves the useful small weights above the threshold and lets
+the others fall below it. onnxprune's allocation stage (ltp.py) learns the thresholds with the
+weights held fixed; here each layer's weights then learn, one layer at a time, on its
+calibration reconstruction error through the same soft mask,
+
+    min_W  trace((W*m - W0) H (W*m - W0)^T),   m = sigmoid((w^2 - tau) / T),
+
+with tau re-set at every step between the budget's last kept and first pruned w^2 (the budget
+binds exactly, as the L0 term does once lambda is found), H the Gram matrix damped towards W0
+(the calibration set is small: the damping keeps the layer near its dense weights where the
+data say little), and T annealed geometrically from T_START * tau to T_END * tau (ours: a wide
+mask first lets every weight near the threshold move, a sharp one last makes the soft error the
+hard one). Adam with ONE second moment per layer (ours: per-weight normalisation moves every
+weight at the same speed whatever its effect on the error, so rows that matter little took
+budget from rows that matter: animal_resnet at 0.9 fell to 63.6 %; 86-88 % shared), steps of
+LR times the starting threshold's |w| (ours: with steps in units of the layer's RMS weight, the
+weights near a 50 % threshold overshot: MiniLM's learned supports lost to the dense top-k),
+cosine-decayed. Then the exact top-k of the learned |W| is the
+support, as the issue specifies.
+
+Measured (README, LTP): against the top-k of the dense weights with the same refit, the learned
+support lowered the layer errors by 10-95 % and raised animal_mlp at 0.95 from 67.6 % to 88 %.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .refit import damped_gram, output_error, refit_on_support
+
+STEPS = 200
+LR = 0.1  # step, times the starting threshold's |w|, cosine-decayed to 0
+T_START, T_END = 1.0, 0.01  # temperature, times tau, annealed geometrically
+DAMPING = 0.03  # of the mean Gram diagonal: the pull towards the dense weights
+_ADAM = (0.9, 0.999, 1e-30)
+
+
+def low_rank_factor(gram: np.ndarray, rank: int, seed: int = 0) -> np.ndarray:
+    """F (k, d, r) with G = F F^T, for Grams summed from `rank` < d rows (rank at most `rank`):
+    a randomised range finder, exact up to rounding then. Steps with F cost r / d of one with G
+    (animal_cnn's fc1 saw 512 rows for 3136 inputs: 6x cheaper)."""
+    k, d, _ = gram.shape
+    r = min(d, rank + 8)
+    omega = np.random.default_rng(seed).standard_normal((d, r))
+    q, _ = np.linalg.qr(gram @ omega)  # (k, d, r): an orthonormal basis of G's range
+    gq = gram @ q
+    b = np.swapaxes(q, 1, 2) @ gq
+    vals, vecs = np.linalg.eigh(0.5 * (b + np.swapaxes(b, 1, 2)))
+    return (q @ vecs) * np.sqrt(np.maximum(vals, 0.0))[:, None, :]
+
+
+def _budget_threshold(x: np.ndarray, n_keep: int) -> float:
+    """A tau between the n_keep-th largest value of x and the next one."""
+    n = x.size
+    part = np.partition(x.ravel(), (n - n_keep - 1, n - n_keep))
+    return 0.5 * float(part[n - n_keep - 1] + part[n - n_keep])
+
+
+def top_k_mask(W: np.ndarray, n_keep: int) -> np.ndarray:
+    """Exactly n_keep True at the largest |W| (ties: lower flat index first)."""
+    flat = np.abs(W).ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[order[:n_keep]] = True
+    return mask.reshape(W.shape)
+
+
+def learn_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, bias: bool = False,
+                  rank: int | None = None, steps: int = STEPS, lr: float = LR,
+                  damping: float = DAMPING) -> np.ndarray:
+    """Weights of a stack W (k, d_out, d_in) learned through the soft mask with n_keep kept (see
+    the module docstring); Gram (k, d_in, d_in). With `bias`, W's last column is the bias and
+    the Gram is that of [X, 1]: the bias learns too, unmasked and not counted. `rank`: the number
+    of rows the Gram was summed from, when below d_in (a cheaper factored product). Weights that
+    are zero in W stay zero. Returns float32 weights of W's shape (not yet masked)."""
+    W0 = np.asarray(W, dtype=np.float32)
+    live = W0 != 0
+    if bias:
+        live[..., -1] = False  # never masked, never counted; it learns through `free`
+    if n_keep <= 0 or n_keep >= np.count_nonzero(live):
+        return W0.copy()
+    free = live.copy()
+    if bias:
+        free[..., -1] = True
+    G = np.asarray(gram, dtype=np.float64)
+    diag = np.einsum("kii->k", G) / max(G.shape[-1], 1)
+    ridge = (damping * diag).astype(np.float32)[:, None, None]
+    factor = None
+    if rank is not None and rank < G.shape[-1]:
+        factor = low_rank_factor(G, rank).astype(np.float32)
+        factor_t = np.ascontiguousarray(np.swapaxes(factor, 1, 2))
+    else:
+        G32 = damped_gram(G, damping).astype(np.float32)
+    w = W0.copy()
+    m1, m2 = np.zeros_like(w), 0.0
+    x, m, r, g = (np.empty_like(w) for _ in range(4))
+    b1, b2, eps = _ADAM
+    masked = not live.all()
+
+    def threshold(x):
+        return _budget_threshold(np.where(live, x, -1.0) if masked else x, n_keep)
+
+    tau = threshold(W0 * W0)
+    scale = lr * float(np.sqrt(tau))  # steps in units of the threshold's |w|
+    for t in range(1, steps + 1):
+        np.multiply(w, w, out=x)
+        if t % 4 == 0:  # tau moves slowly; a partition per step would cost as much as the rest
+            tau = threshold(x)
+        T = max(tau * T_START * (T_END / T_START) ** ((t - 1) / max(steps - 1, 1)), 1e-30)
+        # m = sigmoid((x - tau) / T), as 0.5 (1 + tanh(z / 2)): float32, in place
+        np.subtract(x, np.float32(tau), out=m)
+        m *= np.float32(0.5 / T)
+        np.tanh(m, out=m)
+        m *= 0.5
+        m += 0.5
+        if bias:
+            m[..., -1] = 1.0
+        np.multiply(w, m, out=r)
+        r -= W0
+        d = (r @ factor) @ factor_t + ridge * r if factor is not None else r @ G32
+        # chain rule through w * m(w): m + w * dm/dw = m + (2 / T) x m (1 - m)
+        np.subtract(1, m, out=g)
+        g *= m
+        g *= x
+        g *= np.float32(2.0 / T)
+        g += m
+        g *= d
+        if masked:
+            g *= free
+        m1 *= b1
+        m1 += (1 - b1) * g
+        m2 = b2 * m2 + (1 - b2) * float(np.mean(g * g))
+        step = scale * 0.5 * (1 + np.cos(np.pi * (t - 1) / steps)) / (1 - b1 ** t)
+        w -= np.float32(step / (np.sqrt(m2 / (1 - b2 ** t)) + eps)) * m1
+    return w
+
+
+def ltp_support_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, refit: bool,
+                        bias: np.ndarray | None = None, rank: int | None = None):
+    """A stack's new weights with exactly n_keep kept: the top-k of the learned weights, with
+    their learned values (or least-squares refitted on that support with `refit`). The support
+    of the dense top-k, valued the same way, is kept instead when its damped output error is
+    lower (small layers, where Adam's steps are coarse): never worse than top-k on the layer's
+    own objective. With `bias` (k, d_out), `gram` is the Gram of [X, 1] and the bias is learned
+    (or refitted) with the weights, as a network's biases train with its weights.
+    Returns (float64 weights, float64 bias or None, whether the learned support was used)."""
+    W0 = np.asarray(W, dtype=np.float64)
+    if bias is not None:
+        W0 = np.concatenate([W0, np.asarray(bias, dtype=np.float64)[..., None]], axis=-1)
+    weights = np.ones(W0.shape, dtype=bool)
+    if bias is not None:
+        weights[..., -1] = False
+    learned = learn_weights(W0, gram, n_keep, bias=bias is not None, rank=rank)
+    candidates = []
+    for source in (learned, W0):
+        mask = top_k_mask(np.where(weights & (W0 != 0), source, 0), n_keep) | ~weights
+        if refit:
+            values = refit_on_support(W0, mask, gram)
+        else:
+            values = np.where(mask, source, 0.0)
+        # a kept weight must stay nonzero, or the layer would lose one more than its budget
+        values = np.where(mask & weights & (values == 0), W0, values)
+        candidates.append(values)
+    H = damped_gram(gram, DAMPING)  # the objective the weights learned on
+    errors = [output_error(W0, v, H) for v in candidates]
+    best = candidates[int(np.argmin(errors))]
+    if bias is None:
+        return best, None, errors[0] <= errors[1]
+    return best[..., :-1], best[..., -1], errors[0] <= errors[1]
