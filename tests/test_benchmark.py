@@ -94,10 +94,12 @@ def test_merge_replaces_only_the_measured_rows_in_place():
     def row(model, method, s, value):
         return {"model": model, "method": method, "target_sparsity": s, "metrics": {"v": value}}
 
-    old = {"command": "full", "environment": {"date": "d0"}, "wall_s": 600, "rows": [
+    old = {"command": "full", "environment": {"date": "d0"}, "wall_s": 600,
+           "settings": {"only_at": {"a:x": [0.9], "b:x": [0.9]}}, "rows": [
         row("a", "dense", 0, 1), row("a", "x", 0.5, 1), row("a", "y", 0.5, 1),
         row("b", "dense", 0, 1), row("b", "x", 0.5, 1)]}
-    new = {"command": "partial", "environment": {"date": "d1"}, "wall_s": 60, "rows": [
+    new = {"command": "partial", "environment": {"date": "d1"}, "wall_s": 60,
+           "settings": {"only_at": {"a:z": [0.5], "b:y": [0.5]}}, "rows": [
         row("a", "dense", 0, 2), row("a", "x", 0.5, 2), row("a", "x", 0.9, 2), row("a", "z", 0.5, 2)]}
     result = benchmark.merged(old, new)
     assert [(r["model"], r["method"], r["metrics"]["v"]) for r in result["rows"]] == [
@@ -106,3 +108,4 @@ def test_merge_replaces_only_the_measured_rows_in_place():
     assert result["updates"] == [{"command": "partial", "date": "d1", "wall_s": 60,
                                   "rows": ["a:x", "a:z"]}]
     assert result["command"] == "full"
+    assert result["settings"]["only_at"] == {"b:x": [0.9], "a:z": [0.5]}

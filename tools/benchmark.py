@@ -47,7 +47,8 @@ DEFAULT_SKIP = ("minilm:onnxsim-sparsegpt",)
 SKIP_REASON = ("left out by default: each level takes tens of minutes on a 2-core machine; "
                "`--skip none` runs them")
 # Pairs run at fewer levels by default, to keep the whole run under about half an hour.
-DEFAULT_ONLY_AT = ("animal_cnn:onnxsim-sparsegpt@0.9", "minilm:dc@0.5/0.7", "minilm:dc+ltp@0.5/0.7")
+DEFAULT_ONLY_AT = ("animal_cnn:onnxsim-sparsegpt@0.9", "minilm:dc@0.5/0.7", "minilm:dc+ltp@0.5/0.7",
+                   "minilm:ltp@0.5/0.7", "minilm:ltp+refit@0.5/0.7")
 ONLY_AT_REASON = ("by default only at these levels: each level takes minutes (see its s / level); "
                   "`--only-at none` runs every level")
 LAYER_STUDY = ("animal_resnet", 0.95)  # the model whose layers are pruned one at a time
@@ -481,6 +482,11 @@ def merged(old: dict, new: dict) -> dict:
         place[(r["model"], None)] = i + 0.5  # rows new to a model go after its last one
     rows.sort(key=lambda r: place.get((r["model"], r["method"]), place.get((r["model"], None), 1e9)))
     result = dict(old, rows=rows)
+    only_at = {p: v for p, v in old["settings"].get("only_at", {}).items()
+               if tuple(p.split(":", 1)) not in measured}
+    only_at.update({p: v for p, v in new["settings"].get("only_at", {}).items()
+                    if tuple(p.split(":", 1)) in measured})
+    result["settings"] = dict(old["settings"], only_at=only_at)
     result["updates"] = old.get("updates", []) + [{
         "command": new["command"], "date": new["environment"]["date"], "wall_s": new["wall_s"],
         "rows": sorted(f"{m}:{meth}" for m, meth in measured)}]
