@@ -499,6 +499,8 @@ def write_streamed(model: onnx.ModelProto, path: Path, replacements: dict | None
     `replacements` ({id(tensor): (tensor, little-endian array)}) gives new values for
     main-graph initializers, written from the arrays instead of the proto's raw_data.
     """
+    from .staging import write_all
+
     replacements = dict(replacements or {})
     streamed = {id(t) for name in _STREAMED for t in getattr(model.graph, name)}
     for key in [k for k in replacements if k not in streamed]:  # Constants, subgraphs: in place
@@ -521,9 +523,12 @@ def write_streamed(model: onnx.ModelProto, path: Path, replacements: dict | None
                     shell, data = element
                     raw = (data.raw_data if isinstance(data, onnx.TensorProto)
                            else memoryview(data.reshape(-1).view(np.uint8)))
+                    raw = memoryview(raw)
                     f.write(shell)
-                    f.write(_raw_tag() + _varint(len(raw) if isinstance(raw, bytes) else raw.nbytes))
-                    f.write(raw)
+                    f.write(_raw_tag() + _varint(raw.nbytes))
+                    f.flush()  # the raw bytes go past the buffer, in small writes
+                    write_all(f.fileno(), raw, f.tell())
+                    f.seek(raw.nbytes, os.SEEK_CUR)
                     del raw
                 else:
                     f.write(element.SerializeToString())
