@@ -322,6 +322,11 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
     targets = [sum(counts) - sum(counts[i] for i in others) for counts in mt_counts_per_level]
     if len(set(targets)) != len(targets):
         raise OnnxPruneError("ltp: two sparsity levels give the same number of zeros")
+    # one large inverse per layer: all BLAS threads
+    grams = []
+    for i in calibrated:
+        st = stats[layers[i].name]
+        grams.append(ltp.obs_gram(st.gram, rank=st.count if st.count < st.d_in else None))
     with threadpool_limits(limits=1, user_api="blas"):  # many small products: see solve.py
         # (ours) Each weight is priced at its OBS saliency, the error left once the row's other
         # weights compensate (what --refit does, with its damping), and a layer's relative
@@ -329,7 +334,6 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
         # a chain of layers. With plain masking errors summed, the objective let the largest
         # layer lose most of its signal (animal_mlp at 0.95 with --refit: 20.2 % instead of
         # 67.6 %; README, LTP).
-        grams = [ltp.obs_gram(stats[layers[i].name].gram) for i in calibrated]
         result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed, l0="total",
                                       loss="nsr", trail=targets if len(targets) > 1 else None)
     learned = {}

@@ -260,3 +260,10 @@ def test_nsr_spreads_the_error_over_layers():
     assert worst[1] < worst[0]
     with pytest.raises(OnnxPruneError):
         learn_thresholds(weights, grams, target, loss="log")
+
+
+def test_obs_gram_from_a_low_rank_factor_equals_the_inverse():
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((2, 40, 120))  # 40 rows, 120 inputs
+    G = np.swapaxes(X, 1, 2) @ X
+    np.testing.assert_allclose(ltp.obs_gram(G, rank=40), ltp.obs_gram(G), rtol=1e-9, atol=0)

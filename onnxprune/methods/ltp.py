@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InfeasibleError, OnnxPruneError
+from .ltp_weights import low_rank_factor
 
 DEFAULT_T0 = 1e-4
 DEFAULT_LR = 0.02
@@ -89,7 +90,7 @@ def _chain(e, loss: str):
     return e / r, 1.0 / (r * r)
 
 
-def obs_gram(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
+def obs_gram(gram: np.ndarray, damping: float = 0.01, rank: int | None = None) -> np.ndarray:
     """Diagonal metric diag(1 / [H^-1]_ii) per block, H = G + damping * mean(diag G) * I.
 
     w_i^2 / [H^-1]_ii is the Optimal-Brain-Surgeon saliency: the output error of pruning weight
@@ -97,6 +98,8 @@ def obs_gram(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
     with the same damping). In place of G it makes R price each pruned weight at its error
     after compensation, not at its error when merely masked (pairs are ignored).
     An all-zero block (no calibration signal) becomes the identity, as in the refit.
+    `rank`: the rows G was summed from, when fewer than its size: [H^-1]_ii then comes from
+    G's low-rank factor by the Woodbury identity (animal_cnn's fc1: 3136 wide, 512 rows).
     """
     g = _as_stack("gram", gram)
     d = g.shape[-1]
@@ -106,9 +109,18 @@ def obs_gram(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
         if not mean_diag[b] > 0:
             np.einsum("ii->i", out[b])[:] = 1.0
             continue
-        H = np.array(g[b], dtype=np.float64)
-        np.einsum("ii->i", H)[:] += damping * mean_diag[b]  # no d x d identity: 3136^2 on a CNN
-        np.einsum("ii->i", out[b])[:] = 1.0 / np.diagonal(np.linalg.inv(H))
+        ridge = damping * mean_diag[b]
+        if rank is not None and rank < d:
+            # (ridge I + F F^T)^-1 = (I - F (ridge I + F^T F)^-1 F^T) / ridge
+            F = low_rank_factor(g[b : b + 1], rank)[0]
+            M = F.T @ F
+            np.einsum("ii->i", M)[:] += ridge
+            inv_diag = (1.0 - np.einsum("ij,ji->i", F, np.linalg.solve(M, F.T))) / ridge
+        else:
+            H = np.array(g[b], dtype=np.float64)
+            np.einsum("ii->i", H)[:] += ridge  # no d x d identity: 3136^2 on a CNN
+            inv_diag = np.diagonal(np.linalg.inv(H))
+        np.einsum("ii->i", out[b])[:] = 1.0 / inv_diag
     return out
 
 

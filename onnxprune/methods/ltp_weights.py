@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .refit import damped_gram, output_error, refit_on_support
+from .refit import damped_gram, refit_gram, refit_on_support
 
 STEPS = 200
 LR = 0.05  # step, times the starting threshold's |w|, cosine-decayed to 0
@@ -65,13 +65,13 @@ def top_k_mask(W: np.ndarray, n_keep: int) -> np.ndarray:
 
 
 def learn_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, bias: bool = False,
-                  rank: int | None = None, steps: int = STEPS, lr: float = LR,
+                  factor: np.ndarray | None = None, steps: int = STEPS, lr: float = LR,
                   damping: float = DAMPING) -> np.ndarray:
     """Weights of a stack W (k, d_out, d_in) learned through the soft mask with n_keep kept (see
     the module docstring); Gram (k, d_in, d_in). With `bias`, W's last column is the bias and
-    the Gram is that of [X, 1]: the bias learns too, unmasked and not counted. `rank`: the number
-    of rows the Gram was summed from, when below d_in (a cheaper factored product). Weights that
-    are zero in W stay zero. Returns float32 weights of W's shape (not yet masked)."""
+    the Gram is that of [X, 1]: the bias learns too, unmasked and not counted. `factor`:
+    low_rank_factor(gram, rows) when the Gram was summed from fewer rows than inputs (cheaper
+    steps). Weights that are zero in W stay zero. Returns float32 weights of W's shape."""
     W0 = np.asarray(W, dtype=np.float32)
     live = W0 != 0
     if bias:
@@ -84,9 +84,8 @@ def learn_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, bias: bool = 
     G = np.asarray(gram, dtype=np.float64)
     diag = np.einsum("kii->k", G) / max(G.shape[-1], 1)
     ridge = (damping * diag).astype(np.float32)[:, None, None]
-    factor = None
-    if rank is not None and rank < G.shape[-1]:
-        factor = low_rank_factor(G, rank).astype(np.float32)
+    if factor is not None:
+        factor = factor.astype(np.float32)
         factor_t = np.ascontiguousarray(np.swapaxes(factor, 1, 2))
     else:
         G32 = damped_gram(G, damping).astype(np.float32)
@@ -152,22 +151,32 @@ def ltp_support_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, refit: 
     weights = np.ones(W0.shape, dtype=bool)
     if bias is not None:
         weights[..., -1] = False
-    learned = learn_weights(W0, gram, n_keep, bias=bias is not None, rank=rank)
+    G = np.asarray(gram, dtype=np.float64)
+    factor = low_rank_factor(G, rank) if rank is not None and rank < G.shape[-1] else None
+    learned = learn_weights(W0, G, n_keep, bias=bias is not None, factor=factor)
+    H = refit_gram(G) if refit else None  # one damped Gram for both supports' refits
     candidates = []
     for source in (learned, W0):
         mask = top_k_mask(np.where(weights & (W0 != 0), source, 0), n_keep) | ~weights
         if refit:
-            values = refit_on_support(W0, mask, gram)
+            values = refit_on_support(W0, mask, G, damped=H)
         else:
             values = np.where(mask, source, 0.0)
             if bias is not None:
-                values[..., -1] = _best_bias(W0, values, gram)
+                values[..., -1] = _best_bias(W0, values, G)
         # a kept weight must stay nonzero, or the layer would lose one more than its budget
         values = np.where(mask & weights & (values == 0), W0, values)
         candidates.append(values)
-    H = damped_gram(gram, DAMPING)  # the objective the weights learned on
-    errors = [output_error(W0, v, H) for v in candidates]
+    errors = [_learned_error(W0, v, G, factor) for v in candidates]
     best = candidates[int(np.argmin(errors))]
     if bias is None:
         return best, None, errors[0] <= errors[1]
     return best[..., :-1], best[..., -1], errors[0] <= errors[1]
+
+
+def _learned_error(W0, V, G, factor) -> float:
+    """The damped output error the weights learned on; through the factor when there is one."""
+    D = V - W0
+    ridge = DAMPING * np.einsum("kii->k", G) / max(G.shape[-1], 1)
+    data = np.sum((D @ factor) ** 2) if factor is not None else np.sum(D * (D @ G))
+    return float(data + np.sum(ridge[:, None, None] * D * D))

@@ -42,13 +42,24 @@ def _as_stack(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
 
 def damped_gram(gram: np.ndarray, damping: float) -> np.ndarray:
     """`G + damping * mean(diag G) * I` per block (k, d, d); an all-zero block becomes the identity."""
-    g = np.array(gram, dtype=np.float64)
+    return _add_damping(np.array(gram, dtype=np.float64), damping)
+
+
+def _add_damping(g: np.ndarray, damping: float) -> np.ndarray:
     d = g.shape[-1]
     diag = np.einsum("kii->ki", g)  # writable view of each block's diagonal
     mean_diag = diag.mean(axis=1) if d else np.zeros(len(g))
     empty = ~(mean_diag > 0)
     diag += np.where(empty, 1.0, damping * mean_diag)[:, None]
     return g
+
+
+def refit_gram(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
+    """The symmetric, damped Gram stack that refit_on_support solves with."""
+    G3 = _as_stack("gram", gram, 3)
+    H = np.add(G3, np.swapaxes(G3, 1, 2), dtype=np.float64)  # one new array: a 3136-wide Gram
+    H *= 0.5  # is 80 MB, and fresh pages cost as much as the arithmetic
+    return _add_damping(H, damping)
 
 
 def output_error(W: np.ndarray, V: np.ndarray, gram: np.ndarray) -> float:
@@ -170,6 +181,7 @@ def refit_on_support(
     *,
     damping: float = 0.01,
     iters: int | None = None,
+    damped: np.ndarray | None = None,
 ) -> np.ndarray:
     """Refit the kept weights (mask True) of a stack W (k, d_out, d_in) given its Gram (k, d_in, d_in).
 
@@ -177,11 +189,12 @@ def refit_on_support(
     gram is one block. `iters=None` solves exactly (batched direct solves on the kept or on the
     pruned set of each row, whichever is smaller); an integer runs that many preconditioned CG
     iterations instead (approximate, never worse than masking; for layers too wide to solve).
+    `damped`: refit_gram(gram, damping), when the caller refits several supports of one layer.
     """
     squeeze = np.ndim(W) == 2
     W3 = _as_stack("W", W, 3).astype(np.float64)
     M = _as_stack("mask", mask, 3).astype(bool)
-    G3 = _as_stack("gram", gram, 3).astype(np.float64)
+    G3 = np.asarray(_as_stack("gram", gram, 3), dtype=np.float64)  # no copy of a wide Gram
     k, d_out, d_in = W3.shape
     if M.shape != W3.shape or G3.shape != (k, d_in, d_in):
         raise OnnxPruneError(
@@ -191,6 +204,6 @@ def refit_on_support(
         raise OnnxPruneError(f"refit: damping must be >= 0, got {damping}")
     if not (np.all(np.isfinite(G3)) and np.all(np.isfinite(W3))):
         raise OnnxPruneError("refit: weights and Gram must be finite")
-    H = damped_gram(0.5 * (G3 + np.swapaxes(G3, 1, 2)), damping)
+    H = refit_gram(G3, damping) if damped is None else damped
     V = _refit_direct(W3, M, H) if iters is None else _refit_cg(W3, M, H, int(iters))
     return V[0] if squeeze else V
