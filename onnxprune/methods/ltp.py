@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InfeasibleError, OnnxPruneError
-from .ltp_weights import low_rank_factor
+from .ltp_weights import inverse_diagonal, low_rank_factor
 
 DEFAULT_T0 = 1e-4
 DEFAULT_LR = 0.02
@@ -102,25 +102,9 @@ def obs_gram(gram: np.ndarray, damping: float = 0.01, rank: int | None = None) -
     G's low-rank factor by the Woodbury identity (animal_cnn's fc1: 3136 wide, 512 rows).
     """
     g = _as_stack("gram", gram)
-    d = g.shape[-1]
-    mean_diag = np.einsum("kii->k", g) / max(d, 1)
+    factor = low_rank_factor(g, rank) if rank is not None and rank < g.shape[-1] else None
     out = np.zeros_like(g)
-    for b in range(len(g)):
-        if not mean_diag[b] > 0:
-            np.einsum("ii->i", out[b])[:] = 1.0
-            continue
-        ridge = damping * mean_diag[b]
-        if rank is not None and rank < d:
-            # (ridge I + F F^T)^-1 = (I - F (ridge I + F^T F)^-1 F^T) / ridge
-            F = low_rank_factor(g[b : b + 1], rank)[0]
-            M = F.T @ F
-            np.einsum("ii->i", M)[:] += ridge
-            inv_diag = (1.0 - np.einsum("ij,ji->i", F, np.linalg.solve(M, F.T))) / ridge
-        else:
-            H = np.array(g[b], dtype=np.float64)
-            np.einsum("ii->i", H)[:] += ridge  # no d x d identity: 3136^2 on a CNN
-            inv_diag = np.diagonal(np.linalg.inv(H))
-        np.einsum("ii->i", out[b])[:] = 1.0 / inv_diag
+    np.einsum("kii->ki", out)[:] = 1.0 / inverse_diagonal(g, damping, factor)
     return out
 
 
