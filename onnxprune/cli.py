@@ -62,8 +62,9 @@ def _parse_dims(values) -> dict[str, int]:
                    "by gradient descent on the layers' calibration reconstruction error plus a "
                    "soft L0 count (an LTP-style adaptation: no training), so the allocation "
                    "between layers is learned; then each layer's weights learn through the "
-                   "soft mask within its budget and the top-k of them are kept (their learned "
-                   "values, or least-squares values with --refit).")
+                   "soft mask within its budget (weighted by their inputs' strength) and the "
+                   "top-k of them are kept (their learned values, or least-squares values with "
+                   "--refit).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the pruned model.  [default: MODEL.pruned.onnx beside MODEL]")
 @click.option("--min-keep", type=float, default=0.05, show_default=True,

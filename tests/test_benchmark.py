@@ -109,3 +109,8 @@ def test_merge_replaces_only_the_measured_rows_in_place():
                                   "rows": ["a:x", "a:z"]}]
     assert result["command"] == "full"
     assert result["settings"]["only_at"] == {"b:x": [0.9], "a:z": [0.5]}
+    # a later update of a:x keeps the one above only for the row it alone still stands for (a:z)
+    again = dict(new, environment={"date": "d2"}, rows=[row("a", "x", 0.5, 3)])
+    assert [u["date"] for u in benchmark.merged(result, again)["updates"]] == ["d1", "d2"]
+    again["rows"].append(row("a", "z", 0.5, 3))
+    assert [u["date"] for u in benchmark.merged(result, again)["updates"]] == ["d2"]

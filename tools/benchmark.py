@@ -468,7 +468,8 @@ def main(argv=None) -> int:
 
 def merged(old: dict, new: dict) -> dict:
     """`old` with the (model, method) rows that `new` measured replaced (its other rows, models
-    and settings kept), and the update recorded under "updates"."""
+    and settings kept), and the update recorded under "updates" (replacing earlier updates
+    whose rows it all measured again)."""
     measured = {(r["model"], r["method"]) for r in new["rows"] if r["method"] != "dense"}
     rows = [r for r in old["rows"] if (r["model"], r["method"]) not in measured]
     for r in new["rows"]:
@@ -487,7 +488,10 @@ def merged(old: dict, new: dict) -> dict:
     only_at.update({p: v for p, v in new["settings"].get("only_at", {}).items()
                     if tuple(p.split(":", 1)) in measured})
     result["settings"] = dict(old["settings"], only_at=only_at)
-    result["updates"] = old.get("updates", []) + [{
+    # an earlier update whose rows were all measured again says nothing about the tables now
+    earlier = [u for u in old.get("updates", [])
+               if not {tuple(r.split(":", 1)) for r in u["rows"]} <= measured]
+    result["updates"] = earlier + [{
         "command": new["command"], "date": new["environment"]["date"], "wall_s": new["wall_s"],
         "rows": sorted(f"{m}:{meth}" for m, meth in measured)}]
     return result
