@@ -71,9 +71,7 @@ def inverse_diagonal(gram: np.ndarray, damping: float = 0.01,
             np.einsum("ii->i", M)[:] += ridge
             out[b] = (1.0 - np.einsum("ij,ji->i", F, np.linalg.solve(M, F.T))) / ridge
         else:
-            H = np.array(G[b])
-            np.einsum("ii->i", H)[:] += ridge  # no d x d identity: 3136^2 on a CNN
-            out[b] = np.diagonal(np.linalg.inv(H))
+            out[b] = np.diagonal(np.linalg.inv(damped_gram(G[b:b + 1], damping)[0]))
     return out
 
 
@@ -113,15 +111,13 @@ def learn_weights(W: np.ndarray, gram: np.ndarray | None, n_keep: int, *, bias: 
         free[..., -1] = True
     if factor is not None:  # the Gram is F F^T: its diagonal is all the steps need of it
         diag = np.einsum("kdr,kdr->k", factor, factor) / max(factor.shape[1], 1)
-    else:
-        G = np.asarray(gram, dtype=np.float64)
-        diag = np.einsum("kii->k", G) / max(G.shape[-1], 1)
-    ridge = (damping * diag).astype(np.float32)[:, None, None]
-    if factor is not None:
         factor = factor.astype(np.float32)
         factor_t = np.ascontiguousarray(np.swapaxes(factor, 1, 2))
     else:
+        G = np.asarray(gram, dtype=np.float64)
+        diag = np.einsum("kii->k", G) / max(G.shape[-1], 1)
         G32 = damped_gram(G, damping).astype(np.float32)
+    ridge = (damping * diag).astype(np.float32)[:, None, None]
     w = W0.copy()
     m1, m2 = np.zeros_like(w), 0.0
     x, m, r, g = (np.empty_like(w) for _ in range(4))
