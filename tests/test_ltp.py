@@ -92,6 +92,27 @@ def test_fast_evaluation_matches_direct(monkeypatch, loss, cutoff):
                 assert grad[j] == pytest.approx(g, rel=1e-5)
 
 
+@pytest.mark.parametrize("max_pairs", [1 << 22, 0])
+def test_cached_band_equals_a_fresh_one(monkeypatch, max_pairs):
+    """Adam's small moves reuse the band built at an earlier tau (and large moves rebuild it):
+    both give what a fresh evaluation gives. max_pairs=0: the G blocks are gathered per call."""
+    monkeypatch.setattr(ltp, "_MAX_PAIRS", max_pairs)
+    weights, grams = problem(4)
+    layers = ltp._Layers(weights, grams, 0.01)
+    tau0 = np.array([np.quantile(w * w, 0.5) for w in weights])
+    layers.set_temperatures(tau0)
+    layers.evaluate(tau0, 0.8)
+    built = layers._band
+    for shift, reused in ((0.5, True), (-1.0, True), (40.0, False)):
+        tau = tau0 + shift * layers.T
+        R, grad = layers.evaluate(tau, 0.8)
+        assert (layers._band is built) == reused
+        fresh = ltp._Layers(weights, grams, 0.01)
+        fresh.T = layers.T.copy()
+        R1, grad1 = fresh.evaluate(tau, 0.8)
+        assert np.allclose(R, R1, rtol=1e-10, atol=0) and np.allclose(grad, grad1, rtol=1e-8, atol=0)
+
+
 def test_prefix_errors_are_exact():
     """Hc[c]: the error of zeroing the c smallest weights, here against a direct product."""
     rng = np.random.default_rng(6)
