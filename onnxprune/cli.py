@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, budget
 from .errors import OnnxPruneError
 from .prune import METHODS, default_output, prune
 
@@ -133,6 +133,7 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
                   storage, force, no_verify, dims, device, max_memory, report_path, plot_path,
                   quiet):
     """Prune MODEL to the given sparsity and write MODEL.pruned.onnx (or --output)."""
+    budget.keep_freed_memory()
     try:
         levels = _parse_sparsity(sparsity_text)
         if plot_path is not None and method != "ltp":

@@ -145,8 +145,10 @@ def _child(spec_file: str) -> int:
 
     import psutil
 
+    from onnxprune.budget import keep_freed_memory
     from onnxprune.prune import prune
 
+    keep_freed_memory()  # as the command line does
     spec = json.loads(Path(spec_file).read_text())
     method, extra = split_method(spec["method"])
     record = {"imported_rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
