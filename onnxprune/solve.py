@@ -99,9 +99,12 @@ def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
     # small products run faster on one BLAS thread (see dc_layer), large ones on all
     step_work = k * d_out * d_in * min(d_in, rank or d_in)
     with threadpool_limits(limits=1 if step_work < _MULTITHREAD_WORK else None, user_api="blas"):
+        gram = stats.gram if b is None else stats.augmented_gram
+        key = ("ltp", b is not None)  # the same at every level of a trail: derived once
+        if key not in stats.derived:
+            stats.derived[key] = ltp_weights.derive(gram, rank)
         new, new_b, learned = ltp_weights.ltp_support_weights(
-            W, stats.gram if b is None else stats.augmented_gram, stored.size - n_zero,
-            refit=refitted, bias=b, rank=rank)
+            W, gram, stored.size - n_zero, refit=refitted, bias=b, derived=stats.derived[key])
     new_bias = None if new_b is None else new_b.reshape(-1).astype(bias.dtype)
     return _to_stored(stored, idx, new), new_bias, learned
 

@@ -45,6 +45,22 @@ def test_exact_against_per_row_solve(n_samples):
     assert np.all(V[~mask] == 0)
 
 
+def test_low_rank_factor_gives_the_same_refit():
+    """With G = F F^T of rank 6 on 60 inputs, the rows whose systems are large go through
+    Woodbury's 6 x 6 systems: the same weights as the direct solves (an empty block included)."""
+    from onnxprune.methods.ltp_weights import low_rank_factor
+
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((3, 40, 60))
+    G = gram(rng, 3, 60, 6)
+    G[2] = 0.0
+    factor = low_rank_factor(G, 6)
+    mask = mixed_mask(rng, W.shape)
+    V = refit_on_support(W, mask, G, factor=factor)
+    np.testing.assert_allclose(V, reference(W, mask, G, 0.01), rtol=1e-7, atol=1e-9)
+    assert np.all(V[~mask] == 0)
+
+
 def test_optimal_on_the_support():
     """The damped objective's gradient vanishes on the support (first-order optimality)."""
     rng = np.random.default_rng(1)

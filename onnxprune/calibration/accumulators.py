@@ -51,6 +51,7 @@ class LayerStats:
         self._filled = 0
         self._pending: list[np.ndarray] = []  # float64 rows not yet folded into the Gram
         self._pending_rows = 0
+        self.derived: dict = {}  # what solvers derive from these statistics (kept across a trail)
         if row_cap:
             self._buf = np.empty((blocks, row_cap, d_in), dtype=np.float32)  # pages touched as filled
             self._keys = np.empty(row_cap, dtype=np.uint64)

@@ -29,6 +29,8 @@ STEPS: 400; with 200 MiniLM at 0.5 stayed below DC (0.951 against 0.953).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .refit import damped_gram, refit_gram, refit_on_support
@@ -165,8 +167,27 @@ def _best_bias(W0: np.ndarray, V: np.ndarray, gram: np.ndarray) -> np.ndarray:
     return W0[..., -1] - shift / count[:, None]
 
 
+@dataclass(frozen=True)
+class Derived:
+    """What the weight stage derives from a layer's Gram: the same at every level of a trail."""
+
+    factor: np.ndarray | None  # low_rank_factor when the Gram came from fewer rows than inputs
+    unit: np.ndarray  # (k, d) saliency units 1 / sqrt([H^-1]_jj), mean 1 per block
+
+
+def derive(gram: np.ndarray, rank: int | None = None) -> Derived:
+    """`rank`: the rows the Gram was summed from, when fewer than its size."""
+    G = np.asarray(gram, dtype=np.float64)
+    factor = low_rank_factor(G, rank) if rank is not None and rank < G.shape[-1] else None
+    # saliency units u = w * unit (module docstring); mean 1 per block keeps float32 tidy
+    unit = 1.0 / np.sqrt(inverse_diagonal(G, factor=factor))
+    unit /= unit.mean(axis=1, keepdims=True)
+    return Derived(factor, unit)
+
+
 def ltp_support_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, refit: bool,
-                        bias: np.ndarray | None = None, rank: int | None = None):
+                        bias: np.ndarray | None = None, rank: int | None = None,
+                        derived: Derived | None = None):
     """A stack's new weights with exactly n_keep kept: the top-k of the learned weights (in
     saliency units), with their learned values (or least-squares refitted on that support with
     `refit`). The dense top-k (also in saliency units, its values masked) is kept instead when
@@ -174,7 +195,8 @@ def ltp_support_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, refit: 
     are coarse): never worse than masking that top-k on the layer's own objective. With
     `refit`, the dense top-k is refitted too (and kept if lower) only where it won before the
     refit. With `bias` (k, d_out), `gram` is the Gram of [X, 1] and the bias is learned (or
-    refitted) with the weights, as a network's biases train with its weights.
+    refitted) with the weights, as a network's biases train with its weights. `derived`:
+    derive(gram, rank), when it is at hand (a trail solves each layer at several budgets).
     Returns (float64 weights, float64 bias or None, whether the learned support was used)."""
     W0 = np.asarray(W, dtype=np.float64)
     if bias is not None:
@@ -183,10 +205,8 @@ def ltp_support_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, refit: 
     if bias is not None:
         weights[..., -1] = False
     G = np.asarray(gram, dtype=np.float64)
-    factor = low_rank_factor(G, rank) if rank is not None and rank < G.shape[-1] else None
-    # saliency units u = w * unit (module docstring); mean 1 per block keeps float32 tidy
-    unit = 1.0 / np.sqrt(inverse_diagonal(G, factor=factor))
-    unit /= unit.mean(axis=1, keepdims=True)
+    derived = derived or derive(G, rank)
+    factor, unit = derived.factor, derived.unit
     U0 = W0 * unit[:, None, :]
     if factor is None:
         learned_u = learn_weights(U0, G / (unit[:, :, None] * unit[:, None, :]), n_keep,
@@ -210,7 +230,7 @@ def ltp_support_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, refit: 
         H = refit_gram(G)
         for i in range(1 + (errors[1] < errors[0])):
             mask, _ = candidates[i]
-            candidates[i] = (mask, refit_on_support(W0, mask, G, damped=H))
+            candidates[i] = (mask, refit_on_support(W0, mask, G, damped=H, factor=factor))
             errors[i] = _learned_error(W0, candidates[i][1], G, factor)
     mask, best = candidates[int(np.argmin(errors))]
     # a kept weight must stay nonzero, or the layer would lose one more than its budget

@@ -45,12 +45,16 @@ def damped_gram(gram: np.ndarray, damping: float) -> np.ndarray:
     return _add_damping(np.array(gram, dtype=np.float64), damping)
 
 
+def ridge(gram: np.ndarray, damping: float) -> np.ndarray:
+    """What the damping adds to each block's diagonal: damping * mean(diag G), 1 for an all-zero
+    block (k,)."""
+    d = gram.shape[-1]
+    mean_diag = np.einsum("kii->k", gram) / d if d else np.zeros(len(gram))
+    return np.where(mean_diag > 0, damping * mean_diag, 1.0)
+
+
 def _add_damping(g: np.ndarray, damping: float) -> np.ndarray:
-    d = g.shape[-1]
-    diag = np.einsum("kii->ki", g)  # writable view of each block's diagonal
-    mean_diag = diag.mean(axis=1) if d else np.zeros(len(g))
-    empty = ~(mean_diag > 0)
-    diag += np.where(empty, 1.0, damping * mean_diag)[:, None]
+    np.einsum("kii->ki", g)[:] += ridge(g, damping)[:, None]  # a writable view of the diagonals
     return g
 
 
@@ -113,7 +117,36 @@ def _solve_restricted(H, blk, sel, rhs_full, budget=_CHUNK_BYTES):
     return out
 
 
-def _refit_direct(W, M, H):
+def _solve_low_rank(F, ridge, blk, sel, rhs_full, budget=_CHUNK_BYTES):
+    """_solve_restricted for H = F F^T + ridge I (F (k, d, r), ridge (k,)), by the Woodbury
+    identity H_SS^-1 c = (c - F_S (ridge I + F_S^T F_S)^-1 F_S^T c) / ridge: r x r systems,
+    about r^2 |S| work per row instead of |S|^3 (a Gram summed from r < |S| rows)."""
+    sizes = sel.sum(axis=1)
+    order = np.argsort(sizes, kind="stable")
+    order = order[sizes[order] > 0]
+    r = F.shape[-1]
+    out = []
+    start = 0
+    row_bytes = 16.0 * r * sizes[order]  # F_S and one product of its size, per row
+    while start < len(order):
+        span = np.arange(1, len(order) - start + 1)
+        count = max(1, int(np.searchsorted(span * row_bytes[start:], budget, side="right")))
+        rows = order[start : start + count]
+        smax = int(sizes[rows[-1]])
+        idx = np.argsort(~sel[rows], axis=1, kind="stable")[:, :smax]
+        valid = np.arange(smax)[None, :] < sizes[rows][:, None]
+        FS = F[blk[rows][:, None], idx] * valid[..., None]  # (rows, smax, r)
+        c = np.take_along_axis(rhs_full[rows], idx, axis=1) * valid
+        FSt = np.swapaxes(FS, 1, 2)
+        K = FSt @ FS
+        np.einsum("bii->bi", K)[:] += ridge[blk[rows]][:, None]
+        y = np.linalg.solve(K, (FSt @ c[..., None]))
+        out.append((rows, idx, valid, (c - (FS @ y)[..., 0]) / ridge[blk[rows]][:, None]))
+        start += len(rows)
+    return out
+
+
+def _refit_direct(W, M, H, factor=None, ridge=None):
     """Exact refit: each row solved on its kept or (OBS form) its pruned set, whichever is smaller."""
     k, d_out, d_in = W.shape
     Wr = W.reshape(k * d_out, d_in)
@@ -121,19 +154,25 @@ def _refit_direct(W, M, H):
     blk = np.repeat(np.arange(k), d_out)
     kept = Mr.sum(axis=1)
     on_support = kept <= d_in - kept
+    smaller = np.minimum(kept, d_in - kept).astype(np.float64)
+    # where G = F F^T has rank r well below the system size, Woodbury's r x r systems are cheaper
+    low_rank = (np.zeros(len(kept), dtype=bool) if factor is None else
+                2.0 * factor.shape[-1] ** 2 * kept < (2.0 / 3.0) * smaller ** 3)
     V = Wr * Mr
-    if on_support.any():
+    if (on_support | low_rank).any():
         # v_S = H_SS^-1 (H w)_S
-        rows = np.flatnonzero(on_support)
-        WH = (W @ H).reshape(k * d_out, d_in)[rows]
-        for sub, idx, valid, y in _solve_restricted(H, blk[rows], Mr[rows], WH):
-            r = rows[sub]
-            vr = np.zeros((len(r), d_in))
-            np.put_along_axis(vr, idx, np.where(valid, y, 0.0), axis=1)
-            V[r] = vr * Mr[r]
-    if (~on_support).any():
+        WH = (W @ H).reshape(k * d_out, d_in)
+        for chosen, solver in ((on_support & ~low_rank, lambda *a: _solve_restricted(H, *a)),
+                               (low_rank, lambda *a: _solve_low_rank(factor, ridge, *a))):
+            rows = np.flatnonzero(chosen)
+            for sub, idx, valid, y in solver(blk[rows], Mr[rows], WH[rows]) if len(rows) else ():
+                r = rows[sub]
+                vr = np.zeros((len(r), d_in))
+                np.put_along_axis(vr, idx, np.where(valid, y, 0.0), axis=1)
+                V[r] = vr * Mr[r]
+    if (~on_support & ~low_rank).any():
         # OBS: v = w - Hinv[:, P] (Hinv_PP)^-1 w_P, which is exactly zero on the pruned set P
-        rows = np.flatnonzero(~on_support)
+        rows = np.flatnonzero(~on_support & ~low_rank)
         try:
             Hinv = np.linalg.inv(H)
         except np.linalg.LinAlgError:
@@ -182,6 +221,7 @@ def refit_on_support(
     damping: float = 0.01,
     iters: int | None = None,
     damped: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Refit the kept weights (mask True) of a stack W (k, d_out, d_in) given its Gram (k, d_in, d_in).
 
@@ -190,6 +230,8 @@ def refit_on_support(
     pruned set of each row, whichever is smaller); an integer runs that many preconditioned CG
     iterations instead (approximate, never worse than masking; for layers too wide to solve).
     `damped`: refit_gram(gram, damping), when the caller refits several supports of one layer.
+    `factor`: F (k, d_in, r) with gram = F F^T, when the Gram was summed from r < d_in rows: rows
+    with many kept weights are then solved through r x r systems (Woodbury), same result.
     """
     squeeze = np.ndim(W) == 2
     W3 = _as_stack("W", W, 3).astype(np.float64)
@@ -205,5 +247,10 @@ def refit_on_support(
     if not (np.all(np.isfinite(G3)) and np.all(np.isfinite(W3))):
         raise OnnxPruneError("refit: weights and Gram must be finite")
     H = refit_gram(G3, damping) if damped is None else damped
-    V = _refit_direct(W3, M, H) if iters is None else _refit_cg(W3, M, H, int(iters))
+    if factor is not None:
+        factor = _as_stack("factor", np.asarray(factor, dtype=np.float64), 3)
+        if factor.shape[:2] != (k, d_in):
+            raise OnnxPruneError(f"refit: factor of shape {factor.shape} does not match gram {G3.shape}")
+    V = (_refit_direct(W3, M, H, factor, ridge(G3, damping)) if iters is None
+         else _refit_cg(W3, M, H, int(iters)))
     return V[0] if squeeze else V
