@@ -42,7 +42,8 @@ only sums the pairs of band weights sharing a row. Outside the band (|w^2 - tau|
 m is taken as exactly 0 or 1 (m (1 - m) < 3.4e-4 there). The band is kept between steps with a
 margin, and with it everything about it that does not depend on tau (its rows' blocks of G, its
 interaction with the weights below it): Adam's steps are small, so a step is then a few gathers
-and one batched product per bucket of rows (the deep CNN's 5-level trail: 11.8 -> 3.5 s at 300 steps per probe).
+and one batched product per bucket of rows (the deep CNN's 5-level trail at 300 steps per probe:
+11.8 -> 3.5 s).
 """
 
 from __future__ import annotations
