@@ -103,8 +103,14 @@ def test_cached_band_equals_a_fresh_one(monkeypatch, max_pairs):
     layers.set_temperatures(tau0)
     layers.evaluate(tau0, 0.8)
     built = layers._band
-    for shift, reused in ((0.5, True), (-1.0, True), (40.0, False)):
-        tau = tau0 + shift * layers.T
+    for shift, reused in ((0.5, True), (-1.0, True), (40.0, False), (0.0, False)):
+        if shift == 0.0:  # same tau, new temperatures: the band's sigmoid widths are stale
+            layers.evaluate(tau0, 0.8)
+            built = layers._band
+            layers.T = layers.T * 1.1  # (the band would still cover the new width)
+            tau = tau0
+        else:
+            tau = tau0 + shift * layers.T
         R, grad = layers.evaluate(tau, 0.8)
         assert (layers._band is built) == reused
         fresh = ltp._Layers(weights, grams, 0.01)

@@ -61,6 +61,28 @@ def test_low_rank_factor_gives_the_same_refit():
     assert np.all(V[~mask] == 0)
 
 
+def test_low_rank_factor_is_not_used_without_damping():
+    """Undamped, H_SS can be singular: the factor changes nothing (no division by a zero ridge)."""
+    from onnxprune.methods.ltp_weights import low_rank_factor
+
+    rng = np.random.default_rng(8)
+    W = rng.standard_normal((1, 12, 60))
+    G = gram(rng, 1, 60, 6)
+    mask = mixed_mask(rng, W.shape)
+
+    def run(**kw):
+        try:
+            return refit_on_support(W, mask, G, damping=0.0, **kw)
+        except OnnxPruneError as e:
+            return str(e)
+
+    plain, factored = run(), run(factor=low_rank_factor(G, 6))
+    if isinstance(plain, str):
+        assert factored == plain
+    else:
+        np.testing.assert_array_equal(factored, plain)
+
+
 def test_optimal_on_the_support():
     """The damped objective's gradient vanishes on the support (first-order optimality)."""
     rng = np.random.default_rng(1)

@@ -127,7 +127,8 @@ def _solve_low_rank(F, ridge, blk, sel, rhs_full, budget=_CHUNK_BYTES):
     r = F.shape[-1]
     out = []
     start = 0
-    row_bytes = 16.0 * r * sizes[order]  # F_S and one product of its size, per row
+    # per row: F_S and one product of its size, and its right-hand side and index rows
+    row_bytes = 16.0 * r * sizes[order] + 24.0 * sel.shape[1]
     while start < len(order):
         span = np.arange(1, len(order) - start + 1)
         count = max(1, int(np.searchsorted(span * row_bytes[start:], budget, side="right")))
@@ -147,7 +148,8 @@ def _solve_low_rank(F, ridge, blk, sel, rhs_full, budget=_CHUNK_BYTES):
 
 
 def _refit_direct(W, M, H, factor=None, ridge=None):
-    """Exact refit: each row solved on its kept or (OBS form) its pruned set, whichever is smaller."""
+    """Exact refit: each row solved on its kept or (OBS form) its pruned set, whichever is smaller,
+    or through `factor` (G = F F^T, ridge: the damping per block) where that is cheaper."""
     k, d_out, d_in = W.shape
     Wr = W.reshape(k * d_out, d_in)
     Mr = M.reshape(k * d_out, d_in)
@@ -157,7 +159,8 @@ def _refit_direct(W, M, H, factor=None, ridge=None):
     smaller = np.minimum(kept, d_in - kept).astype(np.float64)
     # where G = F F^T has rank r well below the system size, Woodbury's r x r systems are cheaper
     low_rank = (np.zeros(len(kept), dtype=bool) if factor is None else
-                2.0 * factor.shape[-1] ** 2 * kept < (2.0 / 3.0) * smaller ** 3)
+                (2.0 * factor.shape[-1] ** 2 * kept < (2.0 / 3.0) * smaller ** 3)
+                & (ridge[blk] > 0))  # undamped: H_SS may be singular, the direct solve says so
     V = Wr * Mr
     if (on_support | low_rank).any():
         # v_S = H_SS^-1 (H w)_S
