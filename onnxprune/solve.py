@@ -81,8 +81,10 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     idx = block_index(layer)
     W = dense.reshape(-1)[idx].astype(np.float64)
     keep = pruned.reshape(-1)[idx] != 0
+    if stats.count < stats.d_in and "factor" not in stats.derived:  # kept for a trail's levels
+        stats.derived["factor"] = refit.low_rank_factor(stats.gram, stats.count)
     with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
-        new = refit.refit_on_support(W, keep, stats.gram)
+        new = refit.refit_on_support(W, keep, stats.gram, factor=stats.derived.get("factor"))
     return _to_stored(pruned, idx, new)
 
 

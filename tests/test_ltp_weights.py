@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from onnxprune.methods.ltp_weights import (inverse_diagonal, learn_weights, low_rank_factor,
-                                           ltp_support_weights, top_k_mask)
-from onnxprune.methods.refit import damped_gram, output_error, refit_on_support
+from onnxprune.methods.ltp_weights import (inverse_diagonal, learn_weights, ltp_support_weights,
+                                           top_k_mask)
+from onnxprune.methods.refit import damped_gram, low_rank_factor, output_error, refit_on_support
 
 
 def correlated_layer(seed=0, n=400, d_in=40, d_out=12):

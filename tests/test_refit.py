@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.methods.refit import damped_gram, output_error, refit_on_support
+from onnxprune.methods.refit import damped_gram, low_rank_factor, output_error, refit_on_support
 
 
 def gram(rng, k, d, n):
@@ -48,8 +48,6 @@ def test_exact_against_per_row_solve(n_samples):
 def test_low_rank_factor_gives_the_same_refit():
     """With G = F F^T of rank 6 on 60 inputs, the rows whose systems are large go through
     Woodbury's 6 x 6 systems: the same weights as the direct solves (an empty block included)."""
-    from onnxprune.methods.ltp_weights import low_rank_factor
-
     rng = np.random.default_rng(7)
     W = rng.standard_normal((3, 40, 60))
     G = gram(rng, 3, 60, 6)
@@ -63,8 +61,6 @@ def test_low_rank_factor_gives_the_same_refit():
 
 def test_low_rank_factor_is_not_used_without_damping():
     """Undamped, H_SS can be singular: the factor changes nothing (no division by a zero ridge)."""
-    from onnxprune.methods.ltp_weights import low_rank_factor
-
     rng = np.random.default_rng(8)
     W = rng.standard_normal((1, 12, 60))
     G = gram(rng, 1, 60, 6)

@@ -55,7 +55,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import InfeasibleError, OnnxPruneError
-from .ltp_weights import inverse_diagonal, low_rank_factor
+from .ltp_weights import inverse_diagonal
+from .refit import low_rank_factor
 
 DEFAULT_T0 = 1e-4
 DEFAULT_LR = 0.02

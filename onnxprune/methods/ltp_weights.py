@@ -33,27 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .refit import damped_gram, refit_gram, refit_on_support
+from .refit import damped_gram, low_rank_factor, refit_gram, refit_on_support
 
 STEPS = 400
 LR = 0.05  # step, times the starting threshold's |w|, cosine-decayed to 0
 T_START, T_END = 1.0, 0.01  # temperature, times tau, annealed geometrically
 DAMPING = 0.03  # of the mean Gram diagonal: the pull towards the dense weights
 _ADAM = (0.9, 0.999, 1e-30)
-
-
-def low_rank_factor(gram: np.ndarray, rank: int, seed: int = 0) -> np.ndarray:
-    """F (k, d, r) with G = F F^T, for Grams summed from `rank` < d rows (rank at most `rank`):
-    a randomised range finder, exact up to rounding then. Steps with F cost r / d of one with G
-    (animal_cnn's fc1 saw 512 rows for 3136 inputs: 6x cheaper)."""
-    k, d, _ = gram.shape
-    r = min(d, rank + 8)
-    omega = np.random.default_rng(seed).standard_normal((d, r))
-    q, _ = np.linalg.qr(gram @ omega)  # (k, d, r): an orthonormal basis of G's range
-    gq = gram @ q
-    b = np.swapaxes(q, 1, 2) @ gq
-    vals, vecs = np.linalg.eigh(0.5 * (b + np.swapaxes(b, 1, 2)))
-    return (q @ vecs) * np.sqrt(np.maximum(vals, 0.0))[:, None, :]
 
 
 def inverse_diagonal(gram: np.ndarray, damping: float = 0.01,
