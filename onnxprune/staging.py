@@ -18,12 +18,11 @@ from pathlib import Path
 import onnx
 
 from .errors import OnnxPruneError
-from .modelio import iter_tensors, tensor_nbytes, write_streamed
+from .modelio import iter_tensors, tensor_nbytes, write_all, write_streamed
 
 ALIGN = 64
 INLINE_LIMIT = 1024  # inline tensors of this many bytes or more move to the data file
 COPY_CHUNK = 64 << 20  # buffer of the read/write fallback when copy_file_range cannot be used
-WRITE_PIECE = 64 << 10  # bytes per write call into a new file (see write_all)
 
 
 def external_ref(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
@@ -200,21 +199,6 @@ class OutputStage:
         if self._close_fd is not None:
             self._close_fd()
         self._cleanup()
-
-
-def write_all(fd: int, data, offset: int) -> None:
-    """Write all of `data` (bytes-like) at `offset` of a file, 64 KiB per call.
-
-    Why pieces: the page cache sizes the folios of new file data by the write that creates them.
-    On the test VM (ext4, Linux 6.18) 2.8 GB written in 1 MB calls took 7-11 s of kernel time,
-    almost all of it copying into the fresh folios, and 1.0-1.2 s in 64 KiB calls, whatever the
-    order or number of threads (cp's in-kernel copy also moves 64 KiB at a time)."""
-    data = memoryview(data).cast("B")
-    for start in range(0, data.nbytes, WRITE_PIECE):
-        piece = data[start:start + WRITE_PIECE]
-        while piece.nbytes:  # a write may take less than asked
-            n = os.pwrite(fd, piece, offset + start)
-            piece, start = piece[n:], start + n
 
 
 def _copy_range(src: str | Path, src_offset: int, dst: Path, dst_offset: int, length: int) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .refit import damped_gram, low_rank_factor, refit_gram, refit_on_support
+from .refit import damped_gram, low_rank_factor, refit_gram, refit_on_support, ridge
 
 STEPS = 400
 LR = 0.05  # step, times the starting threshold's |w|, cosine-decayed to 0
@@ -48,16 +48,15 @@ def inverse_diagonal(gram: np.ndarray, damping: float = 0.01,
     With `factor` (G = F F^T of rank r < d) by the Woodbury identity, r x r solves only."""
     G = np.asarray(gram, dtype=np.float64)
     k, d, _ = G.shape
-    mean_diag = np.einsum("kii->k", G) / max(d, 1)
     out = np.ones((k, d))
-    for b in np.flatnonzero(mean_diag > 0):
-        ridge = damping * mean_diag[b]
+    ridges = ridge(G, damping)
+    for b in np.flatnonzero(np.einsum("kii->k", G) > 0):  # an all-zero block: H = I
         if factor is not None:
             # (ridge I + F F^T)^-1 = (I - F (ridge I + F^T F)^-1 F^T) / ridge
             F = np.asarray(factor[b], dtype=np.float64)
             M = F.T @ F
-            np.einsum("ii->i", M)[:] += ridge
-            out[b] = (1.0 - np.einsum("ij,ji->i", F, np.linalg.solve(M, F.T))) / ridge
+            np.einsum("ii->i", M)[:] += ridges[b]
+            out[b] = (1.0 - np.einsum("ij,ji->i", F, np.linalg.solve(M, F.T))) / ridges[b]
         else:
             out[b] = np.diagonal(np.linalg.inv(damped_gram(G[b:b + 1], damping)[0]))
     return out
@@ -105,7 +104,7 @@ def learn_weights(W: np.ndarray, gram: np.ndarray | None, n_keep: int, *, bias: 
         G = np.asarray(gram, dtype=np.float64)
         diag = np.einsum("kii->k", G) / max(G.shape[-1], 1)
         G32 = damped_gram(G, damping).astype(np.float32)
-    ridge = (damping * diag).astype(np.float32)[:, None, None]
+    damp = (damping * diag).astype(np.float32)[:, None, None]
     w = W0.copy()
     m1, m2 = np.zeros_like(w), 0.0
     x, m, r, g = (np.empty_like(w) for _ in range(4))
@@ -132,7 +131,7 @@ def learn_weights(W: np.ndarray, gram: np.ndarray | None, n_keep: int, *, bias: 
             m[..., -1] = 1.0
         np.multiply(w, m, out=r)
         r -= W0
-        d = (r @ factor) @ factor_t + ridge * r if factor is not None else r @ G32
+        d = (r @ factor) @ factor_t + damp * r if factor is not None else r @ G32
         np.multiply(m, d, out=g)  # LTP's rule: the mask is a constant for w (dv/dw := m)
         if masked:
             g *= free
@@ -229,6 +228,6 @@ def ltp_support_weights(W: np.ndarray, gram: np.ndarray, n_keep: int, *, refit: 
 def _learned_error(W0, V, G, factor) -> float:
     """The damped output error the weights learned on; through the factor when there is one."""
     D = V - W0
-    ridge = DAMPING * np.einsum("kii->k", G) / max(G.shape[-1], 1)
+    damp = DAMPING * np.einsum("kii->k", G) / max(G.shape[-1], 1)
     data = np.sum((D @ factor) ** 2) if factor is not None else np.sum(D * (D @ G))
-    return float(data + np.sum(ridge[:, None, None] * D * D))
+    return float(data + np.sum(damp[:, None, None] * D * D))

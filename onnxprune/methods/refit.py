@@ -95,6 +95,28 @@ def output_error(W: np.ndarray, V: np.ndarray, gram: np.ndarray) -> float:
 _CHUNK_BYTES = 1 << 27
 
 
+def _row_chunks(sel, row_bytes, budget):
+    """The rows with a nonempty selection, sorted by its size, in chunks of about `budget`
+    bytes (row_bytes(sizes) per row) and of alike sizes (so that little is padding). Yields
+    (rows, idx, valid): idx (rows, smax) the selected positions of each row first, padded."""
+    sizes = sel.sum(axis=1)
+    order = np.argsort(sizes, kind="stable")
+    order = order[sizes[order] > 0]
+    cost = row_bytes(sizes[order].astype(np.float64))
+    start = 0
+    while start < len(order):
+        span = np.arange(1, len(order) - start + 1)
+        count = max(1, int(np.searchsorted(span * cost[start:], budget, side="right")))
+        similar = sizes[order[start:]] <= 1.25 * sizes[order[start]] + 8
+        count = min(count, max(1, int(np.searchsorted(~similar, True))))
+        rows = order[start : start + count]
+        smax = int(sizes[rows[-1]])
+        idx = np.argsort(~sel[rows], axis=1, kind="stable")[:, :smax]
+        valid = np.arange(smax)[None, :] < sizes[rows][:, None]
+        yield rows, idx, valid
+        start += len(rows)
+
+
 def _solve_restricted(H, blk, sel, rhs_full, budget=_CHUNK_BYTES):
     """Solve H[b][I_r, I_r] y_r = rhs_full[r, I_r] for every row r, I_r = flatnonzero(sel[r]).
 
@@ -102,24 +124,11 @@ def _solve_restricted(H, blk, sel, rhs_full, budget=_CHUNK_BYTES):
     batches (padding is an identity block with zero right-hand side, so it solves to zero).
     Returns one (rows, idx, valid, y) per chunk; `rows` index into the given rows.
     """
-    sizes = sel.sum(axis=1)
-    order = np.argsort(sizes, kind="stable")
-    order = order[sizes[order] > 0]
     out = []
-    start = 0
-    # bytes of a chunk order[start:end] ~ 32 * (end - start) * size(last)^2 (systems + indices)
-    sq = 32.0 * sizes[order].astype(np.float64) ** 2
-    while start < len(order):
-        span = np.arange(1, len(order) - start + 1)
-        count = max(1, int(np.searchsorted(span * sq[start:], budget, side="right")))
-        # and keep sizes within a chunk alike, so that little is padding
-        similar = sizes[order[start:]] <= 1.25 * sizes[order[start]] + 8
-        count = min(count, max(1, int(np.searchsorted(~similar, True))))
-        rows = order[start : start + count]
-        smax = int(sizes[rows[-1]])
-        idx = np.argsort(~sel[rows], axis=1, kind="stable")[:, :smax]
-        valid = np.arange(smax)[None, :] < sizes[rows][:, None]
-        d = H.shape[-1]
+    d = H.shape[-1]
+    # bytes per row ~ 32 * size^2 (its system and indices)
+    for rows, idx, valid in _row_chunks(sel, lambda size: 32.0 * size ** 2, budget):
+        smax = idx.shape[1]
         base = (blk[rows] * d * d)[:, None, None] + idx[:, :, None] * d
         A = np.take(H, base + idx[:, None, :])  # H[b][I_r, I_r], padded (flat take: fast)
         A *= valid[:, :, None] & valid[:, None, :]
@@ -130,7 +139,6 @@ def _solve_restricted(H, blk, sel, rhs_full, budget=_CHUNK_BYTES):
         except np.linalg.LinAlgError:
             raise OnnxPruneError("refit: singular Gram on a row's support; use damping > 0") from None
         out.append((rows, idx, valid, y))
-        start += len(rows)
     return out
 
 
@@ -138,21 +146,10 @@ def _solve_low_rank(F, ridge, blk, sel, rhs_full, budget=_CHUNK_BYTES):
     """_solve_restricted for H = F F^T + ridge I (F (k, d, r), ridge (k,)), by the Woodbury
     identity H_SS^-1 c = (c - F_S (ridge I + F_S^T F_S)^-1 F_S^T c) / ridge: r x r systems,
     about r^2 |S| work per row instead of |S|^3 (a Gram summed from r < |S| rows)."""
-    sizes = sel.sum(axis=1)
-    order = np.argsort(sizes, kind="stable")
-    order = order[sizes[order] > 0]
-    r = F.shape[-1]
     out = []
-    start = 0
-    # per row: F_S and one product of its size, and its right-hand side and index rows
-    row_bytes = 16.0 * r * sizes[order] + 24.0 * sel.shape[1]
-    while start < len(order):
-        span = np.arange(1, len(order) - start + 1)
-        count = max(1, int(np.searchsorted(span * row_bytes[start:], budget, side="right")))
-        rows = order[start : start + count]
-        smax = int(sizes[rows[-1]])
-        idx = np.argsort(~sel[rows], axis=1, kind="stable")[:, :smax]
-        valid = np.arange(smax)[None, :] < sizes[rows][:, None]
+    r, d = F.shape[-1], sel.shape[1]
+    # bytes per row: F_S and one product of its size, its right-hand side and index rows
+    for rows, idx, valid in _row_chunks(sel, lambda size: 16.0 * r * size + 24.0 * d, budget):
         FS = F[blk[rows][:, None], idx] * valid[..., None]  # (rows, smax, r)
         c = np.take_along_axis(rhs_full[rows], idx, axis=1) * valid
         FSt = np.swapaxes(FS, 1, 2)
@@ -160,7 +157,6 @@ def _solve_low_rank(F, ridge, blk, sel, rhs_full, budget=_CHUNK_BYTES):
         np.einsum("bii->bi", K)[:] += ridge[blk[rows]][:, None]
         y = np.linalg.solve(K, (FSt @ c[..., None]))
         out.append((rows, idx, valid, (c - (FS @ y)[..., 0]) / ridge[blk[rows]][:, None]))
-        start += len(rows)
     return out
 
 
