@@ -114,3 +114,16 @@ def test_merge_replaces_only_the_measured_rows_in_place():
     assert [u["date"] for u in benchmark.merged(result, again)["updates"]] == ["d1", "d2"]
     again["rows"].append(row("a", "z", 0.5, 3))
     assert [u["date"] for u in benchmark.merged(result, again)["updates"]] == ["d2"]
+
+
+def test_calibration_draws_are_the_prefix_then_seeded_subsets():
+    import calib_draws
+
+    calib = {"input": np.arange(20, dtype=np.float32)[:, None], "labels": np.arange(20)}
+    draws = calib_draws.draws(calib, 8, 3)
+    assert len(draws) == 4 and all(set(d) == {"input"} for d in draws)  # labels never reach prune
+    assert draws[0]["input"][:, 0].tolist() == list(range(8))  # the benchmark's samples
+    picked = [tuple(d["input"][:, 0]) for d in draws[1:]]
+    assert all(len(set(p)) == 8 and list(p) == sorted(p) for p in picked)  # no repeats, in order
+    assert len(set(picked)) == 3  # each seed its own subset
+    assert picked == [tuple(d["input"][:, 0]) for d in calib_draws.draws(calib, 8, 3)[1:]]
