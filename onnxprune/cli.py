@@ -164,11 +164,9 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
 
 def _parse_sparsity(text: str) -> list[float]:
     try:
-        levels = [float(part) for part in text.split(",") if part.strip()]
+        levels = [float(part) for part in text.split(",")]  # float("") fails: no empty entries
     except ValueError:
         raise OnnxPruneError(f"--sparsity expects numbers like 0.9 or 0.5,0.7,0.9, got '{text}'") from None
-    if not levels:
-        raise OnnxPruneError("--sparsity is empty")
     if sorted(levels) != levels or len(set(levels)) != len(levels):
         raise OnnxPruneError(f"--sparsity levels must be increasing, got '{text}'")
     return levels

@@ -64,6 +64,7 @@ def check_against_model(
         arr = samples[name]
         _check_shape(name, arr.shape, shape)
         checked[name] = _cast_to_input_dtype(name, arr, np.dtype(dtype))
+        _check_finite(name, checked[name], arr.dtype)
 
     if LABELS_KEY in samples:
         checked[LABELS_KEY] = _check_labels(samples[LABELS_KEY])
@@ -181,7 +182,8 @@ def _cast_to_input_dtype(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarr
     if have == want:
         return arr
     if _is_float(want) and _is_float(have):
-        return arr.astype(want)
+        with np.errstate(over="ignore"):  # overflow to inf: _check_finite says so
+            return arr.astype(want)
     if _is_int(want) and _is_int(have):
         if arr.size and not _fits(arr, want):
             raise OnnxPruneError(
@@ -190,6 +192,16 @@ def _cast_to_input_dtype(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarr
             )
         return arr.astype(want)
     raise OnnxPruneError(f"input '{name}': data is {have} but the model expects {want}")
+
+
+def _check_finite(name: str, arr: np.ndarray, given: np.dtype) -> None:
+    """NaN statistics would fail deep inside a solver, far from their cause."""
+    if not _is_float(arr.dtype):
+        return
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        cast = f" (after the cast from {given} to {arr.dtype})" if given != arr.dtype else ""
+        raise OnnxPruneError(f"input '{name}': data holds {bad} NaN or infinite values{cast}")
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:

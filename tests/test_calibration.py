@@ -173,3 +173,15 @@ def test_a_sample_limit_takes_a_seeded_random_subset_not_a_prefix():
     assert np.array_equal(subset, again) and not np.array_equal(subset, other)
     everything = load_calibration({"input": x}, model, 1000, seed=0).samples["input"]
     assert np.array_equal(everything, x)
+
+
+def test_a_layer_input_the_model_makes_non_finite_is_one_clear_error():
+    # finite data, but Log(x) of negative x is NaN before the MatMul
+    rng = np.random.default_rng(0)
+    model = builders.make_model(
+        [onnx.helper.make_node("Log", ["x"], ["lx"]), onnx.helper.make_node("MatMul", ["lx", "w"], ["y"])],
+        [builders.vinfo("x", ["N", 4])], [builders.vinfo("y", ["N", 3])],
+        [onnx.numpy_helper.from_array(builders.rand(rng, 4, 3), "w")])
+    data = {"x": rng.standard_normal((8, 4)).astype(np.float32)}
+    with pytest.raises(OnnxPruneError, match=r"layer '.*': its input holds NaN or infinite values"):
+        prune(model, 0.5, method="dc", calib=data)

@@ -102,6 +102,13 @@ def test_sparsity_out_of_range(model_path, value):
     assert_one_line_error(run(model_path, "-s", value), "sparsity must be in [0, 1)")
 
 
+@pytest.mark.parametrize("value, message", [
+    ("0.5,abc", "expects numbers"), ("0.5,,0.7", "expects numbers"), ("0.5,", "expects numbers"),
+    ("", "expects numbers"), ("0.7,0.5", "must be increasing"), ("0.5,0.5", "must be increasing")])
+def test_malformed_sparsity_lists(model_path, value, message):
+    assert_one_line_error(run(model_path, "-s", value), message)
+
+
 def test_no_prunable_weights(tmp_path):
     path = tmp_path / "int.onnx"
     onnx.save(builders.int_weights(), path)

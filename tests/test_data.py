@@ -108,6 +108,15 @@ def test_wrong_fixed_dimension_is_an_error():
         check_against_model(samples, [IMAGE, TOKENS])
 
 
+@pytest.mark.parametrize("value, given", [(np.nan, np.float32), (np.inf, np.float32), (1e300, np.float64)])
+def test_non_finite_float_data_is_an_error(value, given):
+    samples = make_samples()
+    samples["image"] = samples["image"].astype(given)
+    samples["image"][2, 1, 3] = value  # 1e300: finite as float64, inf once cast to float32
+    with pytest.raises(OnnxPruneError, match=r"input 'image': data holds 1 NaN or infinite"):
+        check_against_model(samples, [IMAGE, TOKENS])
+
+
 def test_fixed_batch_dimension_is_not_compared_with_the_sample_count():
     fixed_batch = ("image", np.dtype(np.float32), [1, 3, 4])
     checked = check_against_model(make_samples(n=6, labels=False), [fixed_batch])

@@ -60,6 +60,9 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
             rows = layout.input_rows(values[layer.input_name], layer.op, layer.attrs,
                                      shapes[layer.name], layer.weight_side,
                                      max_positions=max_positions, rng=rngs[layer.name])
+            if not np.isfinite(rows).all():  # finite inputs, but the model computes NaN / inf
+                raise OnnxPruneError(f"layer '{layer.name}': its input holds NaN or infinite "
+                                     f"values on the calibration data (batch {n_batches + 1})")
             if layer.name not in stats:
                 stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2], gram=gram,
                                                row_cap=(row_cap or {}).get(layer.name, 0),
