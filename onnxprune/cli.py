@@ -28,6 +28,25 @@ class _DefaultToPrune(click.Group):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
 
+    def main(self, *args, **kwargs):
+        # click's usage errors are four lines; ours are one (exit code 2: a command-line mistake)
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # click >= 8.2
+            click.echo(e.format_message())
+            sys.exit(2)
+        except click.UsageError as e:
+            hint = f" (see `onnxprune {e.ctx.info_name} --help`)" if e.ctx and e.ctx.parent else ""
+            click.echo(f"onnxprune: error: {e.format_message().rstrip('.')}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"onnxprune: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("onnxprune: error: interrupted", err=True)
+            sys.exit(1)
+
 
 @click.group(cls=_DefaultToPrune, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnxprune")
@@ -139,6 +158,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
         if plot_path is not None and method != "ltp":
             raise OnnxPruneError("--plot shows the LTP objective: use it with --method ltp")
         output = output or default_output(model)
+        for path, what in ((report_path, "report"), (plot_path, "plot")):
+            _check_side_output(path, what, model, output)  # before any work, as the output is
         results = prune(model, levels if len(levels) > 1 else levels[0], method=method,
                         output=output, min_keep=min_keep, mt_variant=mt_variant, include=include,
                         exclude=exclude, calib=calib, calib_samples=calib_samples,
@@ -199,6 +220,17 @@ def eval_command(model, data_path, reference, batch_size, device, as_json, quiet
     except KeyboardInterrupt:
         _fail("interrupted")
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
+
+
+def _check_side_output(path: Path | None, what: str, model: Path, output: Path) -> None:
+    if path is None:
+        return
+    if not path.resolve().parent.is_dir():
+        raise OnnxPruneError(f"{path}: folder of the {what} does not exist")
+    if path.is_dir():
+        raise OnnxPruneError(f"{path}: is a folder; the {what} needs a file name")
+    if path.resolve() in (Path(model).resolve(), Path(output).resolve()):
+        raise OnnxPruneError(f"{path}: the {what} would overwrite a model")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -46,6 +46,10 @@ class Layer:
     bias: onnx.TensorProto | None = None
     relu: bool = False  # every consumer of the output is a Relu
     consumers: list[str] = field(default_factory=list)
+    # a weight shared by several nodes: the inputs of the others that use it the same way (their
+    # statistics add up: the objective is the sum of their errors), or uses_differ
+    shared_inputs: list[str] = field(default_factory=list)
+    uses_differ: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -173,12 +177,30 @@ class _Finder:
             known.consumers.append(node.op_type)
             if role == "embedding" or (role == "weight" and known.role not in ("weight", "embedding")):
                 self._fill(known, node, slot, chain, role, scope, producers, consumers)
+            elif role == "weight" and known.role == "weight":
+                self._another_use(known, node, slot, chain, scope, producers, consumers, path)
             return
         layer = Layer(name=name, role=role, op=node.op_type, node=node_label(node),
                       tensor=tensor, graph=path, initializer=key in self._initializers,
                       consumers=[node.op_type])
         self._fill(layer, node, slot, chain, role, scope, producers, consumers)
         self.layers[key] = layer
+
+    def _another_use(self, known, node, slot, chain, scope, producers, consumers, path):
+        use = Layer(name=known.name, role="weight", op=node.op_type, node=node_label(node),
+                    tensor=known.tensor, graph=path, initializer=known.initializer)
+        self._fill(use, node, slot, chain, "weight", scope, producers, consumers)
+        same = (use.graph == known.graph and use.op == known.op and use.attrs == known.attrs
+                and use.weight_side == known.weight_side and use.bias is known.bias
+                and use.layout_known and known.layout_known
+                and (use.index is None) == (known.index is None)
+                and (use.index is None or np.array_equal(use.index, known.index))
+                and use.input_name is not None)
+        if same:
+            known.shared_inputs.append(use.input_name)
+            known.relu = known.relu and use.relu  # DC's ReLU objective only if every use has one
+        else:
+            known.uses_differ = True
 
     def _fill(self, layer, node, slot, chain, role, scope, producers, consumers):
         layer.role, layer.op, layer.node = role, node.op_type, node_label(node)

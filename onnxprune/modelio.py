@@ -66,11 +66,13 @@ class LoadedModel:
         """Whether the tensor's new value can go straight into the staged output's data file."""
         return self.stage is not None and self.stage.covers(tensor)
 
-    def rewrite(self, tensor: onnx.TensorProto, fn, chunk_size: int) -> list:
+    def rewrite(self, tensor: onnx.TensorProto, values: np.ndarray, fn, chunk_size: int) -> list:
         """Replace a streamed tensor's values chunk by chunk, never holding it whole:
-        fn(chunk, start, out) returns (the new flat chunk, *info) for the chunk at flat index
-        `start` (`out`: a buffer it may write it into); each new chunk is written at its place. Returns every chunk's info, in order."""
-        flat = tensor_to_array(tensor).reshape(-1)
+        fn(chunk, start, out) returns (the new flat chunk, *info) for the chunk of `values` (the
+        input's, usually a memory map: not what an earlier level of a trail wrote) at flat index
+        `start` (`out`: a buffer it may write it into); each new chunk is written at its place.
+        Returns every chunk's info, in order."""
+        flat = values.reshape(-1)
 
         def one(start):
             n = min(chunk_size, flat.size - start)

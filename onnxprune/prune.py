@@ -168,8 +168,8 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
                 fallback.append(layer.name)
         if cut is not None and not refitted and loaded.streams(layer.tensor):
             # a mask alone: straight from the input's data file into the output's, in chunks
-            parts = loaded.rewrite(layer.tensor, lambda chunk, start, out: magnitude.apply_cut(chunk, cut, start, out),
-                                   magnitude.CHUNK)
+            parts = loaded.rewrite(layer.tensor, array, lambda chunk, start, out:
+                                   magnitude.apply_cut(chunk, cut, start, out), magnitude.CHUNK)
             zeros_before, zeros_after = (sum(p[i] for p in parts) for i in (0, 1))
         else:
             if solved and method == "dc":
@@ -197,7 +197,8 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
         calibration["passes"] = sum(calibratable(layer) for layer in layers)
     if fallback:
         notes.append(f"{len(fallback)} tensors have no calibration statistics (inside subgraphs, "
-                     f"unresolved layout or not a layer weight) and were pruned by magnitude: "
+                     f"unresolved layout, shared by nodes that use it differently, or not a layer "
+                     f"weight) and were pruned by magnitude: "
                      + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""))
     return rows, notes
 

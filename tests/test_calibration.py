@@ -185,3 +185,30 @@ def test_a_layer_input_the_model_makes_non_finite_is_one_clear_error():
     data = {"x": rng.standard_normal((8, 4)).astype(np.float32)}
     with pytest.raises(OnnxPruneError, match=r"layer '.*': its input holds NaN or infinite values"):
         prune(model, 0.5, method="dc", calib=data)
+
+
+def test_a_shared_weight_sums_the_statistics_of_all_its_uses():
+    # y = tanh(x W) W: one tensor, two inputs; its objective is the sum of both uses' errors
+    model = builders.shared_weight()
+    layers, _ = find_layers(model)
+    assert layers[0].shared_inputs == ["t"] and not layers[0].uses_differ
+    x = np.random.default_rng(1).standard_normal((32, 6)).astype(np.float32)
+    stats, _ = collect_statistics(model, layers, [{"x": x}])
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    t = np.tanh(x.astype(np.float64) @ w)
+    np.testing.assert_allclose(stats["w"].gram[0], x.T.astype(np.float64) @ x + t.T @ t, rtol=1e-5)
+    assert stats["w"].count == 64
+
+
+def test_a_weight_used_in_two_ways_falls_back_to_magnitude_with_a_note():
+    rng = np.random.default_rng(2)
+    helper = onnx.helper
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),           # x W
+             helper.make_node("MatMul", ["w", "h"], ["y"])]           # W h: the weight on the left
+    model = builders.make_model(nodes, [builders.vinfo("x", [6, 6])], [builders.vinfo("y", [6, 6])],
+                                [onnx.numpy_helper.from_array(builders.rand(rng, 6, 6), "w")])
+    layers, _ = find_layers(model)
+    assert layers[0].uses_differ
+    result = prune(model, 0.5, method="dc", calib={"x": builders.rand(rng, 6, 6)}, verify=False)
+    assert result.report.zeros == 18
+    assert any("use it differently" in note for note in result.report.notes)

@@ -109,6 +109,28 @@ def test_malformed_sparsity_lists(model_path, value, message):
     assert_one_line_error(run(model_path, "-s", value), message)
 
 
+@pytest.mark.parametrize("option, name, message", [
+    ("--report", "nodir/r.json", "folder of the report does not exist"),
+    ("--report", ".", "is a folder"),
+    ("--report", "mlp.onnx", "would overwrite a model"),
+    ("--plot", "nodir/p.png", "folder of the plot does not exist")])
+def test_bad_report_or_plot_path_fails_before_any_output(model_path, tmp_path, option, name, message):
+    before = model_path.read_bytes()
+    extra = ["-m", "ltp", "--calib", "random"] if option == "--plot" else []
+    assert_one_line_error(run(model_path, "-s", "0.5", *extra, option, tmp_path / name), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]
+    assert model_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [["-m", "magnitude"], ["--storage", "csr"], ["--bogus"]])
+def test_command_line_mistakes_are_one_line_with_exit_code_2(model_path, args):
+    result = run(model_path, "-s", "0.5", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxprune: error: "), result.output
+    assert "onnxprune prune --help" in lines[0]
+
+
 def test_no_prunable_weights(tmp_path):
     path = tmp_path / "int.onnx"
     onnx.save(builders.int_weights(), path)

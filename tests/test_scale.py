@@ -217,12 +217,14 @@ def test_cli_max_memory_option(tmp_path):
 def test_trail_over_external_data_equals_in_memory_trail(tmp_path):
     model = stack()
     src = save_external(model, tmp_path / "in.onnx")
-    prune(src, [0.5, 0.9], method="global", output=tmp_path / "t.onnx")
+    got = prune(src, [0.5, 0.9], method="global", output=tmp_path / "t.onnx")
     refs = prune(model, [0.5, 0.9], method="global", verify=False)
-    for level, ref in zip(("0.5", "0.9"), refs):
+    for level, ref, result in zip(("0.5", "0.9"), refs, got):
         dense, _ = tensors(tmp_path / f"t.s{level}.onnx")
         for t in ref.model.graph.initializer:
             assert_bitwise_equal(dense[t.name], numpy_helper.to_array(t))
+        # every level reads the input, not the level before it
+        assert [r.zeros_before for r in result.report.layers] == [r.zeros_before for r in ref.report.layers]
 
 
 @pytest.mark.parametrize("sequential", [False, True])

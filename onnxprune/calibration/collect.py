@@ -25,7 +25,7 @@ from .accumulators import LayerStats
 def calibratable(layer: Layer) -> bool:
     """Layers whose input can be observed: in the main graph, a known weight layout."""
     return (layer.role == "weight" and not layer.graph and layer.layout_known
-            and layer.input_name is not None)
+            and layer.input_name is not None and not layer.uses_differ)
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
@@ -57,17 +57,18 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
         values = dict(zip(wanted, session.run(wanted, feeds))) if wanted else {}
         values.update(feeds)
         for layer in layers:
-            rows = layout.input_rows(values[layer.input_name], layer.op, layer.attrs,
-                                     shapes[layer.name], layer.weight_side,
-                                     max_positions=max_positions, rng=rngs[layer.name])
-            if not np.isfinite(rows).all():  # finite inputs, but the model computes NaN / inf
-                raise OnnxPruneError(f"layer '{layer.name}': its input holds NaN or infinite "
-                                     f"values on the calibration data (batch {n_batches + 1})")
-            if layer.name not in stats:
-                stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2], gram=gram,
-                                               row_cap=(row_cap or {}).get(layer.name, 0),
-                                               seed=seed)
-            stats[layer.name].add_batch(rows)
+            for name in (layer.input_name, *layer.shared_inputs):  # a shared weight: all its uses
+                rows = layout.input_rows(values[name], layer.op, layer.attrs,
+                                         shapes[layer.name], layer.weight_side,
+                                         max_positions=max_positions, rng=rngs[layer.name])
+                if not np.isfinite(rows).all():  # finite data, but the model computes NaN / inf
+                    raise OnnxPruneError(f"layer '{layer.name}': its input holds NaN or infinite "
+                                         f"values on the calibration data (batch {n_batches + 1})")
+                if layer.name not in stats:
+                    stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2], gram=gram,
+                                                   row_cap=(row_cap or {}).get(layer.name, 0),
+                                                   seed=seed)
+                stats[layer.name].add_batch(rows)
         samples += len(next(iter(feeds.values())))
         n_batches += 1
     provider = provider_name(session)
@@ -88,8 +89,9 @@ def open_session(model: onnx.ModelProto, layers: list[Layer], device: str = "aut
 
 def _wanted(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
     graph_inputs = {i.name for i in model.graph.input}
-    return list(dict.fromkeys(layer.input_name for layer in layers
-                              if calibratable(layer) and layer.input_name not in graph_inputs))
+    return list(dict.fromkeys(name for layer in layers if calibratable(layer)
+                              for name in (layer.input_name, *layer.shared_inputs)
+                              if name not in graph_inputs))
 
 
 def accumulator_bytes(layer: Layer, row_cap: int = 0) -> int:
