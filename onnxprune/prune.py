@@ -194,7 +194,8 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
         if detached:
             dense[i] = None  # its data now lives in the proto again
     if sequential and calibration is not None:
-        calibration["passes"] = sum(calibratable(layer) for layer in layers)
+        # one per layer, plus the learned allocation's pass over the dense model
+        calibration["passes"] = sum(calibratable(layer) for layer in layers) + bool(stats)
     if fallback:
         notes.append(f"{len(fallback)} tensors have no calibration statistics (inside subgraphs, "
                      f"unresolved layout, shared by nodes that use it differently, or not a layer "
@@ -216,7 +217,7 @@ class CalibrationOptions:
 def _calibrate(loaded, layers, calib_set, method, allocation, sequential, options, max_memory):
     """Statistics of every calibratable layer: one pass when they fit `max_memory`, else one
     pass per group of layers that fits (collected as they are used); none up front with
-    --sequential. Returns (stats: {layer name: LayerStats} or GroupedStatistics, report info)."""
+    --sequential, except for a learned (ltp) allocation, which needs every layer's at once. Returns (stats: {layer name: LayerStats} or GroupedStatistics, report info)."""
     caps = _row_caps(layers, method, options.row_cap)
 
     def collect(group, session=None):
@@ -227,11 +228,12 @@ def _calibrate(loaded, layers, calib_set, method, allocation, sequential, option
             session=session)
 
     groups = calibration_groups(layers, caps, max_memory)
-    if sequential:
-        stats, calibration = {}, {"samples": calib_set.size, "provider": None, "sequential": True}
-    elif len(groups) <= 1:
+    learned_allocation = method == "ltp" or allocation == "ltp"
+    if sequential and not learned_allocation:
+        stats, calibration = {}, {"samples": calib_set.size, "provider": None}
+    elif len(groups) <= 1:  # with --sequential, for the learned allocation (weights: per layer)
         stats, calibration = collect(layers)
-    elif method == "ltp" or allocation == "ltp":
+    elif learned_allocation:
         need = sum(accumulator_bytes(layer, caps.get(layer.name, 0)) for g in groups for layer in g)
         raise OnnxPruneError(
             f"ltp learns every layer at once and needs all their statistics together "
@@ -244,6 +246,8 @@ def _calibrate(loaded, layers, calib_set, method, allocation, sequential, option
         calibration = stats.info
         calibration["samples"] = calib_set.size
     calibration["random"] = calib_set.random
+    if sequential:
+        calibration["sequential"] = True
     return stats, calibration
 
 

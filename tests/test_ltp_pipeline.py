@@ -92,3 +92,20 @@ def test_dc_within_the_learned_allocation(tmp_path):
         assert b.report.ltp["objective"] and all(row.note for row in b.report.layers)
     result = CliRunner().invoke(main, ["prune", "--help"])
     assert "ltp learns" in " ".join(result.output.split())
+
+
+def test_sequential_with_a_learned_allocation():
+    # ltp learns its allocation from the dense model's statistics (one pass), then each layer's
+    # weights from the model as pruned so far (one pass per layer)
+    data = {"input": np.random.default_rng(4).standard_normal((128, 20)).astype(np.float32)}
+    kw = dict(calib=data, refit=True, verify=False)
+    for method, allocation in (("ltp", "global-mt"), ("dc", "ltp")):
+        seq = prune(builders.mlp_gemm(), 0.8, method=method, allocation=allocation, sequential=True, **kw)
+        one = prune(builders.mlp_gemm(), 0.8, method=method, allocation=allocation, **kw)
+        assert seq.report.calibration["passes"] == 1 + len(seq.report.layers)
+        assert [r.zeros_after for r in seq.report.layers] == [r.zeros_after for r in one.report.layers]
+        w = {t.name: t for t in seq.model.graph.initializer}
+        v = {t.name: t for t in one.model.graph.initializer}
+        first, last = seq.report.layers[0].name, seq.report.layers[-1].name
+        assert w[first].SerializeToString() == v[first].SerializeToString()  # same statistics
+        assert w[last].SerializeToString() != v[last].SerializeToString()  # from the pruned model
