@@ -30,7 +30,11 @@ def parse_size(text: str | int) -> int:
 
 
 def describe(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.{0 if n >= 10 << 20 else 1}f} MiB"
+    return f"{n / (1 << 10):.0f} KiB"
 
 
 def verification_note(weight_bytes: int, budget: int) -> str | None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
@@ -24,18 +25,18 @@ from onnxprune.data import (
     num_samples,
 )
 from onnxprune.errors import OnnxPruneError
-from onnxprune.runtime import make_session, provider_name, session_inputs
+from onnxprune.runtime import make_session, provider_name, run, session_inputs
 
 # Rows of the similarity matrix computed at once when finding nearest neighbours.
 _NEIGHBOUR_BLOCK = 512
 
 
 def evaluate(
-    model: str | os.PathLike,
+    model: str | os.PathLike | bytes | onnx.ModelProto,
     data: str | os.PathLike | Mapping[str, np.ndarray],
     *,
     batch_size: int = 64,
-    reference: str | os.PathLike | None = None,
+    reference: str | os.PathLike | bytes | onnx.ModelProto | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
@@ -46,6 +47,8 @@ def evaluate(
     ``retrieval_agreement`` for unlabelled 2-D float outputs) need a ``reference`` model.
     """
     samples = data if isinstance(data, Mapping) else load_samples(data)
+    model, reference = (m.SerializeToString() if isinstance(m, onnx.ModelProto) else m
+                        for m in (model, reference))
     session = make_session(model, device)
     samples = check_against_model(samples, session_inputs(session))
     ref_session = None
@@ -159,11 +162,7 @@ def _run_all(session, ref_session, samples, batch_size, progress, keep_embedding
 
 
 def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
-    try:
-        return np.asarray(session.run(None, feed)[0])
-    except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxPruneError(f"onnxruntime failed to run the model: {message}") from None
+    return np.asarray(run(session, None, feed)[0])
 
 
 def _fixed_batch(session: ort.InferenceSession) -> int | None:

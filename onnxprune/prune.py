@@ -21,6 +21,7 @@ from .calibration.source import load_calibration
 from .errors import OnnxPruneError
 from .methods import magnitude
 from .report import LayerRow, PruneReport
+from .runtime import device_note
 from .verify import compare_models
 
 DATA_FREE_METHODS = ("layer", "global", "global-mt")
@@ -126,6 +127,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
             calib_set if sequential and (method == "dc" or refit) else None, options,
             calibration, detach)
         level_timings["prune"] = time.perf_counter() - clock
+        if device_note(device) and (verify or calibration is not None):
+            notes.append(device_note(device))
         report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
                              skipped=[vars(x) for x in skipped], timings=level_timings,
                              calibration=calibration, notes=notes)

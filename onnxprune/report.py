@@ -63,18 +63,20 @@ class PruneReport:
         return d
 
     def format(self, max_rows: int | None = None) -> str:
-        head = ("tensor", "op", "shape", "params", "before", "after")
+        notes = any(r.note for r in self.layers)
+        head = ("tensor", "op", "shape", "params", "before", "after") + (("note",) if notes else ())
         rows = [(r.name if not r.graph else f"{r.graph}/{r.name}", r.op,
                  "x".join(map(str, r.shape)) or "scalar", f"{r.params:,}",
-                 _pct(r.sparsity_before), _pct(r.sparsity_after) + (f"  {r.note}" if r.note else ""))
+                 _pct(r.sparsity_before), _pct(r.sparsity_after)) + ((r.note,) if notes else ())
                 for r in self.layers]
         if max_rows is not None and len(rows) > max_rows:
             hidden = len(rows) - max_rows
-            rows = rows[:max_rows // 2] + [("...", f"{hidden} more", "", "", "", "")] + rows[-(max_rows - max_rows // 2):]
+            rows = (rows[:max_rows // 2] + [("...", f"{hidden} more") + ("",) * (len(head) - 2)]
+                    + rows[-(max_rows - max_rows // 2):])
         widths = [min(max(len(str(x)) for x in col), 60) for col in zip(head, *rows)]
-        right = {3, 4}
+        right, last = {3, 4, 5}, len(head) - 1  # the last column is not padded (notes run long)
         fmt = lambda row: "  ".join(  # noqa: E731
-            (str(c).rjust(w) if i in right else _clip(str(c), w).ljust(w)) if i < 5 else str(c)
+            (str(c).rjust(w) if i in right else _clip(str(c), w).ljust(w)) if i < last else str(c)
             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
         lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
         lines.append("")

@@ -36,7 +36,7 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto",
     copy of the weights.
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # keep onnxruntime's warnings off the user's terminal
+    options.log_severity_level = 4  # its warnings and errors off the terminal: ours say them
     if threads:
         options.intra_op_num_threads = threads
     if light:
@@ -46,8 +46,29 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto",
     try:
         return ort.InferenceSession(source, options, providers=providers_for(device))
     except Exception as e:  # onnxruntime raises its own exception types; keep one line
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxPruneError(f"onnxruntime cannot load the model: {message}") from None
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {first_line(e)}") from None
+
+
+def run(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict) -> list:
+    """session.run, with what onnxruntime only finds while running (an index out of range, a
+    shape the graph cannot take) as one line."""
+    try:
+        return session.run(outputs, feeds)
+    except Exception as e:
+        raise OnnxPruneError(f"onnxruntime failed to run the model on the data: {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def device_note(device: str) -> str | None:
+    """What to tell a user who asked for CUDA where onnxruntime has none."""
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("--device cuda: this onnxruntime has no CUDA execution provider (that needs the "
+                "onnxruntime-gpu package and a GPU); everything ran on the CPU")
+    return None
 
 
 def provider_name(session: ort.InferenceSession) -> str:

@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import OnnxPruneError
-from .runtime import make_session, provider_name, session_inputs
+from .runtime import first_line, make_session, provider_name, session_inputs
 
 def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None = None,
                      seed: int = 0) -> dict[str, np.ndarray]:
@@ -46,7 +46,7 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     try:
         ref_outputs = _run(reference, device, dims, feeds)[3]
     except Exception as e:  # the input model itself does not run on synthetic data
-        result["note"] = f"the input model did not run on synthetic inputs: {_first_line(e)}"
+        result["note"] = f"the input model did not run on synthetic inputs: {first_line(e)}"
         return result
     for name, ref, out in zip(names, ref_outputs, outputs):
         ref, out = np.asarray(ref), np.asarray(out)
@@ -66,9 +66,6 @@ def _run(model, device, dims, feeds=None):
 
 
 def _reason(e: Exception) -> str:
-    return _first_line(e).removeprefix("onnxruntime cannot load the model: ")
+    return first_line(e).removeprefix("onnxruntime cannot load the model: ")
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -111,6 +111,9 @@ def test_cuda_requested_but_absent_falls_back_to_cpu(monkeypatch):
     assert session.get_providers() == ["CPUExecutionProvider"]
     with pytest.raises(OnnxPruneError, match="unknown device"):
         providers_for("tpu")
+    result = prune(builders.mlp_gemm(), 0.5, device="cuda")  # the report says what happened
+    assert any("no CUDA execution provider" in note for note in result.report.notes)
+    assert not any("CUDA" in note for note in prune(builders.mlp_gemm(), 0.5).report.notes)
 
 
 def test_dc_end_to_end_exact_sparsity_and_bias_refit():
@@ -212,3 +215,9 @@ def test_a_weight_used_in_two_ways_falls_back_to_magnitude_with_a_note():
     result = prune(model, 0.5, method="dc", calib={"x": builders.rand(rng, 6, 6)}, verify=False)
     assert result.report.zeros == 18
     assert any("use it differently" in note for note in result.report.notes)
+
+
+def test_data_onnxruntime_rejects_while_running_is_one_clear_error():
+    ids = np.full((8, 3), 1 << 40, dtype=np.int64)  # token ids far outside the 50-row table
+    with pytest.raises(OnnxPruneError, match="onnxruntime failed to run the model on the data"):
+        prune(builders.embedding_and_layernorm(), 0.5, method="dc", calib={"ids": ids})

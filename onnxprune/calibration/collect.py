@@ -18,7 +18,7 @@ from .. import layout, modelio
 from ..errors import OnnxPruneError
 from ..external_session import make_external_session
 from ..graph import Layer
-from ..runtime import make_session, provider_name
+from ..runtime import make_session, provider_name, run
 from .accumulators import LayerStats
 
 
@@ -54,7 +54,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
             for layer in layers}
     samples = n_batches = 0
     for feeds in _progress(batches, progress):
-        values = dict(zip(wanted, session.run(wanted, feeds))) if wanted else {}
+        values = dict(zip(wanted, run(session, wanted, feeds))) if wanted else {}
         values.update(feeds)
         for layer in layers:
             for name in (layer.input_name, *layer.shared_inputs):  # a shared weight: all its uses
