@@ -32,9 +32,10 @@ def parse_size(text: str | int) -> int:
 def describe(n: int) -> str:
     if n >= 1 << 30:
         return f"{n / (1 << 30):.2f} GiB"
-    if n >= 1 << 20:
-        return f"{n / (1 << 20):.{0 if n >= 10 << 20 else 1}f} MiB"
-    return f"{n / (1 << 10):.0f} KiB"
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.{0 if n >= 10 * size else 1}f} {unit}"
+    return f"{n} bytes"
 
 
 def verification_note(weight_bytes: int, budget: int) -> str | None:

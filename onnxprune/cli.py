@@ -9,7 +9,8 @@ import click
 
 from . import __version__, budget
 from .errors import OnnxPruneError
-from .prune import METHODS, default_output, prune
+from .modelio import output_files
+from .prune import METHODS, default_output, level_output, prune
 
 MAIN_HELP = """Prune the weights of an ONNX model.
 
@@ -30,7 +31,8 @@ class _DefaultToPrune(click.Group):
 
     def main(self, *args, **kwargs):
         # click's usage errors are four lines; ours are one (exit code 2: a command-line mistake)
-        kwargs.pop("standalone_mode", None)
+        if not kwargs.pop("standalone_mode", True):  # a caller handling click's exceptions
+            return super().main(*args, standalone_mode=False, **kwargs)
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # click >= 8.2
@@ -158,8 +160,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
         if plot_path is not None and method != "ltp":
             raise OnnxPruneError("--plot shows the LTP objective: use it with --method ltp")
         output = output or default_output(model)
-        for path, what in ((report_path, "report"), (plot_path, "plot")):
-            _check_side_output(path, what, model, output)  # before any work, as the output is
+        outputs = [level_output(output, s) for s in levels] if len(levels) > 1 else [output]
+        _check_side_outputs(report_path, plot_path, model, outputs)
         results = prune(model, levels if len(levels) > 1 else levels[0], method=method,
                         output=output, min_keep=min_keep, mt_variant=mt_variant, include=include,
                         exclude=exclude, calib=calib, calib_samples=calib_samples,
@@ -222,15 +224,21 @@ def eval_command(model, data_path, reference, batch_size, device, as_json, quiet
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
 
 
-def _check_side_output(path: Path | None, what: str, model: Path, output: Path) -> None:
-    if path is None:
-        return
-    if not path.resolve().parent.is_dir():
-        raise OnnxPruneError(f"{path}: folder of the {what} does not exist")
-    if path.is_dir():
-        raise OnnxPruneError(f"{path}: is a folder; the {what} needs a file name")
-    if path.resolve() in (Path(model).resolve(), Path(output).resolve()):
-        raise OnnxPruneError(f"{path}: the {what} would overwrite a model")
+def _check_side_outputs(report: Path | None, plot: Path | None, model: Path, outputs: list[Path]) -> None:
+    """Before any work, as the outputs are: a report or plot path that cannot be written or
+    would replace a model (the input, an output of any level, their data files)."""
+    models = {Path(f).resolve() for out in [model, *outputs] for f in output_files(out, True)}
+    if report is not None and plot is not None and report.resolve() == plot.resolve():
+        raise OnnxPruneError(f"{report}: given both as --report and as --plot")
+    for path, what in ((report, "report"), (plot, "plot")):
+        if path is None:
+            continue
+        if not path.resolve().parent.is_dir():
+            raise OnnxPruneError(f"{path}: folder of the {what} does not exist")
+        if path.is_dir():
+            raise OnnxPruneError(f"{path}: is a folder; the {what} needs a file name")
+        if path.resolve() in models:
+            raise OnnxPruneError(f"{path}: the {what} would overwrite a model or its data")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -25,6 +25,8 @@ from onnxprune.data import (
     num_samples,
 )
 from onnxprune.errors import OnnxPruneError
+from onnxprune.external_session import make_external_session
+from onnxprune.modelio import iter_tensors
 from onnxprune.runtime import make_session, provider_name, run, session_inputs
 
 # Rows of the similarity matrix computed at once when finding nearest neighbours.
@@ -47,13 +49,11 @@ def evaluate(
     ``retrieval_agreement`` for unlabelled 2-D float outputs) need a ``reference`` model.
     """
     samples = data if isinstance(data, Mapping) else load_samples(data)
-    model, reference = (m.SerializeToString() if isinstance(m, onnx.ModelProto) else m
-                        for m in (model, reference))
-    session = make_session(model, device)
+    session = _session(model, device)
     samples = check_against_model(samples, session_inputs(session))
     ref_session = None
     if reference is not None:
-        ref_session = make_session(reference, device)
+        ref_session = _session(reference, device)
         check_against_model(samples, session_inputs(ref_session))
     labels = samples.get(LABELS_KEY)
     if num_samples(samples) == 0:
@@ -159,6 +159,16 @@ def _run_all(session, ref_session, samples, batch_size, progress, keep_embedding
                 fidelity.add(out, ref)
             bar.update(rows)
     return stats, ref_stats, fidelity
+
+
+def _session(model, device: str) -> ort.InferenceSession:
+    """A path, bytes, or a ModelProto (a pruned result may refer to its data files by absolute
+    path, which onnxruntime takes only through make_external_session)."""
+    if isinstance(model, onnx.ModelProto):
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model)):
+            return make_external_session(model, device)
+        model = model.SerializeToString()
+    return make_session(model, device)
 
 
 def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:

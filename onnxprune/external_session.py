@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .errors import OnnxPruneError
 from .modelio import PROTOBUF_LIMIT, iter_tensors
-from .runtime import providers_for
+from .runtime import first_line, providers_for
 
 # older onnxruntime lacks it: the model is then written to a temporary folder
 _IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")
@@ -51,7 +51,7 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
             with open(path, "rb") as f:
                 maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # as runtime.make_session: our errors say it
         if names:
             options.add_external_initializers_from_files_in_memory(
                 list(names.values()), maps, [len(m) for m in maps])
@@ -59,8 +59,7 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     except OnnxPruneError:
         raise
     except Exception as e:  # onnxruntime's own exception types: one line
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise OnnxPruneError(f"onnxruntime cannot load the model: {message}") from None
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {first_line(e)}") from None
     finally:
         for m in maps:
             m.close()

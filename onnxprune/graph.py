@@ -197,7 +197,8 @@ class _Finder:
                 and (use.index is None or np.array_equal(use.index, known.index))
                 and use.input_name is not None)
         if same:
-            known.shared_inputs.append(use.input_name)
+            if use.input_name != known.input_name and use.input_name not in known.shared_inputs:
+                known.shared_inputs.append(use.input_name)  # the same input twice: one use
             known.relu = known.relu and use.relu  # DC's ReLU objective only if every use has one
         else:
             known.uses_differ = True

@@ -119,12 +119,17 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
         level_timings = dict(timings)
         clock = time.perf_counter()
         loaded.stage_output(out)  # external data: pruned tensors go straight to the output's data file
+        if sequential and trail and s != levels[0] and any(layer.shared_inputs for layer in layers):
+            # a shared weight's other uses see it and the layers after it: dense again, as in a
+            # single level, or this level's statistics would depend on the level before
+            for layer, values in zip(layers, dense):
+                loaded.write_array(layer.tensor, values)
         # one written level of dense storage: new inline values go from arrays to the file
         loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
                                and not sequential and not loaded.external_data)
         rows, notes = _apply_level(
             loaded, layers, dense, biases, counts, ranking, method, stats, refit,
-            calib_set if sequential and (method == "dc" or refit) else None, options,
+            calib_set if sequential and (method in CALIBRATED_METHODS or refit) else None, options,
             calibration, detach)
         level_timings["prune"] = time.perf_counter() - clock
         if device_note(device) and (verify or calibration is not None):
@@ -324,8 +329,9 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
     calibrated = [i for i, layer in enumerate(layers) if layer.name in stats]
     others = set(range(len(layers))) - set(calibrated)
     if not calibrated:
-        raise OnnxPruneError("ltp: no layer has calibration statistics (layers inside subgraphs "
-                             "or with unresolved layouts cannot be calibrated)")
+        raise OnnxPruneError("ltp: no layer has calibration statistics (layers inside subgraphs, "
+                             "with unresolved layouts or shared by nodes that use them "
+                             "differently cannot be calibrated)")
     weights = [dense[i].reshape(-1)[solve.block_index(layers[i])] for i in calibrated]
     targets = [sum(counts) - sum(counts[i] for i in others) for counts in mt_counts_per_level]
     if len(set(targets)) != len(targets):

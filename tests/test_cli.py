@@ -122,6 +122,22 @@ def test_bad_report_or_plot_path_fails_before_any_output(model_path, tmp_path, o
     assert model_path.read_bytes() == before
 
 
+def test_report_may_not_replace_a_trail_output_or_the_plot(model_path, tmp_path):
+    trail = run(model_path, "-s", "0.5,0.9", "-o", tmp_path / "out.onnx", "--report", tmp_path / "out.s0.5.onnx")
+    assert_one_line_error(trail, "would overwrite a model")
+    same = run(model_path, "-s", "0.5", "-m", "ltp", "--calib", "random", "--plot", tmp_path / "p.png",
+               "--report", tmp_path / "p.png")
+    assert_one_line_error(same, "both as --report and as --plot")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]
+
+
+def test_callers_handling_clicks_exceptions_still_get_them(model_path):
+    import click
+
+    with pytest.raises(click.UsageError):
+        main([str(model_path), "-m", "magnitude"], standalone_mode=False)
+
+
 @pytest.mark.parametrize("args", [["-m", "magnitude"], ["--storage", "csr"], ["--bogus"]])
 def test_command_line_mistakes_are_one_line_with_exit_code_2(model_path, args):
     result = run(model_path, "-s", "0.5", *args)

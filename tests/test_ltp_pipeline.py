@@ -98,10 +98,11 @@ def test_sequential_with_a_learned_allocation():
     # ltp learns its allocation from the dense model's statistics (one pass), then each layer's
     # weights from the model as pruned so far (one pass per layer)
     data = {"input": np.random.default_rng(4).standard_normal((128, 20)).astype(np.float32)}
-    kw = dict(calib=data, refit=True, verify=False)
-    for method, allocation in (("ltp", "global-mt"), ("dc", "ltp")):
-        seq = prune(builders.mlp_gemm(), 0.8, method=method, allocation=allocation, sequential=True, **kw)
-        one = prune(builders.mlp_gemm(), 0.8, method=method, allocation=allocation, **kw)
+    for method, allocation, refit in (("ltp", "global-mt", True), ("ltp", "global-mt", False),
+                                      ("dc", "ltp", False)):
+        kw = dict(method=method, allocation=allocation, calib=data, refit=refit, verify=False)
+        seq = prune(builders.mlp_gemm(), 0.8, sequential=True, **kw)
+        one = prune(builders.mlp_gemm(), 0.8, **kw)
         assert seq.report.calibration["passes"] == 1 + len(seq.report.layers)
         assert [r.zeros_after for r in seq.report.layers] == [r.zeros_after for r in one.report.layers]
         w = {t.name: t for t in seq.model.graph.initializer}
