@@ -201,6 +201,15 @@ def test_a_shared_weight_sums_the_statistics_of_all_its_uses():
     t = np.tanh(x.astype(np.float64) @ w)
     np.testing.assert_allclose(stats["w"].gram[0], x.T.astype(np.float64) @ x + t.T @ t, rtol=1e-5)
     assert stats["w"].count == 64
+    # two nodes applying the weight to the same input: one use, not a doubled count
+    twice = builders.make_model(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]), onnx.helper.make_node("MatMul", ["x", "w"], ["g"]),
+         onnx.helper.make_node("Add", ["h", "g"], ["y"])],
+        [builders.vinfo("x", ["n", 6])], [builders.vinfo("y", ["n", 6])], [model.graph.initializer[0]])
+    layers, _ = find_layers(twice)
+    assert layers[0].shared_inputs == []
+    stats, _ = collect_statistics(twice, layers, [{"x": x}])
+    assert stats["w"].count == 32
 
 
 def test_a_weight_used_in_two_ways_falls_back_to_magnitude_with_a_note():

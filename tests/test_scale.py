@@ -202,6 +202,8 @@ def test_verification_is_skipped_with_a_note_over_the_budget(tmp_path):
     assert "--max-memory" in result.report.format()
     assert (tmp_path / "out.onnx.data").exists()
     assert budget.parse_size("1.5G") == 3 << 29 and budget.parse_size("512MiB") == 1 << 29
+    assert [budget.describe(n) for n in (500, 100 << 10, 5 << 20, 20 << 20, 3 << 30)] == [
+        "500 bytes", "100 KiB", "5.0 MiB", "20 MiB", "3.00 GiB"]
     with pytest.raises(OnnxPruneError, match="--max-memory"):
         budget.parse_size("lots")
 
