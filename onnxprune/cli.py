@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -155,6 +156,7 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
                   quiet):
     """Prune MODEL to the given sparsity and write MODEL.pruned.onnx (or --output)."""
     budget.keep_freed_memory()
+    signal.signal(signal.SIGTERM, _terminate)  # kill, timeout, docker stop: clean up as for Ctrl-C
     try:
         levels = _parse_sparsity(sparsity_text)
         if plot_path is not None and method != "ltp":
@@ -179,8 +181,9 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
             _write_json(report_path, reports[0] if len(reports) == 1 else {"levels": reports})
     except OnnxPruneError as e:
         _fail(e)
-    except KeyboardInterrupt:
-        _fail("interrupted; no partial output was left")
+    except KeyboardInterrupt as e:
+        _fail(f"{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; "
+              "no partial output was left")
     if not quiet:
         click.echo("\n\n".join(r.report.format() for r in results))
 
@@ -248,6 +251,14 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.replace(path)
     except OSError as e:
         raise OnnxPruneError(f"{path}: cannot write report ({e.strerror})") from None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so that staged outputs are removed."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 def _fail(error) -> None:

@@ -15,11 +15,12 @@ import mmap
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .errors import OnnxPruneError
-from .modelio import PROTOBUF_LIMIT, iter_tensors
+from .modelio import PROTOBUF_LIMIT, iter_tensors, tensor_to_array
 from .runtime import first_line, providers_for
 
 # older onnxruntime lacks it: the model is then written to a temporary folder
@@ -30,6 +31,7 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     """A session over `model` (tensors inline or external with absolute locations)."""
     if not _IN_MEMORY_FILES:
         return _session_from_a_copy(model, device)
+    inlined = _inline_subgraph_tensors(model)
     names: dict[str, str] = {}  # data file -> name given to onnxruntime
     changed = []
     for tensor in iter_tensors(model):
@@ -45,6 +47,12 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     finally:
         for entry, value in changed:
             entry.value = value
+        for tensor, entries in inlined:
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in entries:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
     maps = []
     try:
         for path in names:
@@ -63,6 +71,24 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     finally:
         for m in maps:
             m.close()
+
+
+def _inline_subgraph_tensors(model: onnx.ModelProto) -> list:
+    """onnxruntime looks for the external data of If / Loop / Scan bodies on disk, never among
+    the in-memory files: their tensors (small, as a rule) go inline until the proto is
+    serialised. Returns [(tensor, its external_data entries)] to put back."""
+    main = {id(t) for t in model.graph.initializer}
+    main |= {id(a.t) for node in model.graph.node for a in node.attribute
+             if a.type == onnx.AttributeProto.TENSOR}
+    inlined = []
+    for tensor in iter_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and id(tensor) not in main:
+            raw = np.ascontiguousarray(tensor_to_array(tensor)).tobytes()  # little-endian already
+            inlined.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+    return inlined
 
 
 def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:

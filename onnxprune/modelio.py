@@ -143,9 +143,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | bytes) -> LoadedMod
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
-        return LoadedModel(model, None, [])
+        return LoadedModel(_no_relative_data(model, "the model"), None, [])
     if isinstance(source, bytes):
-        return LoadedModel(_parse(source, "<bytes>"), None, [])
+        return LoadedModel(_no_relative_data(_parse(source, "<bytes>"), "<bytes>"), None, [])
     path = Path(source)
     if not path.exists():
         raise OnnxPruneError(f"{path}: no such file")
@@ -165,6 +165,20 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | bytes) -> LoadedMod
             if file not in data_files:
                 data_files.append(file)
     return LoadedModel(model, path, data_files)
+
+
+def _no_relative_data(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """An in-memory model has no folder: a relative data location would be read against the
+    current directory, whichever it is."""
+    for tensor in iter_tensors(model):
+        if _is_external(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if not os.path.isabs(location):
+                raise OnnxPruneError(
+                    f"{label}: tensor '{tensor.name}' keeps its data in '{location}', a path relative "
+                    "to a folder an in-memory model does not know: pass the model's file path, or "
+                    "load it with its data (onnx.load)")
+    return model
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -333,7 +347,7 @@ def write_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
 
 def _little_endian(tensor: onnx.TensorProto, array: np.ndarray) -> np.ndarray:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    array = np.ascontiguousarray(array, dtype=dtype)
+    array = np.asarray(array, dtype=dtype, order="C")  # ascontiguousarray makes a scalar 1-d
     assert tuple(array.shape) == tuple(tensor.dims), (array.shape, tensor.dims)
     return array.astype(array.dtype.newbyteorder("<"), copy=False)
 

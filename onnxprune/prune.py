@@ -115,32 +115,35 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     if learned is not None:
         counts_per_level = [learned[s].zeros_all for s in levels]
     results = []
-    for s, counts, (_, ranking), out in zip(levels, counts_per_level, allocations, outputs):
-        level_timings = dict(timings)
-        clock = time.perf_counter()
-        loaded.stage_output(out)  # external data: pruned tensors go straight to the output's data file
-        if sequential and trail and s != levels[0] and any(layer.shared_inputs for layer in layers):
-            # a shared weight's other uses see it and the layers after it: dense again, as in a
-            # single level, or this level's statistics would depend on the level before
-            for layer, values in zip(layers, dense):
-                loaded.write_array(layer.tensor, values)
-        # one written level of dense storage: new inline values go from arrays to the file
-        loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
-                               and not sequential and not loaded.external_data)
-        rows, notes = _apply_level(
-            loaded, layers, dense, biases, counts, ranking, method, stats, refit,
-            calib_set if sequential and (method in CALIBRATED_METHODS or refit) else None, options,
-            calibration, detach)
-        level_timings["prune"] = time.perf_counter() - clock
-        if device_note(device) and (verify or calibration is not None):
-            notes.append(device_note(device))
-        report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
-                             skipped=[vars(x) for x in skipped], timings=level_timings,
-                             calibration=calibration, notes=notes)
-        if learned is not None:
-            report.ltp = _ltp_summary(learned[s], rows, mt_counts_per_level[levels.index(s)], s)
-        results.append(_finish(loaded, model, layers, report, out, storage_format, force, verify,
-                               dims, device, copy=trail and out is None, max_memory=max_memory))
+    try:
+        for s, counts, (_, ranking), out in zip(levels, counts_per_level, allocations, outputs):
+            level_timings = dict(timings)
+            clock = time.perf_counter()
+            loaded.stage_output(out)  # external data: pruned tensors go straight to the output's data file
+            if sequential and trail and s != levels[0] and any(layer.shared_inputs for layer in layers):
+                # a shared weight's other uses see it and the layers after it: dense again, as in a
+                # single level, or this level's statistics would depend on the level before
+                for layer, values in zip(layers, dense):
+                    loaded.write_array(layer.tensor, values)
+            # one written level of dense storage: new inline values go from arrays to the file
+            loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
+                                   and not sequential and not loaded.external_data)
+            rows, notes = _apply_level(
+                loaded, layers, dense, biases, counts, ranking, method, stats, refit,
+                calib_set if sequential and (method in CALIBRATED_METHODS or refit) else None, options,
+                calibration, detach)
+            level_timings["prune"] = time.perf_counter() - clock
+            if device_note(device) and (verify or calibration is not None):
+                notes.append(device_note(device))
+            report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
+                                 skipped=[vars(x) for x in skipped], timings=level_timings,
+                                 calibration=calibration, notes=notes)
+            if learned is not None:
+                report.ltp = _ltp_summary(learned[s], rows, mt_counts_per_level[levels.index(s)], s)
+            results.append(_finish(loaded, model, layers, report, out, storage_format, force, verify,
+                                   dims, device, copy=trail and out is None, max_memory=max_memory))
+    finally:  # a stage not saved (an error, Ctrl-C, SIGTERM) goes now, not at exit
+        loaded.stage_output(None)
     return results if trail else results[0]
 
 

@@ -195,3 +195,29 @@ def test_eval_command_accuracy_and_json(model_path, tmp_path):
     assert metrics["samples"] == 10 and 0 <= metrics["accuracy"] <= 1
     np.savez(tmp_path / "bad.npz", x=x)
     assert_one_line_error(run("eval", model_path, "--data", tmp_path / "bad.npz"), "'input'")
+
+
+def test_sigterm_mid_run_leaves_no_staged_output(tmp_path, monkeypatch):
+    import importlib
+    import os
+    import signal
+
+    prune_module = importlib.import_module("onnxprune.prune")  # the package exports prune()
+
+    path = tmp_path / "ext.onnx"
+    onnx.save(builders.mlp_gemm(), path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    finish = prune_module._finish
+
+    def killed_while_writing(*args, **kwargs):  # the output is staged beside its target by now
+        assert any(p.name.startswith(".onnxprune-") for p in tmp_path.iterdir())
+        os.kill(os.getpid(), signal.SIGTERM)
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "_finish", killed_while_writing)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        result = run(path, "-s", "0.5", "-o", tmp_path / "out.onnx")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert_one_line_error(result, "terminated; no partial output was left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "w.bin"]

@@ -66,7 +66,7 @@ def tensors(path):
 
 def assert_bitwise_equal(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
-    assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
 @pytest.mark.parametrize("elem", sorted(ELEMS))
@@ -367,3 +367,53 @@ def test_output_written_in_small_pieces_is_bit_for_bit_the_same(tmp_path, monkey
     dense, _ = tensors(tmp_path / "out.onnx")
     for t in ref.model.graph.initializer:
         assert_bitwise_equal(dense[t.name], numpy_helper.to_array(t))
+
+
+def test_an_external_scalar_tensor_comes_back_as_a_scalar(tmp_path):
+    # y = x W + c, with c a 0-d tensor: an in-memory result loads it into the proto
+    rng = np.random.default_rng(7)
+    model = builders.make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "c"], ["y"])],
+        [builders.vinfo("x", ["n", 8])], [builders.vinfo("y", ["n", 8])],
+        [numpy_helper.from_array(builders.rand(rng, 8, 8), "w"),
+         numpy_helper.from_array(np.array(1.5, np.float32), "c")])
+    src = save_external(model, tmp_path / "in.onnx")
+    got = prune(src, 0.5)
+    ref = prune(model, 0.5)
+    for a, b in zip(got.model.graph.initializer, ref.model.graph.initializer):
+        assert_bitwise_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_calibration_over_external_data_with_subgraph_weights(tmp_path):
+    # onnxruntime reads If-branch tensors from disk only: the in-memory session inlines them
+    rng = np.random.default_rng(8)
+
+    def branch(name):
+        w = numpy_helper.from_array(builders.rand(rng, 8, 8), f"{name}_w")
+        node = helper.make_node("MatMul", ["h", f"{name}_w"], [f"{name}_y"])
+        return helper.make_graph([node], name, [], [builders.vinfo(f"{name}_y", ["n", 8])], [w])
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Constant", [], ["flag"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
+    model = builders.make_model(nodes, [builders.vinfo("x", ["n", 8])], [builders.vinfo("y", ["n", 8])],
+                                [numpy_helper.from_array(builders.rand(rng, 8, 8), "w")])
+    src = save_external(model, tmp_path / "in.onnx")
+    before = (tmp_path / "weights.bin").read_bytes()
+    calib = {"x": builders.rand(rng, 32, 8)}
+    got = prune(src, 0.5, method="dc", calib=calib, output=tmp_path / "out.onnx")
+    ref = prune(model, 0.5, method="dc", calib=calib, verify=False)
+    out = onnx.load(tmp_path / "out.onnx")
+    got_tensors = {t.name: numpy_helper.to_array(t) for t in iter_tensors(out)}
+    for t in iter_tensors(ref.model):
+        assert_bitwise_equal(got_tensors[t.name], numpy_helper.to_array(t))
+    assert any("inside subgraphs" in note for note in got.report.notes)
+    assert (tmp_path / "weights.bin").read_bytes() == before
+
+
+def test_an_in_memory_model_with_relative_data_locations_is_a_clear_error(tmp_path):
+    src = save_external(stack(), tmp_path / "in.onnx")
+    unloaded = onnx.load(src, load_external_data=False)
+    for model in (unloaded, unloaded.SerializeToString()):
+        with pytest.raises(OnnxPruneError, match="weights.bin.*pass the model's file path"):
+            prune(model, 0.5)
