@@ -175,7 +175,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
         cut = None
         if not solved:
             cut = (ranking and ranking.cut(i, n_zero, array)) or magnitude.layer_cut(array, n_zero)
-            if method in CALIBRATED_METHODS:
+            if method in CALIBRATED_METHODS or (refit and layer_stats is None):
                 fallback.append(layer.name)
         if cut is not None and not refitted and loaded.streams(layer.tensor):
             # a mask alone: straight from the input's data file into the output's, in chunks
@@ -210,7 +210,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
     if fallback:
         notes.append(f"{len(fallback)} tensors have no calibration statistics (inside subgraphs, "
                      f"unresolved layout, shared by nodes that use it differently, or not a layer "
-                     f"weight) and were pruned by magnitude: "
+                     f"weight) and were pruned by magnitude{', not refitted' if refit else ''}: "
                      + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""))
     return rows, notes
 
