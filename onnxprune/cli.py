@@ -156,7 +156,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
                   quiet):
     """Prune MODEL to the given sparsity and write MODEL.pruned.onnx (or --output)."""
     budget.keep_freed_memory()
-    signal.signal(signal.SIGTERM, _terminate)  # kill, timeout, docker stop: clean up as for Ctrl-C
+    # kill, timeout, docker stop: clean up as for Ctrl-C (the handler stays for this run only)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         levels = _parse_sparsity(sparsity_text)
         if plot_path is not None and method != "ltp":
@@ -184,6 +185,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
     except KeyboardInterrupt as e:
         _fail(f"{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; "
               "no partial output was left")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not quiet:
         click.echo("\n\n".join(r.report.format() for r in results))
 
