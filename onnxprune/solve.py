@@ -38,10 +38,16 @@ def bias_blocks(layer: Layer, bias: np.ndarray | None, k: int, d_out: int) -> np
     return bias.reshape(k, d_out)
 
 
-def split_keep(n_keep: int, k: int, block_size: int) -> list[int]:
-    """Spread a layer's kept count over its k equal blocks (the first blocks take the rest)."""
-    base, extra = divmod(n_keep, k)
-    return [min(block_size, base + (i < extra)) for i in range(k)]
+def block_keeps(W: np.ndarray, n_keep: int) -> list[int]:
+    """Each block's share of a layer's n_keep largest |w| (ties: earlier first), what magnitude
+    pruning keeps there. Blocks are not alike (a depthwise conv's kernels): an even split cost
+    DC 40 % more output error than plain magnitude pruning on one."""
+    k = len(W)
+    flat = np.abs(W).reshape(k, -1)
+    if n_keep >= flat.size:
+        return [flat.shape[1]] * k
+    kept = np.argsort(-flat.ravel(), kind="stable")[:n_keep]
+    return np.bincount(kept // flat.shape[1], minlength=k).tolist()
 
 
 def dc_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
@@ -52,7 +58,7 @@ def dc_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
     W = stored.reshape(-1)[idx].astype(np.float64)
     b = bias_blocks(layer, bias, k, d_out)
     use_relu = layer.relu and stats.row_cap > 0 and (bias is None or b is not None)
-    keeps = split_keep(stored.size - n_zero, k, d_out * d_in)
+    keeps = block_keeps(W, stored.size - n_zero)
     new_W, new_b = np.empty_like(W), None if b is None else np.empty_like(b, dtype=np.float64)
     # DC's many small products run 5-6x faster on one BLAS thread than with idle threads spinning
     with threadpool_limits(limits=1, user_api="blas"):
