@@ -250,3 +250,19 @@ def test_a_sequential_trail_over_a_shared_weight_equals_single_levels():
         single = prune(model, 0.9, calib=data, sequential=True, verify=False, **kw)
         for a, b in zip(trail[1].model.graph.initializer, single.model.graph.initializer):
             assert a.SerializeToString() == b.SerializeToString(), (kw, a.name)
+
+
+def test_a_layer_input_onnxruntime_would_optimise_away_is_still_observed():
+    # Transpose -> Gemm(constant A) -> Transpose: onnxruntime 1.31's transpose optimiser drops
+    # 'xb' even when it is a graph output; the calibration reads an Identity copy of it
+    rng = np.random.default_rng(9)
+    h = onnx.helper
+    nodes = [h.make_node("Transpose", ["x"], ["xb"], perm=[1, 0]),
+             h.make_node("Gemm", ["w", "xb"], ["yt"]),
+             h.make_node("Transpose", ["yt"], ["y"], perm=[1, 0])]
+    model = builders.make_model(nodes, [builders.vinfo("x", ["N", 12])], [builders.vinfo("y", ["N", 7])],
+                                [onnx.numpy_helper.from_array(builders.rand(rng, 7, 12), "w")])
+    x = builders.rand(rng, 32, 12)
+    result = prune(model, 0.5, method="dc", calib={"x": x})
+    assert result.report.zeros == 42 and not result.report.notes
+    assert [o.name for o in model.graph.output] == ["y"] and len(model.graph.node) == 3  # untouched

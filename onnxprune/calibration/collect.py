@@ -54,7 +54,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
             for layer in layers}
     samples = n_batches = 0
     for feeds in _progress(batches, progress):
-        values = dict(zip(wanted, run(session, wanted, feeds))) if wanted else {}
+        probes = [probe_name(n) for n in wanted]
+        values = dict(zip(wanted, run(session, probes, feeds))) if wanted else {}
         values.update(feeds)
         for layer in layers:
             for name in (layer.input_name, *layer.shared_inputs):  # a shared weight: all its uses
@@ -156,11 +157,14 @@ class _session_with_outputs:
         self.tmp = None
 
     def __enter__(self):
-        outputs = self.model.graph.output
-        known = {o.name for o in outputs}
-        added = [n for n in self.names if n not in known]
-        for name in added:
-            outputs.add().name = name  # onnxruntime infers the type of an untyped output
+        # each wanted value is read through an Identity copy: onnxruntime 1.31's transpose
+        # optimiser can drop a value that is itself made a graph output (Transpose -> Gemm with
+        # a constant A -> Transpose), but not the copy
+        graph, outputs = self.model.graph, self.model.graph.output
+        added = [probe_name(n) for n in self.names]
+        for name in self.names:
+            graph.node.add().CopyFrom(onnx.helper.make_node("Identity", [name], [probe_name(name)]))
+            outputs.add().name = probe_name(name)  # onnxruntime infers the type of an untyped output
         try:
             if self.external:  # weights read where they are, nothing written (see external_session)
                 return make_external_session(self.model, self.device)
@@ -173,12 +177,18 @@ class _session_with_outputs:
                 source = self.model.SerializeToString()
         finally:
             del outputs[len(outputs) - len(added):]
+            del graph.node[len(graph.node) - len(added):]
         return make_session(source, self.device)
 
     def __exit__(self, *exc):
         if self.tmp is not None:
             self.tmp.cleanup()
         return False
+
+
+def probe_name(name: str) -> str:
+    """The extra graph output that copies the value `name` (see _session_with_outputs)."""
+    return f"{name}::onnxprune_probe"
 
 
 def _progress(batches, enabled):
