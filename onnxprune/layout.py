@@ -293,9 +293,12 @@ def _conv_transpose_pads(sizes, extent, strides, attrs):
         if len(wanted) != n_sp:
             raise OnnxPruneError(f"ConvTranspose output_shape {wanted} does not match {n_sp} spatial axes")
         totals = [nat - w for nat, w in zip(natural, wanted)]
-        if min(totals) < 0:
-            raise OnnxPruneError(f"ConvTranspose output_shape {wanted} exceeds the natural size {natural}")
-        return _split_pads(totals, upper=mode == "SAME_UPPER")
+        if any(t < 1 - st for t, st in zip(totals, strides)):
+            raise OnnxPruneError(f"ConvTranspose output_shape {wanted} exceeds the natural size "
+                                 f"{natural} by a stride or more")
+        head, tail = _split_pads([max(t, 0) for t in totals], upper=mode == "SAME_UPPER")
+        # up to stride - 1 beyond the natural size: positions no input reaches, zeros at the end
+        return head, tuple(t + min(total, 0) for t, total in zip(tail, totals))
     if mode in ("SAME_UPPER", "SAME_LOWER"):
         totals = [max(0, nat - s * st) for nat, s, st in zip(natural, sizes, strides)]
         return _split_pads(totals, upper=mode == "SAME_UPPER")

@@ -233,6 +233,9 @@ ORT_CASES = [  # op, x shape, w shape, attrs: auto_pad and output_shape as onnxr
     ("ConvTranspose", (1, 2, 5, 4), (2, 3, 3, 3),
      {"output_shape": [8, 7], "strides": [2, 2], "auto_pad": "SAME_LOWER"}),
     ("ConvTranspose", (1, 4, 5, 4), (4, 1, 3, 3), {"group": 2, "strides": [1, 2], "pads": [0, 1, 2, 0]}),
+    # output_shape up to stride - 1 beyond the natural size (11, 9 here): zeros at the end
+    ("ConvTranspose", (1, 2, 5, 4), (2, 3, 3, 3), {"output_shape": [12, 10], "strides": [2, 2]}),
+    ("ConvTranspose", (1, 4, 5, 4), (4, 3, 3, 2), {"group": 2, "output_shape": [9, 9], "strides": [2, 2]}),
 ]
 
 
