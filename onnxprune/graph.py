@@ -45,6 +45,7 @@ class Layer:
     output_name: str | None = None  # the layer output after any bias Add
     bias: onnx.TensorProto | None = None
     relu: bool = False  # every consumer of the output is a Relu
+    bias_scale: float = 1.0  # the bias as the solvers see it (output = X W^T + b): stored * this
     consumers: list[str] = field(default_factory=list)
     # a weight shared by several nodes: the inputs of the others that use it the same way (their
     # statistics add up: the objective is the sum of their errors), or uses_differ
@@ -218,6 +219,11 @@ class _Finder:
         layer.output_name = node.output[0]
         if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
             layer.bias = _constant(node.input[2], scope, producers)
+            if node.op_type == "Gemm":  # alpha A B + beta C = alpha (A B + (beta / alpha) C)
+                alpha, beta = layer.attrs.get("alpha", 1.0), layer.attrs.get("beta", 1.0)
+                layer.bias_scale = beta / alpha if alpha and beta else 1.0
+                if not beta:
+                    layer.bias = None  # C is not used
         elif node.op_type == "MatMul":
             users = consumers.get(node.output[0], [])
             if len(users) == 1 and users[0].op_type == "Add":

@@ -83,8 +83,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     if not layers:
         raise OnnxPruneError("no prunable weights found (Conv, ConvTranspose, Gemm and MatMul "
                              "with constant float weights; see --include)")
-    biases = {layer.name: modelio.tensor_to_array(layer.bias) for layer in layers
-              if layer.bias is not None}
+    biases = {layer.name: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
+              for layer in layers if layer.bias is not None}
     timings["load"] = time.perf_counter() - clock
 
     stats, calibration, calib_set = {}, None, None
@@ -147,6 +147,10 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     return results if trail else results[0]
 
 
+def _scaled(array: np.ndarray, scale: float) -> np.ndarray:
+    return array if scale == 1 else array.astype(np.float64) * scale
+
+
 def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, refit,
                  sequential_set, options, calibration, detached):
     """Write this level's weights (and refitted biases) into the loaded model's tensors.
@@ -201,7 +205,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
                              "; ".join(x for x in (note, "bias refitted" if new_bias is not None
                                                    else "") if x)))
         if new_bias is not None:
-            loaded.write_array(layer.bias, new_bias)
+            loaded.write_array(layer.bias, new_bias if layer.bias_scale == 1 else new_bias / layer.bias_scale)
         if detached:
             dense[i] = None  # its data now lives in the proto again
     if sequential and calibration is not None:

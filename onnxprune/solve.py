@@ -31,8 +31,6 @@ def bias_blocks(layer: Layer, bias: np.ndarray | None, k: int, d_out: int) -> np
     """The bias as (k, d_out) when each block owns a slice of it (else None: left untouched)."""
     if bias is None or bias.size != k * d_out or bias.ndim != 1:
         return None
-    if layer.op == "Gemm" and (layer.attrs.get("alpha", 1.0) != 1.0 or layer.attrs.get("beta", 1.0) != 1.0):
-        return None
     if layer.op == "MatMul" and k != 1:
         return None
     return bias.reshape(k, d_out)

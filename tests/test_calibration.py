@@ -266,3 +266,25 @@ def test_a_layer_input_onnxruntime_would_optimise_away_is_still_observed():
     result = prune(model, 0.5, method="dc", calib={"x": x})
     assert result.report.zeros == 42 and not result.report.notes
     assert [o.name for o in model.graph.output] == ["y"] and len(model.graph.node) == 3  # untouched
+
+
+@pytest.mark.parametrize("method", ["dc", "ltp"])
+def test_gemm_bias_refit_honours_alpha_and_beta(method):
+    # alpha X W^T + beta C: the refitted C must be the solver's bias over beta / alpha
+    rng = np.random.default_rng(10)
+    h = onnx.helper
+    model = builders.make_model(
+        [h.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1, alpha=2.0, beta=0.5)],
+        [builders.vinfo("x", ["N", 10])], [builders.vinfo("y", ["N", 6])],
+        [onnx.numpy_helper.from_array(builders.rand(rng, 6, 10), "w"),
+         onnx.numpy_helper.from_array(builders.rand(rng, 6) * 3, "c")])
+    x = (builders.rand(rng, 200, 10) + 0.5).astype(np.float32)
+
+    def output(m):
+        return ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0].astype(np.float64)
+
+    dense = output(model)
+    pruned = output(prune(model, 0.6, method=method, calib={"x": x}, verify=False).model)
+    magnitude = output(prune(model, 0.6, verify=False).model)
+    np.testing.assert_allclose((pruned - dense).mean(axis=0), 0, atol=1e-4)  # the mean shift is refitted
+    assert ((pruned - dense) ** 2).sum() < ((magnitude - dense) ** 2).sum()
