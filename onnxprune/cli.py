@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -156,8 +157,10 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
                   quiet):
     """Prune MODEL to the given sparsity and write MODEL.pruned.onnx (or --output)."""
     budget.keep_freed_memory()
-    # kill, timeout, docker stop: clean up as for Ctrl-C (the handler stays for this run only)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # kill, timeout, docker stop: clean up as for Ctrl-C (the handler stays for this run only;
+    # Python lets only the main thread set one)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         levels = _parse_sparsity(sparsity_text)
         if plot_path is not None and method != "ltp":
@@ -186,7 +189,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
         _fail(f"{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; "
               "no partial output was left")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
     if not quiet:
         click.echo("\n\n".join(r.report.format() for r in results))
 

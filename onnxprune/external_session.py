@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxPruneError
-from .modelio import PROTOBUF_LIMIT, iter_tensors, tensor_to_array
+from .modelio import PROTOBUF_LIMIT, iter_graphs, iter_tensors, tensor_to_array
 from .runtime import first_line, providers_for
 
 # older onnxruntime lacks it: the model is then written to a temporary folder
@@ -31,15 +31,16 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     """A session over `model` (tensors inline or external with absolute locations)."""
     if not _IN_MEMORY_FILES:
         return _session_from_a_copy(model, device)
-    inlined = _inline_subgraph_tensors(model)
+    inlined: list = []
     names: dict[str, str] = {}  # data file -> name given to onnxruntime
     changed = []
-    for tensor in iter_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                changed.append((entry, entry.value))
-                entry.value = names.setdefault(entry.value, f"weights{len(names)}.bin")
-    try:
+    try:  # the proto is put back as it was on every way out
+        _inline_subgraph_tensors(model, inlined)
+        for tensor in iter_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    changed.append((entry, entry.value))
+                    entry.value = names.setdefault(entry.value, f"weights{len(names)}.bin")
         if model.ByteSize() > PROTOBUF_LIMIT:
             raise OnnxPruneError("the model holds over 2 GB of inline tensors; onnxruntime "
                                  "cannot take it without writing it out (give an output path)")
@@ -73,22 +74,20 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
             m.close()
 
 
-def _inline_subgraph_tensors(model: onnx.ModelProto) -> list:
+def _inline_subgraph_tensors(model: onnx.ModelProto, inlined: list) -> None:
     """onnxruntime looks for the external data of If / Loop / Scan bodies on disk, never among
     the in-memory files: their tensors (small, as a rule) go inline until the proto is
-    serialised. Returns [(tensor, its external_data entries)] to put back."""
-    main = {id(t) for t in model.graph.initializer}
-    main |= {id(a.t) for node in model.graph.node for a in node.attribute
-             if a.type == onnx.AttributeProto.TENSOR}
-    inlined = []
-    for tensor in iter_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and id(tensor) not in main:
-            raw = np.ascontiguousarray(tensor_to_array(tensor)).tobytes()  # little-endian already
-            inlined.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
-    return inlined
+    serialised. Appends (tensor, its external_data entries) to `inlined`, to put back."""
+    for graph in list(iter_graphs(model.graph))[1:]:  # the bodies, not the main graph
+        tensors = [*graph.initializer, *(a.t for node in graph.node for a in node.attribute
+                                         if a.type == onnx.AttributeProto.TENSOR)]
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raw = np.ascontiguousarray(tensor_to_array(tensor)).tobytes()  # little-endian
+                inlined.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = raw
 
 
 def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:

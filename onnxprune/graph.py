@@ -234,6 +234,8 @@ class _Finder:
                     layer.bias, layer.output_name = bias, add.output[0]
         users = consumers.get(layer.output_name, [])
         layer.relu = bool(users) and all(u.op_type == "Relu" for u in users)
+        if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0:
+            layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
 
 
 def _role(node, slot, scope, producers) -> str | None:

@@ -41,6 +41,8 @@ def block_keeps(W: np.ndarray, n_keep: int) -> list[int]:
     pruning keeps there. Blocks are not alike (a depthwise conv's kernels): an even split cost
     DC 40 % more output error than plain magnitude pruning on one."""
     k = len(W)
+    if k == 1:
+        return [min(n_keep, W.size)]
     flat = np.abs(W).reshape(k, -1)
     if n_keep >= flat.size:
         return [flat.shape[1]] * k

@@ -288,3 +288,11 @@ def test_gemm_bias_refit_honours_alpha_and_beta(method):
     magnitude = output(prune(model, 0.6, verify=False).model)
     np.testing.assert_allclose((pruned - dense).mean(axis=0), 0, atol=1e-4)  # the mean shift is refitted
     assert ((pruned - dense) ** 2).sum() < ((magnitude - dense) ** 2).sum()
+
+
+def test_a_gemm_with_negative_alpha_is_not_given_the_relu_objective():
+    model = builders.make_model(
+        [onnx.helper.make_node("Gemm", ["x", "w"], ["g"], transB=1, alpha=-1.0), onnx.helper.make_node("Relu", ["g"], ["y"])],
+        [builders.vinfo("x", ["n", 4])], [builders.vinfo("y", ["n", 3])],
+        [onnx.numpy_helper.from_array(np.ones((3, 4), np.float32), "w")])
+    assert not find_layers(model)[0][0].relu

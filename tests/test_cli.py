@@ -219,3 +219,13 @@ def test_sigterm_mid_run_leaves_no_staged_output(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler was for that run only
     assert_one_line_error(result, "terminated; no partial output was left")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "w.bin"]
+
+
+def test_the_command_runs_outside_the_main_thread(model_path):
+    import threading
+
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run(model_path, "-s", "0.5", "-q")))
+    worker.start()
+    worker.join()
+    assert results[0].exit_code == 0, results[0].output

@@ -417,3 +417,34 @@ def test_an_in_memory_model_with_relative_data_locations_is_a_clear_error(tmp_pa
     for model in (unloaded, unloaded.SerializeToString()):
         with pytest.raises(OnnxPruneError, match="weights.bin.*pass the model's file path"):
             prune(model, 0.5)
+
+
+def test_the_in_memory_session_inlines_every_subgraph_tensor_and_restores_the_proto(tmp_path):
+    # Constant weights in the main graph and several weights per If branch: which tensors are
+    # inlined must not depend on protobuf's object ids (they are reused)
+    from onnxprune.external_session import make_external_session
+
+    rng = np.random.default_rng(11)
+
+    def branch(name, n=4):
+        nodes = [helper.make_node("MatMul", ["h" if i == 0 else f"{name}_y{i - 1}", f"{name}_w{i}"],
+                                  [f"{name}_y{i}"]) for i in range(n)]
+        weights = [numpy_helper.from_array(builders.rand(rng, 8, 8), f"{name}_w{i}") for i in range(n)]
+        return helper.make_graph(nodes, name, [], [builders.vinfo(f"{name}_y{n - 1}", ["n", 8])], weights)
+
+    nodes = [helper.make_node("Constant", [], [f"c{i}"], value=numpy_helper.from_array(builders.rand(rng, 8, 8)))
+             for i in range(3)]
+    nodes += [helper.make_node("MatMul", ["x", "w"], ["a"])]
+    nodes += [helper.make_node("MatMul", ["a", f"c{i}"], [f"k{i}"]) for i in range(3)]
+    nodes += [helper.make_node("Sum", ["k0", "k1", "k2"], ["h"]),
+              helper.make_node("Constant", [], ["flag"], value=numpy_helper.from_array(np.array(True))),
+              helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
+    model = builders.make_model(nodes, [builders.vinfo("x", ["n", 8])], [builders.vinfo("y", ["n", 8])],
+                                [numpy_helper.from_array(builders.rand(rng, 8, 8), "w")])
+    loaded = load_model(save_external(model, tmp_path / "m.onnx")).model
+    before = loaded.SerializeToString()
+    x = builders.rand(rng, 2, 8)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(make_external_session(loaded).run(None, {"x": x})[0], expected, rtol=1e-5)
+    assert loaded.SerializeToString() == before
+
