@@ -29,7 +29,13 @@ def block_index(layer: Layer) -> np.ndarray:
 
 def bias_blocks(layer: Layer, bias: np.ndarray | None, k: int, d_out: int) -> np.ndarray | None:
     """The bias as (k, d_out) when each block owns a slice of it (else None: left untouched)."""
-    if bias is None or bias.size != k * d_out or bias.ndim != 1:
+    if bias is None or bias.size != k * d_out:
+        return None
+    if layer.op == "Gemm" and layer.weight_side == "left":  # W X + C: outputs are C's rows
+        per_output = bias.shape == (d_out, 1)
+    else:  # 1-D, or (1, d_out) as some exporters write a Gemm's C
+        per_output = bias.ndim == 1 or bias.shape[0] == 1
+    if not per_output:
         return None
     if layer.op == "MatMul" and k != 1:
         return None
@@ -63,7 +69,7 @@ def dc_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
     # DC's many small products run 5-6x faster on one BLAS thread than with idle threads spinning
     with threadpool_limits(limits=1, user_api="blas"):
         _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed)
-    return _to_stored(stored, idx, new_W), None if new_b is None else new_b.reshape(-1).astype(bias.dtype)
+    return _to_stored(stored, idx, new_W), None if new_b is None else new_b.reshape(bias.shape).astype(bias.dtype)
 
 
 def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
@@ -113,7 +119,7 @@ def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
             stats.derived[key] = ltp_weights.derive(gram, rank)
         new, new_b, learned = ltp_weights.ltp_support_weights(
             W, gram, stored.size - n_zero, refit=refitted, bias=b, derived=stats.derived[key])
-    new_bias = None if new_b is None else new_b.reshape(-1).astype(bias.dtype)
+    new_bias = None if new_b is None else new_b.reshape(bias.shape).astype(bias.dtype)
     return _to_stored(stored, idx, new), new_bias, learned
 
 

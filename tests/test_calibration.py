@@ -296,3 +296,27 @@ def test_a_gemm_with_negative_alpha_is_not_given_the_relu_objective():
         [builders.vinfo("x", ["n", 4])], [builders.vinfo("y", ["n", 3])],
         [onnx.numpy_helper.from_array(np.ones((3, 4), np.float32), "w")])
     assert not find_layers(model)[0][0].relu
+
+
+@pytest.mark.parametrize("side, c_shape, refitted", [
+    ("right", (6,), True), ("right", (1, 6), True), ("right", (), False),
+    ("left", (6, 1), True), ("left", (6,), False)])
+def test_which_gemm_biases_are_refitted(side, c_shape, refitted):
+    # x W^T + C with C per output (1-D or (1, d_out)); W X + C with C per output only as (d_out, 1)
+    rng = np.random.default_rng(12)
+    h = onnx.helper
+    c = (builders.rand(rng, *c_shape) if c_shape else np.array(1.5, np.float32)) * 3
+    if side == "right":
+        node, x_shape, y_shape = h.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1), ["N", 10], ["N", 6]
+    else:
+        node, x_shape, y_shape = h.make_node("Gemm", ["w", "x"], ["y"]), [10, 6], [6, 6]
+        node.input.append("c")
+    model = builders.make_model([node], [builders.vinfo("x", x_shape)], [builders.vinfo("y", y_shape)],
+                                [onnx.numpy_helper.from_array(builders.rand(rng, 6, 10), "w"),
+                                 onnx.numpy_helper.from_array(c.astype(np.float32), "c")])
+    x = builders.rand(rng, 64, 10) + 0.5 if side == "right" else builders.rand(rng, 10, 6) + 0.5  # one batch
+    result = prune(model, 0.6, method="dc", calib={"x": x.astype(np.float32)}, verify=False)
+    new_c = onnx.numpy_helper.to_array(result.model.graph.initializer[1])
+    assert new_c.shape == c.shape
+    assert (not np.array_equal(new_c, c)) == refitted
+    assert ("bias refitted" in result.report.layers[0].note) == refitted
