@@ -161,6 +161,7 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
     # Python lets only the main thread set one)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    levels: list[float] = []
     try:
         levels = _parse_sparsity(sparsity_text)
         if plot_path is not None and method != "ltp":
@@ -187,7 +188,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
         _fail(e)
     except KeyboardInterrupt as e:
         _fail(f"{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; "
-              "no partial output was left")
+              "no partial output was left" + (" (levels already written are complete)"
+                                              if len(levels) > 1 else ""))
     finally:
         if previous is not None:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
