@@ -84,9 +84,11 @@ def find_layers(model: onnx.ModelProto, include: str | None = None,
                 exclude: str | None = None) -> tuple[list[Layer], list[Skipped]]:
     """All float constants that feed a node; those to prune have .role 'weight' by default.
 
-    include / exclude are regexes matched (re.search) against the tensor name and the op type
-    of its consumers: include adds biases, norm parameters, embedding tables or any other
-    float constant; exclude removes tensors. Returns (layers to prune, skipped tensors).
+    include / exclude are regexes matched (re.search) against the tensor name, the name of the
+    node that uses it (exporters often name tensors `onnx::MatMul_733` and nodes by module
+    path) and the op type of its consumers: include adds biases, norm parameters, embedding
+    tables or any other float constant; exclude removes tensors. Returns (layers to prune,
+    skipped tensors).
     """
     finder = _Finder()
     finder.walk(model.graph, ChainMap(), "")
@@ -94,7 +96,7 @@ def find_layers(model: onnx.ModelProto, include: str | None = None,
     exc = re.compile(exclude) if exclude else None
     layers, skipped = [], list(finder.skipped)
     for layer in finder.layers.values():
-        keys = [layer.name, *layer.consumers]
+        keys = [layer.name, layer.node, *layer.consumers]
         chosen = layer.role == "weight" or (inc is not None and any(inc.search(k) for k in keys))
         if exc is not None and any(exc.search(k) for k in keys):
             skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude"))

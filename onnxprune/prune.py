@@ -203,7 +203,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              zeros_before, zeros_after, layer.graph,
                              "; ".join(x for x in (note, "bias refitted" if new_bias is not None
-                                                   else "") if x)))
+                                                   else "") if x), layer.node))
         if new_bias is not None:
             loaded.write_array(layer.bias, new_bias if layer.bias_scale == 1 else new_bias / layer.bias_scale)
         if detached:

@@ -15,6 +15,7 @@ class LayerRow:
     zeros_after: int
     graph: str = ""  # subgraph path, "" for the main graph
     note: str = ""
+    node: str = ""  # the node that uses it (a readable name where the tensor's is generated)
 
     @property
     def sparsity_before(self) -> float:
@@ -65,7 +66,7 @@ class PruneReport:
     def format(self, max_rows: int | None = None) -> str:
         notes = any(r.note for r in self.layers)
         head = ("tensor", "op", "shape", "params", "before", "after") + (("note",) if notes else ())
-        rows = [(r.name if not r.graph else f"{r.graph}/{r.name}", r.op,
+        rows = [(_label(r), r.op,
                  "x".join(map(str, r.shape)) or "scalar", f"{r.params:,}",
                  _pct(r.sparsity_before), _pct(r.sparsity_after)) + ((r.note,) if notes else ())
                 for r in self.layers]
@@ -121,3 +122,10 @@ def _mb(n: int) -> str:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _label(row: LayerRow) -> str:
+    """The tensor's name; its node's where an exporter generated the tensor's (onnx::MatMul_733
+    says nothing; the JSON keeps both)."""
+    name = row.node if (row.name.startswith("onnx::") or not row.name) and row.node else row.name
+    return name if not row.graph else f"{row.graph}/{name}"

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import builders
 from onnxprune import OnnxPruneError, prune
@@ -221,3 +221,19 @@ def test_pass_through_chain_and_old_ir_initializer_inputs(tmp_path):
     np.testing.assert_array_equal(layers[0].operand(stored), stored.reshape(6, 8).T)
     result = prune(model, 0.75, method="layer", verify=False)
     assert result.report.zeros == 36
+
+
+def test_exporter_generated_tensor_names_show_and_select_by_node_name():
+    # torch.onnx.export names weights onnx::MatMul_<n> and nodes by module path
+    rng = np.random.default_rng(13)
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_1"], ["h"], name="/encoder/attention/q/MatMul"),
+             helper.make_node("MatMul", ["h", "onnx::MatMul_2"], ["y"], name="/encoder/ffn/MatMul")]
+    model = builders.make_model(nodes, [builders.vinfo("x", ["n", 8])], [builders.vinfo("y", ["n", 8])],
+                                [numpy_helper.from_array(builders.rand(rng, 8, 8), f"onnx::MatMul_{i}")
+                                 for i in (1, 2)])
+    result = prune(model, 0.5, verify=False)
+    table = result.report.format()
+    assert "/encoder/attention/q/MatMul" in table and "onnx::MatMul_1" not in table
+    assert result.report.to_dict()["layers"][0]["name"] == "onnx::MatMul_1"
+    kept = prune(model, 0.5, exclude="attention", verify=False)
+    assert [row.name for row in kept.report.layers] == ["onnx::MatMul_2"]
