@@ -79,6 +79,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     loaded = modelio.load_model(model)
+    _check_dims(loaded.model, dims)
     layers, skipped = graph.find_layers(loaded.model, include, exclude)
     if not layers:
         raise OnnxPruneError("no prunable weights found (Conv, ConvTranspose, Gemm and MatMul "
@@ -145,6 +146,16 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     finally:  # a stage not saved (an error, Ctrl-C, SIGTERM) goes now, not at exit
         loaded.stage_output(None)
     return results if trail else results[0]
+
+
+def _check_dims(model: onnx.ModelProto, dims: dict[str, int] | None) -> None:
+    """--dim names a symbolic dimension of the model's inputs (a typo would pass unseen)."""
+    known = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim
+             if d.dim_param}
+    unknown = sorted(set(dims or {}) - known)
+    if unknown:
+        raise OnnxPruneError(f"--dim {unknown[0]}: the model's inputs have no such dimension "
+                             f"(theirs: {', '.join(sorted(known)) or 'none'})")
 
 
 def _scaled(array: np.ndarray, scale: float) -> np.ndarray:

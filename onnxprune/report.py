@@ -102,7 +102,9 @@ class PruneReport:
         elif self.verification:
             v = self.verification
             diffs = ", ".join(f"{k} {x:.3g}" for k, x in v.get("max_abs_diff", {}).items())
-            lines.append(f"verified in onnxruntime ({v.get('provider')}): "
+            sizes = ", ".join(f"{k}={n}" for k, n in (v.get("symbolic_dims") or {}).items())
+            lines.append(f"verified in onnxruntime ({v.get('provider')}"
+                         + (f"; {sizes}, set with --dim" if sizes else "") + "): "
                          + (f"max abs output change vs input model: {diffs}" if diffs else "runs")
                          + (f"; {v['note']}" if v.get("note") else ""))
         for note in self.notes:

@@ -34,7 +34,7 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     lacks, e.g. bfloat16 MatMul on CPU), nothing is compared and the result says why.
     """
     try:
-        provider, names, feeds, outputs = _run(candidate, device, dims)
+        provider, names, feeds, outputs, used = _run(candidate, device, dims)
     except Exception as e:
         try:
             _run(reference, device, dims)
@@ -42,7 +42,7 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
             return {"provider": None, "max_abs_diff": {}, "note": "not run in onnxruntime: the "
                     f"input model does not run here either ({_reason(input_error)})"}
         raise OnnxPruneError(f"the pruned model does not run in onnxruntime: {_reason(e)}") from None
-    result = {"provider": provider, "max_abs_diff": {}, "note": None}
+    result = {"provider": provider, "max_abs_diff": {}, "note": None, "symbolic_dims": used}
     try:
         ref_outputs = _run(reference, device, dims, feeds)[3]
     except Exception as e:  # the input model itself does not run on synthetic data
@@ -60,9 +60,11 @@ def _run(model, device, dims, feeds=None):
     """(provider, output names, feeds, outputs) of one run on `feeds`, or on a synthetic batch.
     The session goes when this returns: one model in onnxruntime at a time."""
     session = make_session(model, device, light=True)
+    used = {d: (dims or {}).get(d, 1) for _, _, shape in session_inputs(session)
+            for d in shape if isinstance(d, str)}  # the sizes the named symbolic dims got
     feeds = synthetic_inputs(session, dims) if feeds is None else feeds
     outputs = session.run(None, feeds)
-    return provider_name(session), [o.name for o in session.get_outputs()], feeds, outputs
+    return provider_name(session), [o.name for o in session.get_outputs()], feeds, outputs, used
 
 
 def _reason(e: Exception) -> str:

@@ -181,7 +181,10 @@ def test_unwritable_output_folder(model_path, tmp_path):
 
 def test_bad_dim_and_leftover_files(model_path, tmp_path):
     assert_one_line_error(run(model_path, "-s", "0.5", "--dim", "batch"), "--dim")
+    assert_one_line_error(run(model_path, "-s", "0.5", "--dim", "seq=8"), "--dim seq", "theirs: batch")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]  # no partial output
+    shown = run(model_path, "-s", "0.5", "--dim", "batch=4", "-o", tmp_path / "d.onnx")
+    assert "verified in onnxruntime (CPU; batch=4, set with --dim)" in shown.output
 
 
 def test_eval_command_accuracy_and_json(model_path, tmp_path):
