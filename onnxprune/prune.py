@@ -5,6 +5,7 @@ Each stage lives in its own module; this one only moves data between them.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .calibration.source import load_calibration
 from .errors import OnnxPruneError
 from .methods import magnitude
 from .report import LayerRow, PruneReport
-from .runtime import device_note
+from .runtime import DEVICES, device_note
 from .verify import compare_models
 
 DATA_FREE_METHODS = ("layer", "global", "global-mt")
@@ -68,6 +69,9 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
     max_memory = budget.parse_size(max_memory)  # bytes; see budget.py for what it decides
     _check_options(levels, method, storage_format, min_keep, allocation, calib, refit)
+    levels = [float(s) for s in levels]
+    _check_settings(model, device, include, exclude, dims, calib_samples=calib_samples,
+                    batch_size=batch_size, row_cap=row_cap, max_positions=max_positions)
     trail = not np.isscalar(sparsity)
     outputs = [None] * len(levels)
     if output is not None:
@@ -403,6 +407,8 @@ def _check_options(levels, method, storage_format, min_keep, allocation, calib, 
         raise OnnxPruneError("no sparsity given")
     for s in levels:
         magnitude.check_sparsity(s)
+    if sorted(map(float, levels)) != list(map(float, levels)) or len(set(levels)) != len(levels):
+        raise OnnxPruneError(f"sparsity levels must be increasing, got {list(levels)}")
     if method not in METHODS:
         raise OnnxPruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if storage_format not in STORAGES:
@@ -415,6 +421,26 @@ def _check_options(levels, method, storage_format, min_keep, allocation, calib, 
     if needs and calib is None:
         raise OnnxPruneError(f"{needs} needs calibration data: give --calib data.npz "
                              "(or --calib random to use random inputs, for testing only)")
+
+
+def _check_settings(model, device, include, exclude, dims, **counts) -> None:
+    """The library's own arguments, checked before any work as the command line's are."""
+    if not isinstance(model, (str, os.PathLike, bytes, onnx.ModelProto)):
+        raise OnnxPruneError(f"model must be a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
+    if device not in DEVICES:
+        raise OnnxPruneError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
+    for option, pattern in (("include", include), ("exclude", exclude)):
+        try:
+            re.compile(pattern or "")
+        except re.error as e:
+            raise OnnxPruneError(f"--{option} '{pattern}' is not a regular expression: {e}") from None
+    for name, size in (dims or {}).items():
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise OnnxPruneError(f"--dim {name}: a size must be a positive integer, got {size!r}")
+    lowest = {"calib_samples": 1, "batch_size": 1, "row_cap": 0, "max_positions": 1}
+    for name, value in counts.items():  # None: no limit
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < lowest[name]):
+            raise OnnxPruneError(f"{name} must be an integer of at least {lowest[name]}, got {value!r}")
 
 
 def _row_caps(layers, method, cap) -> dict[str, int]:

@@ -237,3 +237,20 @@ def test_exporter_generated_tensor_names_show_and_select_by_node_name():
     assert result.report.to_dict()["layers"][0]["name"] == "onnx::MatMul_1"
     kept = prune(model, 0.5, exclude="attention", verify=False)
     assert [row.name for row in kept.report.layers] == ["onnx::MatMul_2"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sparsity=[0.7, 0.5]), "must be increasing"),
+    (dict(device="tpu"), "unknown device"),
+    (dict(include="("), "not a regular expression"),
+    (dict(dims={"batch": 0}), "positive integer"),
+    (dict(method="dc", calib="random", calib_samples=-5), "calib_samples"),
+    (dict(method="dc", calib="random", row_cap=-1), "row_cap"),
+    (dict(method="dc", calib="random", max_positions=0), "max_positions"),
+    (dict(model=42), "path, bytes or an onnx.ModelProto"),
+])
+def test_library_arguments_are_checked_before_any_work(kwargs, message):
+    kwargs = dict(kwargs)
+    model, sparsity = kwargs.pop("model", builders.mlp_matmul()), kwargs.pop("sparsity", 0.5)
+    with pytest.raises(OnnxPruneError, match=message):
+        prune(model, sparsity, verify=False, **kwargs)
