@@ -20,7 +20,8 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxPruneError
-from .modelio import PROTOBUF_LIMIT, iter_graphs, iter_tensors, tensor_to_array
+from .modelio import (PROTOBUF_LIMIT, iter_graphs, iter_tensors, make_inline, refer_to,
+                      tensor_to_array)
 from .runtime import first_line, providers_for
 
 # older onnxruntime lacks it: the model is then written to a temporary folder
@@ -49,11 +50,7 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
         for entry, value in changed:
             entry.value = value
         for tensor, entries in inlined:
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in entries:
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            refer_to(tensor, entries)
     maps = []
     try:
         for path in names:
@@ -85,9 +82,7 @@ def _inline_subgraph_tensors(model: onnx.ModelProto, inlined: list) -> None:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 raw = np.ascontiguousarray(tensor_to_array(tensor)).tobytes()  # little-endian
                 inlined.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = raw
+                make_inline(tensor, raw)
 
 
 def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:

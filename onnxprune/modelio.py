@@ -297,12 +297,8 @@ def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load
     if load:
         with open(file, "rb") as f:
             f.seek(offset)
-            tensor.raw_data = f.read(length)
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+            make_inline(tensor, f.read(length))
     else:
-        from .staging import point
-
         point(tensor, str(file), offset, tensor_nbytes(tensor))
     return file
 
@@ -339,10 +335,30 @@ def write_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     array = _little_endian(tensor, array)
     for name in TENSOR_DATA_FIELDS:  # raw_data is set just below
         tensor.ClearField(name)
-    if _is_external(tensor):
+    make_inline(tensor, array.tobytes())
+
+
+def make_inline(tensor: onnx.TensorProto, raw: bytes) -> None:
+    """Make `tensor` hold `raw` (little-endian) in the proto, external no more."""
+    if _is_external(tensor):  # an inline tensor's fields stay as they were (unset, not DEFAULT)
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
-    tensor.raw_data = array.tobytes()
+    tensor.raw_data = raw
+
+
+def refer_to(tensor: onnx.TensorProto, entries) -> None:
+    """Make `tensor` external, described by its (key, value) entries (location, offset, ...)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in entries:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` refer to `length` bytes at `offset` of `location`."""
+    refer_to(tensor, (("location", location), ("offset", str(offset)), ("length", str(length))))
 
 
 def _little_endian(tensor: onnx.TensorProto, array: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from .calibration.source import load_calibration
 from .errors import OnnxPruneError
 from .methods import magnitude
 from .report import LayerRow, PruneReport
-from .runtime import DEVICES, device_note
+from .runtime import check_device, device_note
 from .verify import compare_models
 
 DATA_FREE_METHODS = ("layer", "global", "global-mt")
@@ -68,8 +68,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     """
     levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
     max_memory = budget.parse_size(max_memory)  # bytes; see budget.py for what it decides
-    _check_options(levels, method, storage_format, min_keep, allocation, calib, refit)
-    levels = [float(s) for s in levels]
+    levels = _check_options(levels, method, storage_format, min_keep, allocation, calib, refit)
     _check_settings(model, device, include, exclude, dims, calib_samples=calib_samples,
                     batch_size=batch_size, row_cap=row_cap, max_positions=max_positions)
     trail = not np.isscalar(sparsity)
@@ -119,7 +118,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     mt_counts_per_level = counts_per_level
     if learned is not None:
         counts_per_level = [learned[s].zeros_all for s in levels]
-    results = []
+    results, cuda_note = [], device_note(device)
     try:
         for s, counts, (_, ranking), out in zip(levels, counts_per_level, allocations, outputs):
             level_timings = dict(timings)
@@ -138,8 +137,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                 calib_set if sequential and (method in CALIBRATED_METHODS or refit) else None, options,
                 calibration, detach)
             level_timings["prune"] = time.perf_counter() - clock
-            if device_note(device) and (verify or calibration is not None):
-                notes.append(device_note(device))
+            if cuda_note and (verify or calibration is not None):
+                notes.append(cuda_note)
             report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
                                  skipped=[vars(x) for x in skipped], timings=level_timings,
                                  calibration=calibration, notes=notes)
@@ -220,7 +219,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
                              "; ".join(x for x in (note, "bias refitted" if new_bias is not None
                                                    else "") if x), layer.node))
         if new_bias is not None:
-            loaded.write_array(layer.bias, new_bias if layer.bias_scale == 1 else new_bias / layer.bias_scale)
+            loaded.write_array(layer.bias, _scaled(new_bias, 1 / layer.bias_scale))
         if detached:
             dense[i] = None  # its data now lives in the proto again
     if sequential and calibration is not None:
@@ -247,7 +246,8 @@ class CalibrationOptions:
 def _calibrate(loaded, layers, calib_set, method, allocation, sequential, options, max_memory):
     """Statistics of every calibratable layer: one pass when they fit `max_memory`, else one
     pass per group of layers that fits (collected as they are used); none up front with
-    --sequential, except for a learned (ltp) allocation, which needs every layer's at once. Returns (stats: {layer name: LayerStats} or GroupedStatistics, report info)."""
+    --sequential, except for a learned (ltp) allocation, which needs every layer's at once.
+    Returns (stats: {layer name: LayerStats} or GroupedStatistics, report info)."""
     caps = _row_caps(layers, method, options.row_cap)
 
     def collect(group, session=None):
@@ -402,13 +402,12 @@ def _allocate(method, allocation, dense, sparsity, min_keep, mt_variant):
                                                variant=mt_variant, ranking=ranking), ranking
 
 
-def _check_options(levels, method, storage_format, min_keep, allocation, calib, refit) -> None:
+def _check_options(levels, method, storage_format, min_keep, allocation, calib, refit) -> list[float]:
     if not levels:
         raise OnnxPruneError("no sparsity given")
-    for s in levels:
-        magnitude.check_sparsity(s)
-    if sorted(map(float, levels)) != list(map(float, levels)) or len(set(levels)) != len(levels):
-        raise OnnxPruneError(f"sparsity levels must be increasing, got {list(levels)}")
+    levels = [magnitude.check_sparsity(s) for s in levels]
+    if sorted(set(levels)) != levels:
+        raise OnnxPruneError(f"sparsity levels must be increasing, got {levels}")
     if method not in METHODS:
         raise OnnxPruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if storage_format not in STORAGES:
@@ -421,14 +420,14 @@ def _check_options(levels, method, storage_format, min_keep, allocation, calib, 
     if needs and calib is None:
         raise OnnxPruneError(f"{needs} needs calibration data: give --calib data.npz "
                              "(or --calib random to use random inputs, for testing only)")
+    return levels
 
 
 def _check_settings(model, device, include, exclude, dims, **counts) -> None:
     """The library's own arguments, checked before any work as the command line's are."""
     if not isinstance(model, (str, os.PathLike, bytes, onnx.ModelProto)):
         raise OnnxPruneError(f"model must be a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
-    if device not in DEVICES:
-        raise OnnxPruneError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
+    check_device(device)
     for option, pattern in (("include", include), ("exclude", exclude)):
         try:
             re.compile(pattern or "")

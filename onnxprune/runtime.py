@@ -17,11 +17,14 @@ ORT_TYPES = {
 }
 
 
-def providers_for(device: str) -> list[str]:
-    available = ort.get_available_providers()
+def check_device(device: str) -> None:
     if device not in DEVICES:
         raise OnnxPruneError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
-    if device != "cpu" and "CUDAExecutionProvider" in available:
+
+
+def providers_for(device: str) -> list[str]:
+    check_device(device)
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import onnx
 
 from .errors import OnnxPruneError
-from .modelio import iter_tensors, tensor_nbytes, write_all, write_streamed
+from .modelio import (iter_tensors, make_inline, point, refer_to, tensor_nbytes, write_all,
+                      write_streamed)
 
 ALIGN = 64
 INLINE_LIMIT = 1024  # inline tensors of this many bytes or more move to the data file
@@ -32,16 +33,6 @@ def external_ref(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
     info = {e.key: e.value for e in tensor.external_data}
     return (info.get("location", ""), int(info.get("offset", 0)),
             int(info.get("length", tensor_nbytes(tensor))))
-
-
-def point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    """Make `tensor` refer to `length` bytes at `offset` of `location`."""
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
 
 
 def make_temp_folder(parent: Path) -> Path:
@@ -171,14 +162,9 @@ class OutputStage:
             write_streamed(model, model_path)
         finally:
             for tensor, entries in saved:
-                del tensor.external_data[:]
-                for key, value in entries:
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
+                refer_to(tensor, entries)
             for tensor, raw in kept:
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = raw
+                make_inline(tensor, raw)
 
     def settle(self, model: onnx.ModelProto, data_path: Path) -> None:
         """After the rename: `model`'s external tensors refer to the final data file. The owner's

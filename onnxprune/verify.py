@@ -14,16 +14,22 @@ def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None 
     Floats are standard normal; integers are 1 (a valid token id, an attention mask that
     attends); booleans True.
     """
-    dims = dims or {}
+    sizes = symbolic_sizes(session, dims)
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, dtype, arg_shape in session_inputs(session):
-        shape = [d if isinstance(d, int) and d >= 0 else dims.get(str(d), 1) for d in arg_shape]
+        shape = [d if isinstance(d, int) and d >= 0 else sizes.get(d, 1) for d in arg_shape]
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[name] = np.ones(shape, dtype=dtype)
     return feeds
+
+
+def symbolic_sizes(session: ort.InferenceSession, dims: dict[str, int] | None) -> dict[str, int]:
+    """The size each named symbolic dimension of the inputs gets: dims[name], else 1."""
+    return {d: (dims or {}).get(d, 1) for _, _, shape in session_inputs(session)
+            for d in shape if isinstance(d, str)}
 
 
 def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
@@ -57,14 +63,13 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
 
 
 def _run(model, device, dims, feeds=None):
-    """(provider, output names, feeds, outputs) of one run on `feeds`, or on a synthetic batch.
-    The session goes when this returns: one model in onnxruntime at a time."""
+    """(provider, output names, feeds, outputs, symbolic sizes) of one run on `feeds`, or on a
+    synthetic batch. The session goes when this returns: one model in onnxruntime at a time."""
     session = make_session(model, device, light=True)
-    used = {d: (dims or {}).get(d, 1) for _, _, shape in session_inputs(session)
-            for d in shape if isinstance(d, str)}  # the sizes the named symbolic dims got
     feeds = synthetic_inputs(session, dims) if feeds is None else feeds
     outputs = session.run(None, feeds)
-    return provider_name(session), [o.name for o in session.get_outputs()], feeds, outputs, used
+    return (provider_name(session), [o.name for o in session.get_outputs()], feeds, outputs,
+            symbolic_sizes(session, dims))
 
 
 def _reason(e: Exception) -> str:
