@@ -25,8 +25,7 @@ from onnxprune.data import (
     num_samples,
 )
 from onnxprune.errors import OnnxPruneError
-from onnxprune.external_session import make_external_session
-from onnxprune.modelio import iter_tensors
+from onnxprune.external_session import session_for
 from onnxprune.runtime import make_session, provider_name, run, session_inputs
 
 # Rows of the similarity matrix computed at once when finding nearest neighbours.
@@ -163,11 +162,9 @@ def _run_all(session, ref_session, samples, batch_size, progress, keep_embedding
 
 def _session(model, device: str) -> ort.InferenceSession:
     """A path, bytes, or a ModelProto (a pruned result may refer to its data files by absolute
-    path, which onnxruntime takes only through make_external_session)."""
+    path, which onnxruntime takes only through session_for)."""
     if isinstance(model, onnx.ModelProto):
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model)):
-            return make_external_session(model, device)
-        model = model.SerializeToString()
+        return session_for(model, device)
     return make_session(model, device)
 
 

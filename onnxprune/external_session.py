@@ -22,10 +22,20 @@ import onnxruntime as ort
 from .errors import OnnxPruneError
 from .modelio import (PROTOBUF_LIMIT, iter_graphs, iter_tensors, make_inline, refer_to,
                       tensor_to_array)
-from .runtime import first_line, providers_for
+from .runtime import first_line, make_session, providers_for
 
 # older onnxruntime lacks it: the model is then written to a temporary folder
 _IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")
+
+
+def session_for(model: onnx.ModelProto, device: str = "auto") -> ort.InferenceSession:
+    """A session over a ModelProto however its tensors are held: external ones read where they
+    are, inline ones as bytes (a model over protobuf's 2 GB limit through a temporary copy)."""
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model)):
+        return make_external_session(model, device)
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return _session_from_a_copy(model, device)
+    return make_session(model.SerializeToString(), device)
 
 
 def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.InferenceSession:
@@ -88,7 +98,6 @@ def _inline_subgraph_tensors(model: onnx.ModelProto, inlined: list) -> None:
 def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:
     """The model and its weights written to a temporary folder and loaded from there."""
     from .modelio import save_model
-    from .runtime import make_session
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # save_model re-points the tensors it writes

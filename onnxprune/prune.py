@@ -183,7 +183,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
                 loaded.model, [layer], sequential_set.batches(options.batch_size),
                 row_cap=_row_caps([layer], method, options.row_cap),
                 max_positions=options.max_positions, device=options.device,
-                external_data=loaded.external_data, seed=options.seed)
+                seed=options.seed)
             layer_stats = one.get(layer.name)
             calibration.update(provider=info["provider"],
                                seconds=calibration.get("seconds", 0) + info["seconds"])
@@ -254,7 +254,7 @@ def _calibrate(loaded, layers, calib_set, method, allocation, sequential, option
         return collect_statistics(
             loaded.model, group, calib_set.batches(options.batch_size), row_cap=caps,
             max_positions=options.max_positions, device=options.device,
-            external_data=loaded.external_data, seed=options.seed, progress=options.progress,
+            seed=options.seed, progress=options.progress,
             session=session)
 
     groups = calibration_groups(layers, caps, max_memory)
@@ -271,7 +271,7 @@ def _calibrate(loaded, layers, calib_set, method, allocation, sequential, option
             "--max-memory, or use dc / --refit, which calibrate layer groups in several passes")
     else:
         # one session over the dense model: every pass sees it, not what is written later
-        session = open_session(loaded.model, layers, options.device, loaded.external_data)
+        session = open_session(loaded.model, layers, options.device)
         stats = GroupedStatistics(groups, lambda group: collect(group, session))
         calibration = stats.info
         calibration["samples"] = calib_set.size

@@ -6,19 +6,17 @@ holds the accumulators plus one batch, never all activations.
 """
 from __future__ import annotations
 
-import tempfile
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .. import layout, modelio
+from .. import layout
 from ..errors import OnnxPruneError
-from ..external_session import make_external_session
+from ..external_session import session_for
 from ..graph import Layer
-from ..runtime import make_session, provider_name, run
+from ..runtime import provider_name, run
 from .accumulators import LayerStats
 
 
@@ -30,7 +28,7 @@ def calibratable(layer: Layer) -> bool:
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                        gram: bool = True, row_cap: dict[str, int] | None = None, max_positions: int | None = None,
-                       device: str = "auto", external_data: bool = False, seed: int = 0,
+                       device: str = "auto", seed: int = 0,
                        progress: bool = False, session=None) -> tuple[dict[str, LayerStats], dict]:
     """Statistics of each calibratable layer's input; `batches` yields {input name: array}.
 
@@ -40,10 +38,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
     Returns ({layer name: LayerStats}, {samples, batches, provider, seconds}).
     """
     if session is None:
-        with _session_with_outputs(model, _wanted(model, layers), device, external_data) as session:
-            return collect_statistics(model, layers, batches, gram=gram, row_cap=row_cap,
-                                      max_positions=max_positions, seed=seed, progress=progress,
-                                      session=session)
+        session = _session_with_outputs(model, _wanted(model, layers), device)
     start = time.perf_counter()
     layers = [layer for layer in layers if calibratable(layer)]
     wanted = _wanted(model, layers)
@@ -80,12 +75,11 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
     return stats, info
 
 
-def open_session(model: onnx.ModelProto, layers: list[Layer], device: str = "auto",
-                 external_data: bool = False):
+def open_session(model: onnx.ModelProto, layers: list[Layer], device: str = "auto"):
     """One onnxruntime session whose extra outputs are the inputs of all `layers`: several
-    passes (layer groups) then all see the model as it is now, whatever is written later."""
-    with _session_with_outputs(model, _wanted(model, layers), device, external_data) as session:
-        return session  # onnxruntime holds its own copy of the weights from here on
+    passes (layer groups) then all see the model as it is now, whatever is written later
+    (onnxruntime holds its own copy of the weights)."""
+    return _session_with_outputs(model, _wanted(model, layers), device)
 
 
 def _wanted(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
@@ -145,45 +139,21 @@ def _operand_shape(layer: Layer) -> tuple:
     return layer.shape if layer.index is None else layer.index.shape
 
 
-class _session_with_outputs:
-    """A session over the model with extra outputs; the ModelProto is restored afterwards.
-
-    Small models go to onnxruntime as bytes; models with external data as bytes plus their
-    mapped data files; inline models over 2 GB are written to a temporary folder.
-    """
-
-    def __init__(self, model, names, device, external_data):
-        self.model, self.names, self.device, self.external = model, names, device, external_data
-        self.tmp = None
-
-    def __enter__(self):
-        # each wanted value is read through an Identity copy: onnxruntime 1.31's transpose
-        # optimiser can drop a value that is itself made a graph output (Transpose -> Gemm with
-        # a constant A -> Transpose), but not the copy
-        graph, outputs = self.model.graph, self.model.graph.output
-        added = [probe_name(n) for n in self.names]
-        for name in self.names:
-            graph.node.add().CopyFrom(onnx.helper.make_node("Identity", [name], [probe_name(name)]))
-            outputs.add().name = probe_name(name)  # onnxruntime infers the type of an untyped output
-        try:
-            if self.external:  # weights read where they are, nothing written (see external_session)
-                return make_external_session(self.model, self.device)
-            if self.model.ByteSize() > modelio.PROTOBUF_LIMIT:
-                self.tmp = tempfile.TemporaryDirectory(prefix="onnxprune-calib-")
-                path = Path(self.tmp.name) / "model.onnx"
-                modelio.save_model(self.model, path, external_data=True)
-                source = path
-            else:
-                source = self.model.SerializeToString()
-        finally:
-            del outputs[len(outputs) - len(added):]
-            del graph.node[len(graph.node) - len(added):]
-        return make_session(source, self.device)
-
-    def __exit__(self, *exc):
-        if self.tmp is not None:
-            self.tmp.cleanup()
-        return False
+def _session_with_outputs(model: onnx.ModelProto, names: list[str], device: str):
+    """A session over the model with the values `names` as extra outputs; the ModelProto is
+    left as it was."""
+    # each value is read through an Identity copy: onnxruntime 1.31's transpose optimiser can
+    # drop a value that is itself made a graph output (Transpose -> Gemm with a constant A ->
+    # Transpose), but not the copy
+    graph, outputs = model.graph, model.graph.output
+    for name in names:
+        graph.node.add().CopyFrom(onnx.helper.make_node("Identity", [name], [probe_name(name)]))
+        outputs.add().name = probe_name(name)  # onnxruntime infers the type of an untyped output
+    try:
+        return session_for(model, device)
+    finally:
+        del outputs[len(outputs) - len(names):]
+        del graph.node[len(graph.node) - len(names):]
 
 
 def probe_name(name: str) -> str:
