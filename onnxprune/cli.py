@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -231,7 +232,7 @@ def eval_command(model, data_path, reference, batch_size, device, as_json, quiet
         _fail(e)
     except KeyboardInterrupt:
         _fail("interrupted")
-    click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
+    click.echo(to_json(metrics) if as_json else format_metrics(metrics))
 
 
 def _check_side_outputs(report: Path | None, plot: Path | None, model: Path, outputs: list[Path]) -> None:
@@ -251,10 +252,21 @@ def _check_side_outputs(report: Path | None, plot: Path | None, model: Path, out
             raise OnnxPruneError(f"{path}: the {what} would overwrite a model or its data")
 
 
+def to_json(data) -> str:
+    """Strict JSON (NaN and infinities, which it has no literals for, become null)."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
+
+
 def _write_json(path: Path, data: dict) -> None:
     try:
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(to_json(data) + "\n")
         tmp.replace(path)
     except OSError as e:
         raise OnnxPruneError(f"{path}: cannot write report ({e.strerror})") from None

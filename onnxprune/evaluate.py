@@ -102,6 +102,9 @@ def format_metrics(d: Mapping) -> str:
         if d.get(key) is not None:
             rows.append((key.replace("_", " "), f"{d[key]:.6g}" if key == "max_abs_diff"
                          else f"{d[key]:.4f}"))
+    if d.get("nonfinite_samples"):
+        rows.append(("WARNING", f"{d['nonfinite_samples']} samples have NaN or infinite outputs "
+                                "where the reference's are finite"))
     rows.append(("samples", str(d.get("samples"))))
     rows.append(("provider", str(d.get("provider"))))
     if "wall_s" in d:
@@ -195,6 +198,7 @@ class _Fidelity:
         self.cosine_sum = 0.0
         self.top1_agree = 0
         self.max_abs_diff = 0.0
+        self.nonfinite_samples = 0
         self.count = 0
         self.is_2d = False
         self.embeddings: list[np.ndarray] = []
@@ -207,20 +211,26 @@ class _Fidelity:
             )
         a = out.reshape(len(out), -1).astype(np.float64)
         b = ref.reshape(len(ref), -1).astype(np.float64)
-        self.cosine_sum += float(np.sum(_row_cosine(a, b)))
-        if a.size:
-            self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(a - b))))
+        # NaN / inf where the reference is finite: the pruned model broke on that sample. Such
+        # rows count as orthogonal, and the largest change is taken over the finite values.
+        broken = np.any(np.isfinite(b) & ~np.isfinite(a), axis=1)
+        self.nonfinite_samples += int(np.count_nonzero(broken))
+        with np.errstate(invalid="ignore", over="ignore"):
+            self.cosine_sum += float(np.sum(np.nan_to_num(_row_cosine(a, b), nan=0.0)))
+            both = np.isfinite(a) & np.isfinite(b)
+            self.max_abs_diff = max(self.max_abs_diff, float(np.abs(a - b)[both].max(initial=0.0)))
         self.is_2d = out.ndim == 2
         if self.is_2d:
             self.top1_agree += int(np.sum(np.argmax(out, axis=1) == np.argmax(ref, axis=1)))
             if self.keep_embeddings and np.issubdtype(out.dtype, np.floating):
-                self.embeddings.append(a)
+                self.embeddings.append(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
                 self.ref_embeddings.append(b)
         self.count += len(out)
 
     def metrics(self) -> dict:
         n = max(self.count, 1)
-        result = {"mean_cosine": self.cosine_sum / n, "max_abs_diff": self.max_abs_diff}
+        result = {"mean_cosine": self.cosine_sum / n, "max_abs_diff": self.max_abs_diff,
+                  "nonfinite_samples": self.nonfinite_samples}
         if self.is_2d:
             result["top1_agreement"] = self.top1_agree / n
             if self.embeddings and self.count >= 2:

@@ -384,6 +384,11 @@ def output_files(path, external_data: bool) -> list[Path]:
 def check_targets(targets: list[Path], force: bool, protect=()) -> None:
     protected = {Path(p).resolve() for p in protect}
     for target in targets:
+        folder = target.parent if str(target.parent) else Path(".")
+        if not folder.is_dir():
+            raise OnnxPruneError(f"{folder}: output folder does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OnnxPruneError(f"{folder}: output folder is not writable")
         if target.resolve() in protected:
             raise OnnxPruneError(f"{target}: refusing to overwrite the input model or its data")
         if target.is_dir():

@@ -57,8 +57,13 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     for name, ref, out in zip(names, ref_outputs, outputs):
         ref, out = np.asarray(ref), np.asarray(out)
         if np.issubdtype(ref.dtype, np.number) and ref.shape == out.shape and ref.size:
-            diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-            result["max_abs_diff"][name] = float(np.nanmax(diff))
+            ref, out = ref.astype(np.float64), out.astype(np.float64)
+            finite = np.isfinite(ref)
+            lost = int(np.count_nonzero(finite & ~np.isfinite(out)))
+            if lost:  # NaN / inf where the input model's output is finite: the pruning broke it
+                result.setdefault("nonfinite", {})[name] = lost
+            both = finite & np.isfinite(out)
+            result["max_abs_diff"][name] = float(np.abs(ref - out)[both].max(initial=0.0))
     return result
 
 

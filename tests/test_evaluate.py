@@ -165,3 +165,43 @@ def test_a_model_proto_as_loaded_or_pruned_with_external_data(tmp_path):
     for model in (inline, pruned):
         result = evaluate(model, data, reference=inline, progress=False)
         assert result["accuracy"] == 0.5 and result["mean_cosine"] == pytest.approx(1.0)
+
+
+def _log_model(path):
+    """y = z * log|z| with z = x @ W: a column of W pruned to zero makes that output NaN."""
+    w = np.ones((8, 4), np.float32)
+    w[:, 3] = 0.001
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["z"]), helper.make_node("Abs", ["z"], ["a"]),
+         helper.make_node("Log", ["a"], ["l"]), helper.make_node("Mul", ["z", "l"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_nan_outputs_are_reported_not_hidden(tmp_path):
+    from onnxprune import prune
+
+    src = _log_model(tmp_path / "m.onnx")
+    result = prune(src, 0.25, method="global", output=tmp_path / "p.onnx")
+    assert result.report.verification["nonfinite"] == {"y": 1}  # one synthetic sample
+    assert "WARNING: output y has 1 NaN" in result.report.format()
+    x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    metrics = evaluate(str(tmp_path / "p.onnx"), {"x": x}, reference=src, progress=False)
+    assert metrics["nonfinite_samples"] == 20
+    assert metrics["mean_cosine"] == 0.0 and np.isfinite(metrics["max_abs_diff"])
+    assert "20 samples have NaN" in format_metrics(metrics)
+    json.dumps(metrics, allow_nan=False)  # strict JSON
+    clean = evaluate(src, {"x": x}, reference=src, progress=False)
+    assert clean["nonfinite_samples"] == 0 and clean["mean_cosine"] == pytest.approx(1.0)
+
+
+def test_strict_json_has_no_nan_literals():
+    from onnxprune.cli import to_json
+
+    assert json.loads(to_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": 2}})) == \
+        {"a": None, "b": [None, 1.5], "c": {"d": 2}}
