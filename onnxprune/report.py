@@ -107,9 +107,6 @@ class PruneReport:
                          + (f"; {sizes}, set with --dim" if sizes else "") + "): "
                          + (f"max abs output change vs input model: {diffs}" if diffs else "runs")
                          + (f"; {v['note']}" if v.get("note") else ""))
-            for name, n in (v.get("nonfinite") or {}).items():
-                lines.append(f"WARNING: output {name} has {n:,} NaN or infinite values where the "
-                             "input model's are finite (the change above is over the others)")
         for note in self.notes:
             lines.append(f"note: {note}")
         if self.output_files:

@@ -35,7 +35,8 @@ def symbolic_sizes(session: ort.InferenceSession, dims: dict[str, int] | None) -
 def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     """Run both models (paths, or bytes under 2 GB) on one synthetic batch.
 
-    Raises OnnxPruneError when the candidate does not load or run although the reference does.
+    Raises OnnxPruneError when the candidate does not load or run although the reference does,
+    or gives NaN / inf where the reference is finite.
     When the reference cannot run here either (an operator or type this onnxruntime build
     lacks, e.g. bfloat16 MatMul on CPU), nothing is compared and the result says why.
     """
@@ -60,8 +61,10 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
             ref, out = ref.astype(np.float64), out.astype(np.float64)
             finite = np.isfinite(ref)
             lost = int(np.count_nonzero(finite & ~np.isfinite(out)))
-            if lost:  # NaN / inf where the input model's output is finite: the pruning broke it
-                result.setdefault("nonfinite", {})[name] = lost
+            if lost:  # the pruning broke the model: not a result to write
+                raise OnnxPruneError(
+                    f"the pruned model's output '{name}' has {lost} NaN or infinite values where "
+                    "the input model's are finite (--no-verify writes it anyway)")
             both = finite & np.isfinite(out)
             result["max_abs_diff"][name] = float(np.abs(ref - out)[both].max(initial=0.0))
     return result

@@ -187,9 +187,10 @@ def test_nan_outputs_are_reported_not_hidden(tmp_path):
     from onnxprune import prune
 
     src = _log_model(tmp_path / "m.onnx")
-    result = prune(src, 0.25, method="global", output=tmp_path / "p.onnx")
-    assert result.report.verification["nonfinite"] == {"y": 1}  # one synthetic sample
-    assert "WARNING: output y has 1 NaN" in result.report.format()
+    with pytest.raises(OnnxPruneError, match="output 'y' has 1 NaN or infinite values"):
+        prune(src, 0.25, method="global", output=tmp_path / "p.onnx")  # one synthetic sample
+    assert not (tmp_path / "p.onnx").exists()
+    prune(src, 0.25, method="global", output=tmp_path / "p.onnx", verify=False)
     x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
     metrics = evaluate(str(tmp_path / "p.onnx"), {"x": x}, reference=src, progress=False)
     assert metrics["nonfinite_samples"] == 20
