@@ -34,7 +34,7 @@ STORAGES = ("dense", "sparse")
 
 @dataclass
 class PruneResult:
-    model: onnx.ModelProto | None  # None for the levels of a trail that were written to disk
+    model: onnx.ModelProto | None  # None for the levels of a trail written to files: load those
     report: PruneReport
 
 
@@ -144,8 +144,10 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                                  calibration=calibration, notes=notes)
             if learned is not None:
                 report.ltp = _ltp_summary(learned[s], rows, mt_counts_per_level[levels.index(s)], s)
-            results.append(_finish(loaded, model, layers, report, out, storage_format, force, verify,
-                                   dims, device, copy=trail and out is None, max_memory=max_memory))
+            pruned = _finish(loaded, model, layers, report, out, storage_format, force, verify,
+                             dims, device, copy=trail and out is None, max_memory=max_memory)
+            # a written level of a trail lives in its file: later levels rewrite loaded.model
+            results.append(PruneResult(None if trail and out is not None else pruned, report))
     finally:  # a stage not saved (an error, Ctrl-C, SIGTERM) goes now, not at exit
         loaded.stage_output(None)
     return results if trail else results[0]
@@ -282,8 +284,8 @@ def _calibrate(loaded, layers, calib_set, method, allocation, sequential, option
 
 
 def _finish(loaded, source, layers, report, output, storage_format, force, verify, dims, device,
-            copy, max_memory=budget.DEFAULT) -> PruneResult:
-    """Storage format, atomic write with verification, file sizes."""
+            copy, max_memory=budget.DEFAULT) -> onnx.ModelProto:
+    """Storage format, atomic write with verification, file sizes; returns the pruned model."""
     clock = time.perf_counter()
     pruned = loaded.model
     if copy or storage_format == "sparse":
@@ -330,8 +332,7 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
     report.sparse_output_bytes = report.output_bytes - (
         0 if storage_format == "sparse" else _sparse_saving(layers, report.layers))
     report.timings["write_verify"] = time.perf_counter() - clock
-    keep = output is None or not copy
-    return PruneResult(pruned if keep else None, report)
+    return pruned
 
 
 def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, seed) -> dict:

@@ -254,3 +254,18 @@ def test_library_arguments_are_checked_before_any_work(kwargs, message):
     model, sparsity = kwargs.pop("model", builders.mlp_matmul()), kwargs.pop("sparsity", 0.5)
     with pytest.raises(OnnxPruneError, match=message):
         prune(model, sparsity, verify=False, **kwargs)
+
+
+def test_trail_results_hold_their_own_level(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(builders.mlp_gemm(), path)
+    written = prune(str(path), [0.5, 0.9], method="global", output=tmp_path / "o.onnx")
+    assert [r.model for r in written] == [None, None]  # the files hold them
+    in_memory = prune(str(path), [0.5, 0.9], method="global")
+    def zeros(model):
+        return sum(int(np.count_nonzero(numpy_helper.to_array(t) == 0)) for t in model.graph.initializer
+                   if t.name in {r.name for r in written[0].report.layers})
+
+    for level, result in zip(written, in_memory):
+        on_disk = onnx.load(level.report.output_files[0])
+        assert zeros(on_disk) == zeros(result.model) == level.report.zeros
