@@ -13,7 +13,9 @@ import click
 from . import __version__, budget
 from .errors import OnnxPruneError
 from .modelio import output_files
-from .prune import METHODS, default_output, level_output, prune
+from .runtime import DEVICES
+from .prune import (ALLOCATIONS, METHODS, MT_VARIANTS, STORAGES, default_output, level_output,
+                    prune)
 
 MAIN_HELP = """Prune the weights of an ONNX model.
 
@@ -94,18 +96,18 @@ def _parse_dims(values) -> dict[str, int]:
 @click.option("--min-keep", type=float, default=0.05, show_default=True,
               help="global-mt: every layer keeps at least this PERCENT of ALL prunable weights "
                    "(a count, the same for every layer; 0.05 = 0.05%).")
-@click.option("--mt-variant", type=click.Choice(["rescale", "waterfill"]), default="rescale",
+@click.option("--mt-variant", type=click.Choice(MT_VARIANTS), default=MT_VARIANTS[0],
               show_default=True,
               help="global-mt: 'rescale' is the authors' allocation (rescale every layer's "
                    "sparsity, clamp, repeat); 'waterfill' keeps clamped layers at the minimum "
                    "and one global threshold for the rest.")
 @click.option("--include", metavar="REGEX", default=None,
-              help="Also prune tensors whose name or consumer op type matches (e.g. 'Gather' "
-                   "for embedding tables, 'bias', 'LayerNormalization').")
+              help="Also prune tensors whose name, consumer node name or consumer op type "
+                   "matches (e.g. 'Gather' for embedding tables, 'bias', 'LayerNormalization').")
 @click.option("--exclude", metavar="REGEX", default=None,
-              help="Do not prune tensors whose name or consumer op type matches "
-                   "(e.g. 'classifier|head', 'ConvTranspose').")
-@click.option("--storage", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
+              help="Do not prune tensors whose name, consumer node name or consumer op type "
+                   "matches (e.g. 'classifier|head', 'attention', 'ConvTranspose').")
+@click.option("--storage", type=click.Choice(STORAGES), default=STORAGES[0], show_default=True,
               help="dense: zeros stored in place (same layout, compresses well). sparse: ONNX "
                    "sparse_initializer (values + INT64 indices) where smaller. onnxruntime "
                    "densifies sparse tensors at load: smaller files, not faster inference.")
@@ -118,18 +120,20 @@ def _parse_dims(values) -> dict[str, int]:
                    "when the data holds more; a reader or iterable is read only this far).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Samples per onnxruntime run during calibration.")
-@click.option("--allocation", type=click.Choice(["global-mt", "uniform", "ltp"]), default="global-mt",
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=ALLOCATIONS[0],
               show_default=True,
-              help="dc: how many weights each layer keeps: the global-mt allocation, the "
+              help="dc only: how many weights each layer keeps: the global-mt allocation, the "
                    "same fraction in every layer, or the per-layer budgets ltp learns (then DC "
                    "solves each layer within them).")
 @click.option("--refit", is_flag=True,
               help="After choosing which weights to keep, refit them by least squares so each "
-                   "layer reproduces its dense output on the calibration data (needs --calib).")
+                   "layer reproduces its dense output on the calibration data (needs --calib; "
+                   "not with dc, which fits the kept weights itself).")
 @click.option("--sequential", is_flag=True,
               help="Calibration statistics of each layer come from the model with the earlier "
-                   "layers already pruned (one calibration pass per layer: slower, usually "
-                   "more accurate). Default: all statistics from the dense model in one pass.")
+                   "layers already pruned (dc, ltp or --refit; one calibration pass per layer: "
+                   "slower, and on the README's reference models not more accurate). "
+                   "Default: all statistics from the dense model in one pass.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for calibration subsampling and stochastic solvers.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input).")
@@ -138,7 +142,7 @@ def _parse_dims(values) -> dict[str, int]:
                    "synthetic inputs and compared with the input model).")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N",
               help="Value for a symbolic input dimension during verification (default 1). Repeatable.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True,
               help="onnxruntime execution provider: cuda when onnxruntime-gpu and a GPU are "
                    "present (auto), else cpu; the report says which ran.")
 @click.option("--max-memory", default="1G", show_default=True, metavar="SIZE",

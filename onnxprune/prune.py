@@ -30,6 +30,7 @@ CALIBRATED_METHODS = ("dc", "ltp")
 METHODS = DATA_FREE_METHODS + CALIBRATED_METHODS
 ALLOCATIONS = ("global-mt", "uniform", "ltp")
 STORAGES = ("dense", "sparse")
+MT_VARIANTS = ("rescale", "waterfill")
 
 
 @dataclass
@@ -68,8 +69,9 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     """
     levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
     max_memory = budget.parse_size(max_memory)  # bytes; see budget.py for what it decides
-    levels = _check_options(levels, method, storage_format, min_keep, allocation, calib, refit)
-    _check_settings(model, device, include, exclude, dims, calib_samples=calib_samples,
+    levels = _check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib,
+                            refit, sequential)
+    _check_settings(model, device, include, exclude, dims, seed=seed, calib_samples=calib_samples,
                     batch_size=batch_size, row_cap=row_cap, max_positions=max_positions)
     trail = not np.isscalar(sparsity)
     outputs = [None] * len(levels)
@@ -403,7 +405,8 @@ def _allocate(method, allocation, dense, sparsity, min_keep, mt_variant):
                                                variant=mt_variant, ranking=ranking), ranking
 
 
-def _check_options(levels, method, storage_format, min_keep, allocation, calib, refit) -> list[float]:
+def _check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib, refit,
+                   sequential) -> list[float]:
     if not levels:
         raise OnnxPruneError("no sparsity given")
     levels = [magnitude.check_sparsity(s) for s in levels]
@@ -412,11 +415,23 @@ def _check_options(levels, method, storage_format, min_keep, allocation, calib, 
     if method not in METHODS:
         raise OnnxPruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if storage_format not in STORAGES:
-        raise OnnxPruneError(f"unknown storage '{storage_format}' (choose from dense, sparse)")
+        raise OnnxPruneError(f"unknown storage '{storage_format}' (choose from {', '.join(STORAGES)})")
     if allocation not in ALLOCATIONS:
         raise OnnxPruneError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
-    if not 0 <= min_keep < 100:
-        raise OnnxPruneError(f"--min-keep is a percentage in [0, 100), got {min_keep}")
+    magnitude.min_keep_count(0, min_keep)  # raises for a value that is not a percentage
+    if mt_variant not in MT_VARIANTS:
+        raise OnnxPruneError(f"unknown Minimum Threshold variant '{mt_variant}' "
+                             f"(choose from {', '.join(MT_VARIANTS)})")
+    # options that would otherwise be accepted and change nothing
+    if allocation != ALLOCATIONS[0] and method != "dc":
+        raise OnnxPruneError(f"--allocation chooses dc's per-layer budgets; method '{method}' "
+                             "has its own")
+    if refit and method == "dc":
+        raise OnnxPruneError("dc fits the kept weights to the calibration data itself: --refit "
+                             "would change nothing")
+    if sequential and method not in CALIBRATED_METHODS and not refit:
+        raise OnnxPruneError(f"--sequential orders calibration passes; method '{method}' without "
+                             "--refit uses no calibration data")
     needs = f"method '{method}'" if method in CALIBRATED_METHODS else "--refit" if refit else None
     if needs and calib is None:
         raise OnnxPruneError(f"{needs} needs calibration data: give --calib data.npz "
@@ -437,7 +452,7 @@ def _check_settings(model, device, include, exclude, dims, **counts) -> None:
     for name, size in (dims or {}).items():
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise OnnxPruneError(f"--dim {name}: a size must be a positive integer, got {size!r}")
-    lowest = {"calib_samples": 1, "batch_size": 1, "row_cap": 0, "max_positions": 1}
+    lowest = {"seed": 0, "calib_samples": 1, "batch_size": 1, "row_cap": 0, "max_positions": 1}
     for name, value in counts.items():  # None: no limit
         if value is not None and (not isinstance(value, (int, np.integer)) or value < lowest[name]):
             raise OnnxPruneError(f"{name} must be an integer of at least {lowest[name]}, got {value!r}")

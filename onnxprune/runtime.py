@@ -46,8 +46,9 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto",
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")
     source = model if isinstance(model, bytes) else str(model)
+    providers = providers_for(device)  # an unknown device is the caller's error, not the model's
     try:
-        return ort.InferenceSession(source, options, providers=providers_for(device))
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types; keep one line
         raise OnnxPruneError(f"onnxruntime cannot load the model: {first_line(e)}") from None
 

@@ -248,6 +248,13 @@ def test_exporter_generated_tensor_names_show_and_select_by_node_name():
     (dict(method="dc", calib="random", row_cap=-1), "row_cap"),
     (dict(method="dc", calib="random", max_positions=0), "max_positions"),
     (dict(model=42), "path, bytes or an onnx.ModelProto"),
+    (dict(min_keep="abc"), "min-keep"),
+    (dict(mt_variant="fill"), "unknown Minimum Threshold variant"),
+    (dict(method="dc", calib="random", seed="x"), "seed"),
+    (dict(method="dc", calib="random", refit=True), "would change nothing"),
+    (dict(method="ltp", calib="random", allocation="uniform"), "allocation"),
+    (dict(sequential=True), "uses no calibration data"),
+    (dict(output="/nonexistent-folder/out.onnx", method="dc", calib="random"), "does not exist"),
 ])
 def test_library_arguments_are_checked_before_any_work(kwargs, message):
     kwargs = dict(kwargs)

@@ -22,6 +22,8 @@ import math
 import numpy as np
 
 from onnxprune.errors import OnnxPruneError
+from onnxprune.methods.magnitude import keep_threshold, top_k_mask
+from onnxprune.methods.refit import masked_cg
 
 # Curvature bound of z -> s(z)^2 / 2 for softplus s: s'^2 + s s'' <= 1.046 for every theta (the
 # maximum sits at theta z ~ 3.2). It bounds the minibatch Lipschitz constant of grad g.
@@ -30,7 +32,7 @@ _SOFTPLUS_SQ_CURVATURE = 1.05
 _BIG_PRODUCT = 5e7
 
 
-# --- the DC pieces (reference forms on X_a, used by the tests and for the recorded objective) ----
+# --- shared pieces ---------------------------------------------------------------------------
 
 def _softplus_sigmoid(z, theta):
     """softplus s(z) = log(1 + exp(theta z)) / theta and its slope sigmoid(theta z), overflow-free."""
@@ -41,74 +43,20 @@ def _softplus_sigmoid(z, theta):
     return s, sig.astype(s.dtype, copy=False)
 
 
-def softplus(z, theta=10.0):
-    """Smooth ReLU s(z) = log(1 + exp(theta z)) / theta; `theta` may be per output column."""
-    return _softplus_sigmoid(np.asarray(z), theta)[0]
+class _FrozenLam:
+    """The lam a search phase freezes: the geometric mean of its values over the last tenth of
+    the phase's steps (the last step always counts, so a phase of fewer than ten has one)."""
 
+    def __init__(self, steps):
+        self.steps, self.logs = steps, []
 
-def _l1(U, bias_last):
-    """L1 norm of the weights of U, leaving out the bias column."""
-    weights = U[:, :-1] if bias_last else U
-    return float(np.abs(weights).sum(dtype=np.float64))
+    def record(self, it, lam):
+        if 10 * it >= 9 * self.steps or it == self.steps - 1:
+            self.logs.append(math.log(max(lam, 1e-300)))
 
-
-def dc_objective(U, Xa, Y, lam, theta=10.0, *, bias_last=True):
-    """F(U) = (1/n) ||s(X_a U^T) - Y||^2 + lam ||U||_1 (bias column not penalised)."""
-    s, _ = _softplus_sigmoid(Xa @ U.T, theta)
-    return float(np.sum((s - Y) ** 2, dtype=np.float64) / len(Xa) + lam * _l1(U, bias_last))
-
-
-def dc_g(U, Xa, lam, theta=10.0, *, bias_last=True):
-    """Convex part g(U) = (1/n) sum s(X_a U^T)^2 + lam ||U||_1."""
-    s, _ = _softplus_sigmoid(Xa @ U.T, theta)
-    return float(np.sum(s * s, dtype=np.float64) / len(Xa) + lam * _l1(U, bias_last))
-
-
-def dc_h(U, Xa, Y, theta=10.0):
-    """Concave part's negation h(U) = (2/n) sum Y * s(X_a U^T); convex because Y >= 0."""
-    s, _ = _softplus_sigmoid(Xa @ U.T, theta)
-    return float(2.0 * np.sum(Y * s, dtype=np.float64) / len(Xa))
-
-
-def grad_g_smooth(U, Xa, theta=10.0):
-    """Gradient of the smooth part of g: (2/n) [s(Z) * sigmoid(theta Z)]^T X_a, Z = X_a U^T."""
-    s, sig = _softplus_sigmoid(Xa @ U.T, theta)
-    return (2.0 / len(Xa)) * (s * sig).T @ Xa
-
-
-def grad_h(U, Xa, Y, theta=10.0):
-    """Gradient of h: (2/n) [Y * sigmoid(theta Z)]^T X_a, Z = X_a U^T."""
-    _, sig = _softplus_sigmoid(Xa @ U.T, theta)
-    return (2.0 / len(Xa)) * (Y * sig).T @ Xa
-
-
-def quadratic_objective(U, gram_aug, Wa, lam, *, bias_last=True):
-    """Quadratic variant (1/n)||X_a (U - Wa)^T||^2 + lam ||U||_1 from the Gram X_a^T X_a.
-
-    The Gram is normalised by its ones-column entry n (last diagonal) when `bias_last`, so it may
-    be the sum or the mean; without bias it is used as given (pass X^T X / n).
-    """
-    G = gram_aug / gram_aug[-1, -1] if bias_last else gram_aug
-    D = U - Wa
-    return float(np.sum((D @ G) * D) + lam * _l1(U, bias_last))
-
-
-def grad_quadratic(U, gram_aug, Wa, *, bias_last=True):
-    """Gradient of the smooth part of quadratic_objective: 2 (U - Wa) G / n."""
-    G = gram_aug / gram_aug[-1, -1] if bias_last else gram_aug
-    return 2.0 * (U - Wa) @ G
-
-
-# --- shared: the L1 weight that keeps n_keep, and exact top-k -----------------------------------
-
-def _keep_threshold(pre_prox, n_keep):
-    """Soft-threshold level that keeps exactly the n_keep largest |pre_prox| (midpoint of the
-    n_keep-th and next magnitude, so an exact tie at the boundary is cut on both sides)."""
-    mags = np.abs(pre_prox).ravel()
-    if n_keep >= mags.size:
-        return 0.0
-    part = np.partition(mags, (mags.size - n_keep - 1, mags.size - n_keep))
-    return 0.5 * float(part[mags.size - n_keep - 1] + part[mags.size - n_keep])
+    def value(self, default):
+        """The frozen lam; `default` when no step ran."""
+        return math.exp(sum(self.logs) / len(self.logs)) if self.logs else default
 
 
 def _reweight(W, gamma):
@@ -116,20 +64,6 @@ def _reweight(W, gamma):
     mags = np.abs(W).astype(np.float64)
     with np.errstate(divide="ignore"):
         return np.minimum((mags.mean() / mags) ** gamma, 1e12)
-
-
-def _top_k_mask(U, W, n_keep):
-    """Boolean mask of the n_keep largest |U|; ties and U == 0 ordered by |W|, then flat index.
-
-    Same total order as the magnitude pruner (higher flat index kept among exact ties). Entries the
-    L1 solution zeroed can only be chosen when it kept fewer than n_keep; then the largest dense
-    weights fill the gap.
-    """
-    order = np.lexsort((np.arange(U.size), np.abs(W).ravel(), np.abs(U).ravel()))
-    mask = np.zeros(U.size, dtype=bool)
-    if n_keep:
-        mask[order[-n_keep:]] = True
-    return mask.reshape(U.shape)
 
 
 def _checked(W, b, n_keep):
@@ -229,7 +163,7 @@ def _inner_solve(fit, snap, V, c, lam, mask, sched, step, rng, keep=None):
     Nesterov look-ahead with constant momentum; weights are soft-thresholded after every step
     (column j at step * lam * l1_weight_j; the bias is not thresholded).
     With `keep`, lam is re-chosen every few steps so that the step keeps exactly `keep` weights;
-    the returned lam is then the geometric mean of its values over the last tenth of the steps.
+    the returned lam is then the one _FrozenLam freezes.
     """
     r_snap, mu_w, mu_c = snap
     theta, beta, Xs = fit.theta, sched.momentum, fit.Xs
@@ -239,7 +173,7 @@ def _inner_solve(fit, snap, V, c, lam, mask, sched, step, rng, keep=None):
     eta_mu_w = (step * mu_w).astype(np.float32)
     eta_mu_c = None if c is None else (step * mu_c).astype(np.float32)
     thr = (step * lam * fit.l1_weight).astype(np.float32)
-    log_lam = []
+    frozen = _FrozenLam(sched.steps)
     order = np.empty(0, dtype=np.int64)
     for it in range(sched.steps):
         if len(order) < sched.batch:
@@ -261,10 +195,9 @@ def _inner_solve(fit, snap, V, c, lam, mask, sched, step, rng, keep=None):
         look -= grad
         look -= eta_mu_w
         if keep is not None and (it % 4 == 0 or it == sched.steps - 1):
-            level = _keep_threshold(look / fit.l1_weight, keep)  # = step * lam keeping `keep`
+            level = keep_threshold(np.abs(look / fit.l1_weight), keep)  # = step * lam keeping `keep`
             thr = (level * fit.l1_weight).astype(np.float32)
-            if 10 * it >= 9 * sched.steps:
-                log_lam.append(math.log(max(level / step, 1e-30)))
+            frozen.record(it, level / step)  # the last step always re-chooses lam
         v, v_prev = v_prev, v  # the new iterate overwrites the buffer of the one before last
         if lam > 0 or keep is not None:
             np.abs(look, out=v)
@@ -278,7 +211,7 @@ def _inner_solve(fit, snap, V, c, lam, mask, sched, step, rng, keep=None):
         if c is not None:
             vc, vc_prev = look_c - r.sum(axis=0) - eta_mu_c, vc
     if keep is not None:
-        lam = math.exp(sum(log_lam) / len(log_lam))
+        lam = frozen.value(lam)
     return v, vc, lam
 
 
@@ -308,15 +241,15 @@ def _dca(fit, V, c, lam, mask, outer_iters, sched, step, rng, history):
 
 
 def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3, batch_size=200,
-                  momentum=0.95, step=None, seed=0, relative_theta=True, search_iters=3,
+                  momentum=0.95, step=None, seed=0, search_iters=3,
                   debias_iters=2, min_inner_steps=100, max_inner_steps=100, l1_reweight=0.0,
                   info=None):
     """Prune a block followed by ReLU to exactly `n_keep` weights by DC programming (FeTa).
 
     X: (n, d_in) calibration inputs of the block (already subsampled). W: (d_out, d_in), b: (d_out,)
-    or None. Targets Y = relu(X W^T + b) come from the dense weights. With `relative_theta`
-    (ours) each output's theta is divided by the RMS of its dense pre-activation, which makes the
-    softplus sharpness independent of the layer's scale. Steps, warm-started from dense [W b]:
+    or None. Targets Y = relu(X W^T + b) come from the dense weights. (Ours) each output's theta
+    is divided by the RMS of its dense pre-activation, which makes the softplus sharpness
+    independent of the layer's scale. Steps, warm-started from dense [W b]:
     1. DCA, `outer_iters` outer iterations (K). In the first `search_iters` of them every inner
        step re-chooses lam so that the step keeps exactly n_keep weights (this replaces a
        bisection on lam: the root is found exactly, by a partition of the step's magnitudes);
@@ -349,9 +282,8 @@ def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3,
         pre += np.asarray(b, dtype=np.float32)
     Y = np.maximum(pre, 0)
     theta_eff = np.full(W.shape[0], theta, dtype=np.float32)
-    if relative_theta:
-        rms = np.sqrt(np.mean(pre.astype(np.float64) ** 2, axis=0))
-        theta_eff /= np.where(rms > 0, rms, 1.0).astype(np.float32)
+    rms = np.sqrt(np.mean(pre.astype(np.float64) ** 2, axis=0))
+    theta_eff /= np.where(rms > 0, rms, 1.0).astype(np.float32)
     del pre
     fit = _ReluFit(X, Y, theta_eff, has_bias)
     if l1_reweight:
@@ -371,7 +303,7 @@ def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3,
         V, c, step = _dca(fit, V, c, lam, None, outer_iters - searches, sched, step, rng, history)
     l1_w, l1_b = fit.from_scaled(V, c)
 
-    mask = _top_k_mask(l1_w, W, n_keep)
+    mask = top_k_mask(l1_w, n_keep, tiebreak=W)
     start_w = np.where(mask, np.where(l1_w != 0, l1_w, W), 0)
     # filled-in dense weights keep their offset: the bias is unchanged in original units
     V, c = fit.to_scaled(start_w, l1_b)
@@ -394,22 +326,21 @@ def _fista(C, P, V, lam, L, iters, l1_weight, keep=None):
     """FISTA on tr((V - V0) C (V - V0)^T) + lam sum_ij l1_weight_j |V_ij| (P = V0 C), from V.
 
     With `keep`, lam is re-chosen at every iteration so that the step keeps exactly `keep`
-    weights; the returned lam is then the geometric mean over the last tenth of the iterations.
+    weights; the returned lam is then the one _FrozenLam freezes.
     """
-    x, y, t, log_lam = V.copy(), V.copy(), 1.0, []
+    x, y, t, frozen = V.copy(), V.copy(), 1.0, _FrozenLam(iters)
     for it in range(iters):
         pre = y - (2.0 / L) * (y @ C - P)
         if keep is not None:
-            level = _keep_threshold(pre / l1_weight, keep)  # = lam / L keeping `keep`
+            level = keep_threshold(np.abs(pre / l1_weight), keep)  # = lam / L keeping `keep`
             lam = level * L
-            if 10 * it >= 9 * iters:
-                log_lam.append(math.log(max(lam, 1e-300)))
+            frozen.record(it, lam)
         x_new = np.sign(pre) * np.maximum(np.abs(pre) - (lam / L) * l1_weight, 0)
         t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         y = x_new + ((t - 1.0) / t_new) * (x_new - x)
         x, t = x_new, t_new
-    if keep is not None and log_lam:
-        lam = math.exp(sum(log_lam) / len(log_lam))
+    if keep is not None:
+        lam = frozen.value(lam)
     return x, lam
 
 
@@ -422,38 +353,6 @@ def _largest_eigenvalue(C, rng, iters=60):
     for _ in range(iters):
         q = np.linalg.qr(C @ q)[0]
     return 1.05 * float(np.linalg.eigvalsh((q.T @ C @ q).astype(np.float64))[-1])
-
-
-def _masked_cg(C, rhs, x0, mask, damping, iters, tol):
-    """Solve (C_SS + damping I) x_S = rhs_S for every row at once, S = the row's mask.
-
-    Batched Jacobi-preconditioned conjugate gradient: each row of x is its own system; entries
-    outside the mask stay 0. Products with C run in C's dtype (float32 for big blocks), the CG
-    state in float64. Stops when every row's residual is below tol * ||rhs_row||, or after
-    `iters` iterations (CG lowers the refit objective at every iteration, so stopping is safe).
-    """
-    x = np.where(mask, x0, 0.0)
-    apply = lambda p: np.where(mask, p.astype(C.dtype) @ C, 0.0) + damping * p  # noqa: E731
-    r = np.where(mask, rhs, 0.0) - apply(x)
-    inv_diag = np.where(mask, 1.0 / (np.diag(C) + damping), 0.0)
-    z = r * inv_diag
-    p = z.copy()
-    rz = np.sum(r * z, axis=1)
-    limit = tol * np.linalg.norm(np.where(mask, rhs, 0.0), axis=1)
-    for _ in range(iters):
-        if np.all(np.linalg.norm(r, axis=1) <= limit):
-            break
-        ap = apply(p)
-        pap = np.sum(p * ap, axis=1)
-        alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        z = r * inv_diag
-        rz_new = np.sum(r * z, axis=1)
-        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
-        p = z + beta[:, None] * p
-        rz = rz_new
-    return x
 
 
 def _scaled_covariance(G, has_bias):
@@ -528,12 +427,12 @@ def dc_linear_block(gram_aug, W, b, n_keep, *, iters=100, search_iters=100, damp
         V, _ = _fista(C32, P32, V, lam, L, iters, w32)
         U = V.astype(np.float64) / sqrt_d
 
-    mask = _top_k_mask(U, W, n_keep)
+    mask = top_k_mask(U, n_keep, tiebreak=W)
     start = np.where(mask, np.where(U != 0, U, W), 0.0) * sqrt_d
     # normal equations on the support: C_SS v_S = (V0 C)_S, damped toward the start
     big = W.shape[0] * Cs.shape[0] ** 2 > _BIG_PRODUCT
-    V_new = _masked_cg(Cs.astype(np.float32) if big else Cs, P + damping * start, start, mask,
-                       damping, cg_iters, cg_tol)
+    V_new = masked_cg(Cs.astype(np.float32) if big else Cs, P + damping * start, start, mask,
+                      damping, cg_iters, cg_tol)
     new_w = np.where(mask, V_new / sqrt_d, 0.0)
     new_w = np.where(mask & (new_w == 0), W, new_w)  # as in dc_relu_block
     if info is not None:

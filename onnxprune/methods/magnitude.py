@@ -5,7 +5,8 @@ how far its ties reach), and `apply_cut` zeroes a chunk by it, so masks are comp
 applied while streaming. Magnitudes are compared as the bit pattern of |w| in one float format
 (the arrays' own, or float32/float64 when they mix): for non-negative floats that order is the
 numeric order, so selection runs on unsigned integers over chunks without holding all |w|.
-One total order is used everywhere: (|w|, array order, flat index), so ties are deterministic.
+One total order is used everywhere: (|w|, array order, flat index), so ties are deterministic;
+top_k_mask applies it within one array for the methods that choose a support of their own (DC, LTP).
 """
 
 from __future__ import annotations
@@ -117,13 +118,33 @@ def layer_cut(weight: np.ndarray, n_zero: int, chunk_size: int = CHUNK) -> Cut:
     return select_smallest([weight], n_zero, chunk_size=chunk_size).cut(0, n_zero, weight)
 
 
-def keep_mask(weight: np.ndarray, n_zero: int) -> np.ndarray:
-    """Boolean mask (True = keep) that zeroes the `n_zero` smallest |w| of `weight`.
+def top_k_mask(values: np.ndarray, n_keep: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask (True = keep) of the `n_keep` largest |values|, in this module's order: among
+    equal magnitudes the larger |tiebreak| (when given, same shape) is kept, then the higher flat
+    index (the lower index is pruned first, as layer_cut prunes it)."""
+    values = np.asarray(values)
+    n = values.size
+    if not 0 <= n_keep <= n:
+        raise ValueError(f"n_keep={n_keep} outside [0, {n}]")
+    keys = [np.arange(n)]
+    if tiebreak is not None:
+        tiebreak = np.asarray(tiebreak)
+        keys.append(_keys(tiebreak.reshape(-1), key_space([tiebreak.dtype])))
+    keys.append(_keys(values.reshape(-1), key_space([values.dtype])))
+    mask = np.zeros(n, dtype=bool)
+    mask[np.lexsort(keys)[n - n_keep:]] = True
+    return mask.reshape(values.shape)
 
-    Among equal magnitudes the lower flat index is pruned first."""
-    weight = np.asarray(weight)
-    cut = layer_cut(weight, n_zero)
-    return _keep(_keys(weight.reshape(-1), cut.space), cut, 0).reshape(weight.shape)
+
+def keep_threshold(values: np.ndarray, n_keep: int) -> float:
+    """A threshold between the `n_keep`-th largest of `values` and the next one (their midpoint:
+    an exact tie at the boundary is cut on both sides); 0 < n_keep < values.size."""
+    flat = np.asarray(values).ravel()
+    n = flat.size
+    if not 0 < n_keep < n:
+        raise ValueError(f"n_keep={n_keep} outside (0, {n})")
+    part = np.partition(flat, (n - n_keep - 1, n - n_keep))
+    return 0.5 * float(part[n - n_keep - 1] + part[n - n_keep])
 
 
 def layer_zero_counts(sizes: Sequence[int], sparsity: float) -> list[int]:

@@ -19,9 +19,8 @@ alike sizes are gathered into padded stacks for one batched solve. The cost is d
 rows * min(|S|, |P|)^3 / 3. When the Gram was summed from r < d_in rows (G = F F^T, see
 low_rank_factor), rows whose systems are larger than about r solve r x r systems instead
 (Woodbury; animal_cnn's fc1, 3136 inputs and 512 calibration rows, at 0.5: 11 -> 5-8 s).
-`iters=N` instead runs N Jacobi-preconditioned conjugate-gradient
-iterations on all rows at once (one (rows, d_in) x (d_in, d_in) product each), starting from the
-masked weights; CG lowers the error monotonically, so it is never worse than masking.
+`masked_cg` is the approximate alternative (DC's refit uses it): batched conjugate gradient on
+all rows at once, one (rows, d_in) x (d_in, d_in) product per iteration.
 
 Bias: left untouched here. The function works on any Gram, so a bias refit is available by
 augmentation: pass `[W | b]`, the Gram of `[X | 1]` and a mask whose last column is kept.
@@ -34,12 +33,13 @@ import numpy as np
 from ..errors import OnnxPruneError
 
 
-def _as_stack(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
+def as_stack(name: str, a: np.ndarray) -> np.ndarray:
+    """`a` as a stack of blocks (k, rows, cols): a 2-D array is one block."""
     a = np.asarray(a)
-    if a.ndim == ndim - 1:
+    if a.ndim == 2:
         a = a[None]
-    if a.ndim != ndim:
-        raise OnnxPruneError(f"{name} must have {ndim - 1} or {ndim} dimensions, got shape {a.shape}")
+    if a.ndim != 3:
+        raise OnnxPruneError(f"{name} must have 2 or 3 dimensions, got shape {a.shape}")
     return a
 
 
@@ -63,7 +63,7 @@ def _add_damping(g: np.ndarray, damping: float) -> np.ndarray:
 
 def refit_gram(gram: np.ndarray, damping: float = 0.01) -> np.ndarray:
     """The symmetric, damped Gram stack that refit_on_support solves with."""
-    G3 = _as_stack("gram", gram, 3)
+    G3 = as_stack("gram", gram)
     H = np.add(G3, np.swapaxes(G3, 1, 2), dtype=np.float64)  # one new array: a 3136-wide Gram
     H *= 0.5  # is 80 MB, and fresh pages cost as much as the arithmetic
     return _add_damping(H, damping)
@@ -85,9 +85,9 @@ def low_rank_factor(gram: np.ndarray, rank: int, seed: int = 0) -> np.ndarray:
 
 def output_error(W: np.ndarray, V: np.ndarray, gram: np.ndarray) -> float:
     """Squared output error on the calibration data: sum over blocks of trace((V-W) G (V-W)^T)."""
-    W3 = _as_stack("W", W, 3).astype(np.float64)
-    D = _as_stack("V", V, 3).astype(np.float64) - W3
-    G = _as_stack("gram", gram, 3)
+    W3 = as_stack("W", W).astype(np.float64)
+    D = as_stack("V", V).astype(np.float64) - W3
+    G = as_stack("gram", gram)
     return float(np.sum(D * (D @ G)))
 
 
@@ -205,28 +205,36 @@ def _refit_direct(W, M, H, factor=None, ridge=None):
     return V.reshape(k, d_out, d_in)
 
 
-def _refit_cg(W, M, H, iters):
-    """`iters` iterations of Jacobi-preconditioned CG on all rows at once, from the masked weights."""
-    Mf = M.astype(np.float64)
-    x = W * Mf
-    r = Mf * ((W - x) @ H)
-    diag = np.einsum("kii->ki", H)[:, None, :]
-    inv_diag = np.divide(Mf, diag, out=np.zeros_like(Mf), where=diag > 0)
-    z = inv_diag * r
+def masked_cg(C, rhs, x0, mask, damping, iters, tol):
+    """Solve (C_SS + damping I) x_S = rhs_S for every row at once, S = the row's mask.
+
+    Batched Jacobi-preconditioned conjugate gradient: each row of x is its own system; entries
+    outside the mask stay 0. Products with C run in C's dtype (float32 for big blocks), the CG
+    state in float64. Stops when every row's residual is below tol * ||rhs_row||, or after
+    `iters` iterations (CG lowers the refit objective at every iteration, so stopping is safe).
+    """
+    x = np.where(mask, x0, 0.0)
+    apply = lambda p: np.where(mask, p.astype(C.dtype) @ C, 0.0) + damping * p  # noqa: E731
+    r = np.where(mask, rhs, 0.0) - apply(x)
+    inv_diag = np.where(mask, 1.0 / (np.diag(C) + damping), 0.0)
+    z = r * inv_diag
     p = z.copy()
-    rz = np.sum(r * z, axis=-1)
+    rz = np.sum(r * z, axis=1)
+    limit = tol * np.linalg.norm(np.where(mask, rhs, 0.0), axis=1)
     for _ in range(iters):
-        Ap = Mf * (p @ H)
-        pAp = np.sum(p * Ap, axis=-1)
-        alpha = np.divide(rz, pAp, out=np.zeros_like(rz), where=pAp > 0)[..., None]
-        x += alpha * p
-        r -= alpha * Ap
-        z = inv_diag * r
-        rz_new = np.sum(r * z, axis=-1)
-        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)[..., None]
-        p = z + beta * p
+        if np.all(np.linalg.norm(r, axis=1) <= limit):
+            break
+        ap = apply(p)
+        pap = np.sum(p * ap, axis=1)
+        alpha = np.divide(rz, pap, out=np.zeros_like(rz), where=pap > 0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        z = r * inv_diag
+        rz_new = np.sum(r * z, axis=1)
+        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
+        p = z + beta[:, None] * p
         rz = rz_new
-    return x * Mf
+    return x
 
 
 def refit_on_support(
@@ -235,24 +243,22 @@ def refit_on_support(
     gram: np.ndarray,
     *,
     damping: float = 0.01,
-    iters: int | None = None,
     damped: np.ndarray | None = None,
     factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Refit the kept weights (mask True) of a stack W (k, d_out, d_in) given its Gram (k, d_in, d_in).
 
     Returns new float64 weights of W's shape, exactly zero where `mask` is False. A 2-D W / mask /
-    gram is one block. `iters=None` solves exactly (batched direct solves on the kept or on the
-    pruned set of each row, whichever is smaller); an integer runs that many preconditioned CG
-    iterations instead (approximate, never worse than masking; for layers too wide to solve).
+    gram is one block. Solved exactly: batched direct solves on the kept or on the pruned set of
+    each row, whichever is smaller.
     `damped`: refit_gram(gram, damping), when the caller refits several supports of one layer.
     `factor`: F (k, d_in, r) with gram = F F^T, when the Gram was summed from r < d_in rows: rows
     with many kept weights are then solved through r x r systems (Woodbury), same result.
     """
     squeeze = np.ndim(W) == 2
-    W3 = _as_stack("W", W, 3).astype(np.float64)
-    M = _as_stack("mask", mask, 3).astype(bool)
-    G3 = np.asarray(_as_stack("gram", gram, 3), dtype=np.float64)  # no copy of a wide Gram
+    W3 = as_stack("W", W).astype(np.float64)
+    M = as_stack("mask", mask).astype(bool)
+    G3 = np.asarray(as_stack("gram", gram), dtype=np.float64)  # no copy of a wide Gram
     k, d_out, d_in = W3.shape
     if M.shape != W3.shape or G3.shape != (k, d_in, d_in):
         raise OnnxPruneError(
@@ -264,9 +270,8 @@ def refit_on_support(
         raise OnnxPruneError("refit: weights and Gram must be finite")
     H = refit_gram(G3, damping) if damped is None else damped
     if factor is not None:
-        factor = _as_stack("factor", np.asarray(factor, dtype=np.float64), 3)
+        factor = as_stack("factor", np.asarray(factor, dtype=np.float64))
         if factor.shape[:2] != (k, d_in):
             raise OnnxPruneError(f"refit: factor of shape {factor.shape} does not match gram {G3.shape}")
-    V = (_refit_direct(W3, M, H, factor, ridge(G3, damping)) if iters is None
-         else _refit_cg(W3, M, H, int(iters)))
+    V = _refit_direct(W3, M, H, factor, ridge(G3, damping))
     return V[0] if squeeze else V
