@@ -19,6 +19,11 @@ from .modelio import tensor_to_array
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # their W and R: skipped by default, named in the report
+# integer layers and the inputs that hold their (constant) weights
+QUANTIZED_WEIGHT_SLOTS = {"ConvInteger": (1,), "MatMulInteger": (0, 1), "QLinearConv": (3,),
+                          "QLinearMatMul": (0, 3), "QGemm": (3,)}
+QUANTIZED_REASON = "quantized weight: onnxprune prunes float weights (prune before quantizing)"
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
 NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization",
@@ -31,7 +36,7 @@ class Layer:
     """One prunable tensor and the node that defines how its values are used."""
 
     name: str
-    role: str  # weight | embedding | bias | norm | other (only 'weight' is pruned by default)
+    role: str  # weight | embedding | recurrent | bias | norm | other (only weight pruned by default)
     op: str  # op type of the first consumer
     node: str
     tensor: onnx.TensorProto  # where the values live; edited in place when written back
@@ -102,8 +107,11 @@ def find_layers(model: onnx.ModelProto, include: str | None = None,
             skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude"))
         elif chosen:
             layers.append(layer)
-        elif layer.role in ("embedding",):
+        elif layer.role == "embedding":
             skipped.append(Skipped(layer.name, layer.op, "embedding table (use --include)"))
+        elif layer.role == "recurrent":
+            skipped.append(Skipped(layer.name, layer.op, f"{layer.op} weight: not a Conv / Gemm / "
+                                   "MatMul layer (--include its name to prune it by magnitude)"))
     return layers, skipped
 
 
@@ -158,14 +166,17 @@ class _Finder:
         return scope[name], chain, name
 
     def _visit(self, node, slot, traced, scope, producers, consumers, path):
-        if traced[0] == "quantized":
+        if traced[0] == "quantized":  # DequantizeLinear of a constant, into a layer's weight slot
             qnode = traced[1]
-            if node.op_type in PRUNABLE_OPS and id(qnode) not in self._skipped_ids:
-                self._skipped_ids.add(id(qnode))
-                self.skipped.append(Skipped(qnode.input[0], node.op_type, "quantized weight"))
+            if (node.op_type in PRUNABLE_OPS and _role(node, slot, scope, producers) == "weight"
+                    and _trace_const(qnode.input[0], scope, producers)):
+                self._skip_quantized(qnode, qnode.input[0], node.op_type)
             return
         tensor, chain, name = traced  # name: a Constant's tensor is often unnamed
         role = _role(node, slot, scope, producers)
+        if role == "quantized":
+            self._skip_quantized(tensor, name, node.op_type)
+            return
         if tensor.data_type not in FLOAT_TYPES:
             if role == "weight" and id(tensor) not in self._skipped_ids:
                 self._skipped_ids.add(id(tensor))
@@ -188,6 +199,11 @@ class _Finder:
                       consumers=[node.op_type])
         self._fill(layer, node, slot, chain, role, scope, producers, consumers)
         self.layers[key] = layer
+
+    def _skip_quantized(self, key_object, name, op):
+        if id(key_object) not in self._skipped_ids:
+            self._skipped_ids.add(id(key_object))
+            self.skipped.append(Skipped(name, op, QUANTIZED_REASON))
 
     def _another_use(self, known, node, slot, chain, scope, producers, consumers, path):
         use = Layer(name=known.name, role="weight", op=node.op_type, node=node_label(node),
@@ -232,7 +248,8 @@ class _Finder:
                 add = users[0]
                 other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
                 bias = _constant(other, scope, producers)
-                if bias is not None and len(bias.dims) == 1:
+                if bias is not None and (len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
+                    # (solve.bias_blocks decides whether it is per output: (d_out, 1) on the left)
                     layer.bias, layer.output_name = bias, add.output[0]
         users = consumers.get(layer.output_name, [])
         layer.relu = bool(users) and all(u.op_type == "Relu" for u in users)
@@ -257,6 +274,10 @@ def _role(node, slot, scope, producers) -> str | None:
         return "weight"
     if op == "Gather":
         return "embedding" if slot == 0 else None
+    if op in QUANTIZED_WEIGHT_SLOTS:
+        return "quantized" if slot in QUANTIZED_WEIGHT_SLOTS[op] else None
+    if op in RECURRENT_OPS:
+        return "recurrent" if slot in (1, 2) else "bias" if slot == 3 else None
     if op in NORM_OPS:
         return "norm"
     return "other"

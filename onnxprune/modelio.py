@@ -140,6 +140,28 @@ def _is_external(tensor: onnx.TensorProto) -> bool:
 
 def load_model(source: str | os.PathLike | onnx.ModelProto | bytes) -> LoadedModel:
     """Load a model from a path, bytes or a ModelProto (which is copied, never modified)."""
+    loaded = _load(source)
+    _constants_as_tensors(loaded.model)
+    return loaded
+
+
+def _constants_as_tensors(model: onnx.ModelProto) -> None:
+    """Constant nodes holding value_float / value_floats hold the same float32 values as a
+    `value` tensor instead: one place (a tensor) where weights are found and rewritten."""
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            if node.op_type != "Constant" or len(node.attribute) != 1:
+                continue
+            attr = node.attribute[0]
+            if attr.name not in ("value_float", "value_floats"):
+                continue
+            values = np.array(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute(
+                "value", numpy_helper.from_array(values, node.output[0] if node.output else "")))
+
+
+def _load(source) -> LoadedModel:
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)

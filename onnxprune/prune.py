@@ -87,8 +87,12 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     _check_dims(loaded.model, dims)
     layers, skipped = graph.find_layers(loaded.model, include, exclude)
     if not layers:
-        raise OnnxPruneError("no prunable weights found (Conv, ConvTranspose, Gemm and MatMul "
-                             "with constant float weights; see --include)")
+        quantized = sum(s.reason == graph.QUANTIZED_REASON for s in skipped)
+        raise OnnxPruneError(
+            f"no float weights to prune: {quantized} quantized weights found; onnxprune prunes "
+            "float weights, so prune the model before quantizing it" if quantized else
+            "no prunable weights found (Conv, ConvTranspose, Gemm and MatMul with constant float "
+            "weights; see --include)")
     biases = {layer.name: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
               for layer in layers if layer.bias is not None}
     timings["load"] = time.perf_counter() - clock

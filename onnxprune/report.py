@@ -84,9 +84,12 @@ class PruneReport:
         lines.append(f"method {self.method}: {self.zeros:,} of {self.params:,} prunable weights are "
                      f"zero, sparsity {_pct(self.sparsity, 2)} (target {_pct(self.target_sparsity, 2)}), "
                      f"{len(self.layers)} tensors")
-        if self.skipped:
-            lines.append("skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in self.skipped[:8])
-                         + (f"; and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""))
+        by_reason: dict[str, list[str]] = {}
+        for s in self.skipped:
+            by_reason.setdefault(s["reason"], []).append(s["name"])
+        for reason, names in by_reason.items():
+            lines.append(f"skipped ({reason}): " + ", ".join(names[:6])
+                         + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
         sizes = f"file size: input {_mb(self.input_bytes)}, output {_mb(self.output_bytes)} ({self.storage})"
         if self.storage == "dense" and self.sparse_output_bytes:
             sizes += f", about {_mb(self.sparse_output_bytes)} with --storage sparse"

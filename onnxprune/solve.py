@@ -31,10 +31,10 @@ def bias_blocks(layer: Layer, bias: np.ndarray | None, k: int, d_out: int) -> np
     """The bias as (k, d_out) when each block owns a slice of it (else None: left untouched)."""
     if bias is None or bias.size != k * d_out:
         return None
-    if layer.op == "Gemm" and layer.weight_side == "left":  # W X + C: outputs are C's rows
+    if layer.weight_side == "left":  # W X + C: outputs are C's rows (a 1-D C adds per column)
         per_output = bias.shape == (d_out, 1)
-    else:  # 1-D, or (1, d_out) as some exporters write a Gemm's C
-        per_output = bias.ndim == 1 or bias.shape[0] == 1
+    else:  # 0-D with one output, 1-D, or (1, d_out) as some exporters write a Gemm's C
+        per_output = bias.ndim <= 1 or bias.shape[0] == 1
     if not per_output:
         return None
     if layer.op == "MatMul" and k != 1:

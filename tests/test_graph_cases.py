@@ -1,0 +1,121 @@
+"""Graph forms real exporters and converters write, each pruned end to end."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import prune
+from onnxprune.graph import find_layers
+
+
+def _model(nodes, inputs, outputs, tensors, opset=13):
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(v, k) for k, v in tensors.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _value(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _tensor(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def test_gemm_with_a_scalar_c_and_one_output():
+    rng = np.random.default_rng(0)
+    model = _model([helper.make_node("Gemm", ["x", "W", "C"], ["y"], transB=1)],
+                   [_value("x", ["N", 16])], [_value("y", ["N", 1])],
+                   {"W": rng.standard_normal((1, 16)).astype(np.float32), "C": np.array(0.3, np.float32)})
+    for method in ("dc", "ltp"):  # raised IndexError on the 0-d C
+        result = prune(model, 0.5, method=method, calib="random", verify=False)
+        assert result.report.zeros == 8
+
+
+def test_left_matmul_bias_over_columns_is_not_refitted():
+    # y = W @ x + b: a 1-D b adds per column of x, not per output row of W, even when W is square
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["W", "x"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                   [_value("x", ["N", 16, 16])], [_value("y", ["N", 16, 16])], {"W": w, "b": b})
+    data = {"x": (rng.standard_normal((64, 16, 16)) + 3).astype(np.float32)}
+    for method in ("dc", "ltp"):
+        result = prune(model, 0.6, method=method, calib=data, verify=False)
+        assert np.array_equal(_tensor(result.model, "b"), b)
+        assert "bias refitted" not in result.report.layers[0].note
+    # (16, 1) is per output row: refitted
+    model = _model([helper.make_node("MatMul", ["W", "x"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                   [_value("x", ["N", 16, 16])], [_value("y", ["N", 16, 16])], {"W": w, "b": b.reshape(16, 1)})
+    result = prune(model, 0.6, method="dc", calib=data, verify=False)
+    assert not np.array_equal(_tensor(result.model, "b"), b.reshape(16, 1))
+
+
+def test_recurrent_weights_are_named_as_skipped():
+    # an LSTM's W and R are not Conv / Gemm / MatMul weights: left alone, but said so
+    rng = np.random.default_rng(0)
+    hidden, d = 4, 3
+    model = _model([helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden),
+                    helper.make_node("Reshape", ["y", "shape"], ["flat"]),
+                    helper.make_node("MatMul", ["flat", "fc"], ["out"])],
+                   [_value("x", [5, 1, d])], [_value("out", [5, 2])],
+                   {"W": rng.standard_normal((1, 4 * hidden, d)).astype(np.float32),
+                    "R": rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32),
+                    "B": np.zeros((1, 8 * hidden), np.float32), "shape": np.array([5, hidden], np.int64),
+                    "fc": rng.standard_normal((hidden, 2)).astype(np.float32)})
+    layers, skipped = find_layers(model)
+    assert [layer.name for layer in layers] == ["fc"]
+    assert {s.name for s in skipped if "LSTM weight" in s.reason} == {"W", "R"}
+    result = prune(model, 0.5, verify=False)
+    assert "skipped (LSTM weight" in result.report.format()
+    included, _ = find_layers(model, include="^W$")
+    assert {layer.name for layer in included} == {"W", "fc"}
+
+
+def test_constant_value_floats_weights_are_pruned():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(8).astype(np.float32)
+    model = _model([helper.make_node("Constant", [], ["w2"], value_floats=w.tolist()),
+                    helper.make_node("MatMul", ["x", "w2"], ["y"])],
+                   [_value("x", ["N", 8])], [_value("y", ["N"])], {})
+    before = model.SerializeToString()
+    result = prune(model, 0.5)
+    assert model.SerializeToString() == before  # the caller's proto is untouched
+    assert [row.name for row in result.report.layers] == ["w2"]
+    value = result.model.graph.node[0].attribute[0]
+    assert value.name == "value"
+    pruned = numpy_helper.to_array(value.t)
+    assert np.count_nonzero(pruned == 0) == 4 and np.array_equal(pruned[pruned != 0], w[pruned != 0])
+
+
+def _int8(name, values):
+    return numpy_helper.from_array(np.asarray(values, np.int8), name)
+
+
+def test_quantized_weights_are_named_and_activations_are_not():
+    rng = np.random.default_rng(0)
+    scale, zero = np.array(0.1, np.float32), np.array(0, np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),  # an activation Q / DQ
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"]),  # the weight's DQ
+             helper.make_node("MatMul", ["xd", "w"], ["h"]),
+             helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"]),
+             helper.make_node("MatMulInteger", ["hq", "bq"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [_value("x", ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["N", 3])],
+        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z"),
+         _int8("wq", rng.integers(-9, 9, (4, 4))), _int8("bq", rng.integers(-9, 9, (4, 3)))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    layers, skipped = find_layers(model)
+    assert layers == []
+    assert {s.name for s in skipped} == {"wq", "bq"}  # not xq, hq: those are activations
+    import pytest
+
+    from onnxprune import OnnxPruneError
+    with pytest.raises(OnnxPruneError, match="2 quantized weights found.*prune the model before"):
+        prune(model, 0.5)
