@@ -8,13 +8,14 @@ recorded as an index map, so the operand the node sees is `stored.flat[index]`.
 from __future__ import annotations
 
 import re
-from collections import ChainMap
+from collections import ChainMap, Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from .errors import OnnxPruneError
 from .modelio import tensor_to_array
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -124,6 +125,10 @@ class _Finder:
 
     def walk(self, graph: onnx.GraphProto, outer: ChainMap, path: str) -> None:
         local: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        if len(local) < len(graph.initializer):  # onnxruntime would use one, we might prune the other
+            twice = next(n for n, c in Counter(t.name for t in graph.initializer).items() if c > 1)
+            raise OnnxPruneError(f"initializer name '{twice}' is used more than once in graph "
+                                 f"'{graph.name}' (an invalid model: onnx.checker rejects it)")
         self._initializers.update(id(t) for t in local.values())
         for node in graph.node:
             if node.op_type == "Constant" and node.output:

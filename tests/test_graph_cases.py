@@ -119,3 +119,24 @@ def test_quantized_weights_are_named_and_activations_are_not():
     from onnxprune import OnnxPruneError
     with pytest.raises(OnnxPruneError, match="2 quantized weights found.*prune the model before"):
         prune(model, 0.5)
+
+
+def test_duplicate_initializer_names_are_an_error():
+    import pytest
+
+    from onnxprune import OnnxPruneError
+    w = np.ones((4, 4), np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_value("x", ["N", 4])],
+                   [_value("y", ["N", 4])], {"W": w})
+    model.graph.initializer.append(numpy_helper.from_array(2 * w, "W"))
+    with pytest.raises(OnnxPruneError, match="initializer name 'W' is used more than once"):
+        prune(model, 0.5)
+
+
+def test_input_size_is_reported_for_bytes_and_protos(tmp_path):
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_value("x", ["N", 4])],
+                   [_value("y", ["N", 4])], {"W": np.ones((4, 4), np.float32)})
+    onnx.save(model, tmp_path / "m.onnx")
+    size = (tmp_path / "m.onnx").stat().st_size
+    for source in (model, model.SerializeToString(), str(tmp_path / "m.onnx")):
+        assert prune(source, 0.5, verify=False).report.input_bytes == size
