@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxPruneError
-from .modelio import (PROTOBUF_LIMIT, iter_graphs, iter_tensors, make_inline, refer_to,
+from .modelio import (PROTOBUF_LIMIT, is_external, iter_graphs, iter_tensors, make_inline, refer_to,
                       tensor_to_array)
 from .runtime import first_line, make_session, providers_for
 
@@ -31,7 +31,7 @@ _IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_f
 def session_for(model: onnx.ModelProto, device: str = "auto") -> ort.InferenceSession:
     """A session over a ModelProto however its tensors are held: external ones read where they
     are, inline ones as bytes (a model over protobuf's 2 GB limit through a temporary copy)."""
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model)):
+    if any(is_external(t) for t in iter_tensors(model)):
         return make_external_session(model, device)
     if model.ByteSize() > PROTOBUF_LIMIT:
         return _session_from_a_copy(model, device)
@@ -89,7 +89,7 @@ def _inline_subgraph_tensors(model: onnx.ModelProto, inlined: list) -> None:
         tensors = [*graph.initializer, *(a.t for node in graph.node for a in node.attribute
                                          if a.type == onnx.AttributeProto.TENSOR)]
         for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if is_external(tensor):
                 raw = np.ascontiguousarray(tensor_to_array(tensor)).tobytes()  # little-endian
                 inlined.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
                 make_inline(tensor, raw)

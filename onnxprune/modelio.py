@@ -134,7 +134,7 @@ def iter_tensors(model: onnx.ModelProto, *, sparse: bool = True, dense: bool = T
                 yield st.indices
 
 
-def _is_external(tensor: onnx.TensorProto) -> bool:
+def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
@@ -182,7 +182,7 @@ def _load(source) -> LoadedModel:
     tensors = [(t, t.data_type == onnx.TensorProto.STRING) for t in iter_tensors(model, sparse=False)]
     tensors += [(t, True) for t in iter_tensors(model, dense=False)]
     for tensor, inline in tensors:
-        if _is_external(tensor):
+        if is_external(tensor):
             file = _check_external(tensor, path.parent, path, load=inline)
             if file not in data_files:
                 data_files.append(file)
@@ -193,7 +193,7 @@ def _no_relative_data(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     """An in-memory model has no folder: a relative data location would be read against the
     current directory, whichever it is."""
     for tensor in iter_tensors(model):
-        if _is_external(tensor):
+        if is_external(tensor):
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
             if not os.path.isabs(location):
                 raise OnnxPruneError(
@@ -329,7 +329,7 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The tensor's values; a read-only view of raw_data when possible (no copy), a read-only
     memory map (mapped.MappedTensor) for a loaded model's external tensors."""
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    if _is_external(tensor):
+    if is_external(tensor):
         info = {e.key: e.value for e in tensor.external_data}
         if os.path.isabs(info.get("location", "")):
             return mapped.open_tensor(info["location"], int(info.get("offset", 0)), dtype,
@@ -344,7 +344,7 @@ def take_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The tensor's values, moved out of the proto (no second copy); write_array puts them back.
     External tensors stay where they are (mapped, nothing to move)."""
     array = tensor_to_array(tensor)
-    if _is_external(tensor):
+    if is_external(tensor):
         return array
     for name in TENSOR_DATA_FIELDS:
         tensor.ClearField(name)
@@ -362,7 +362,7 @@ def write_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
 
 def make_inline(tensor: onnx.TensorProto, raw: bytes) -> None:
     """Make `tensor` hold `raw` (little-endian) in the proto, external no more."""
-    if _is_external(tensor):  # an inline tensor's fields stay as they were (unset, not DEFAULT)
+    if is_external(tensor):  # an inline tensor's fields stay as they were (unset, not DEFAULT)
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
     tensor.raw_data = raw
@@ -393,7 +393,7 @@ def _little_endian(tensor: onnx.TensorProto, array: np.ndarray) -> np.ndarray:
 def resolve_external(model: onnx.ModelProto) -> None:
     """Load every external tensor into the proto (an in-memory result must stand alone)."""
     for tensor in iter_tensors(model):
-        if _is_external(tensor):
+        if is_external(tensor):
             write_array(tensor, np.asarray(tensor_to_array(tensor)))
 
 
@@ -495,11 +495,11 @@ def data_nbytes(model: onnx.ModelProto) -> int:
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
-    return any(_is_external(t) for t in iter_tensors(model))
+    return any(is_external(t) for t in iter_tensors(model))
 
 
 def _inline_nbytes(model: onnx.ModelProto) -> int:
-    return sum(tensor_nbytes(t) for t in iter_tensors(model) if not _is_external(t))
+    return sum(tensor_nbytes(t) for t in iter_tensors(model) if not is_external(t))
 
 
 def _shell(message, skip: tuple[str, ...]):
@@ -525,6 +525,29 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def packed_varints(values: np.ndarray) -> bytes:
+    """Non-negative integers as consecutive protobuf varints (a packed repeated field's
+    payload), encoded by numpy: 7 bits per byte, the high bit set on all but the last byte."""
+    v = np.asarray(values, np.uint64).reshape(-1)
+    lengths = np.ones(v.size, np.int64)
+    for k in range(1, 10):
+        lengths += v >= np.uint64(1 << (7 * k))
+    starts = np.cumsum(lengths) - lengths
+    out = np.empty(int(lengths.sum()), np.uint8)
+    for k in range(int(lengths.max(initial=0))):
+        at = lengths > k
+        more = (lengths[at] > k + 1).astype(np.uint8) << np.uint8(7)
+        out[starts[at] + k] = ((v[at] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8) | more
+    return out.tobytes()
+
+
+def packed_field(message_type, name: str, payload: bytes) -> bytes:
+    """A length-delimited (packed repeated) field of `message_type`, ready for MergeFromString:
+    millions of values parse in C instead of going through Python's extend."""
+    number = message_type.DESCRIPTOR.fields_by_name[name].number
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 _STREAMED = ("initializer", "sparse_initializer")  # graph fields written one element at a time

@@ -472,7 +472,7 @@ def _sparse_saving(layers, rows) -> int:
     saving = 0
     for layer, row in zip(layers, rows):
         dense = row.params * layer.dtype.itemsize
-        sparse = storage.sparse_nbytes(row.params - row.zeros_after, layer.dtype.itemsize)
+        sparse = storage.sparse_nbytes(row.params - row.zeros_after, layer.dtype.itemsize, row.params)
         if layer.initializer and sparse < dense:
             saving += dense - sparse
     return saving

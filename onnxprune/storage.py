@@ -9,13 +9,18 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .modelio import iter_graphs, tensor_to_array
+from .modelio import is_external, iter_graphs, packed_field, packed_varints, tensor_to_array
 
-INDEX_BYTES = 8  # the onnx checker accepts INT64 indices only
+def sparse_nbytes(nnz: int, itemsize: int, size: int) -> int:
+    """About the bytes a tensor of `size` elements, `nnz` of them non-zero (spread evenly),
+    takes stored sparse: varint flat indices (1 byte below 128, 2 below 16384, ...) and values
+    (16-bit floats as varints of their bits: 2 or 3 bytes), plus the tensor's headers."""
+    index_bytes = sum(max(0.0, 1 - 2 ** (7 * k) / size) for k in range(10)) if size else 0.0
+    value_bytes = 2.5 if itemsize == 2 else itemsize
+    return int(nnz * (index_bytes + value_bytes)) + _HEADER_BYTES
 
 
-def sparse_nbytes(nnz: int, itemsize: int) -> int:
-    return nnz * (itemsize + INDEX_BYTES)
+_HEADER_BYTES = 24  # a sparse tensor's dims and field headers beyond a dense one's
 
 
 def to_sparse_initializers(model: onnx.ModelProto, names: set[str],
@@ -36,12 +41,17 @@ def to_sparse_initializers(model: onnx.ModelProto, names: set[str],
             if tensor.name in names:
                 array = tensor_to_array(tensor).reshape(-1)
                 nnz = int(np.count_nonzero(array))
-                nbytes = sparse_nbytes(nnz, array.dtype.itemsize)
-                if nbytes < array.nbytes and (room is None or nbytes <= room):
-                    sparse = _as_sparse(tensor, array)
-                    room = None if room is None else room - nbytes
-                elif nbytes < array.nbytes:
-                    over.append(tensor.name)
+                # the file's bytes for it now (its data file's part too), and sparse
+                dense = tensor.ByteSize() + (array.nbytes if is_external(tensor) else 0)
+                if sparse_nbytes(nnz, array.dtype.itemsize, array.size) < 1.2 * dense:
+                    candidate = _as_sparse(tensor, array)  # the estimate's doubtful cases: exact
+                    nbytes = candidate.ByteSize()
+                    if nbytes < dense and (room is None or nbytes <= room):
+                        sparse = candidate
+                        room = None if room is None else room - nbytes
+                    elif nbytes < dense:
+                        over.append(tensor.name)
+                    del candidate
                 del array  # a mapped tensor's pages go with it
             if sparse is None:
                 keep.append(tensor)
@@ -55,15 +65,27 @@ def to_sparse_initializers(model: onnx.ModelProto, names: set[str],
 
 
 def _as_sparse(tensor: onnx.TensorProto, flat: np.ndarray) -> onnx.SparseTensorProto:
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    """Values and flat INT64 indices in typed fields, not raw_data: onnx-graphsurgeon reads a
+    sparse tensor's raw values as zeros, and varint indices take 1-5 bytes instead of 8."""
     indices = np.flatnonzero(flat)
     sparse = onnx.SparseTensorProto()
     sparse.dims.extend(tensor.dims)
     values, index_tensor = sparse.values, sparse.indices  # filled in place: no second copy
     values.name, values.data_type = tensor.name, tensor.data_type
     values.dims.append(indices.size)
-    values.raw_data = np.ascontiguousarray(flat[indices]).astype(dtype.newbyteorder("<")).tobytes()
+    values.MergeFromString(_typed_values(tensor.data_type, np.ascontiguousarray(flat[indices])))
     index_tensor.data_type = onnx.TensorProto.INT64
     index_tensor.dims.append(indices.size)
-    index_tensor.raw_data = indices.astype("<i8").tobytes()
+    index_tensor.MergeFromString(packed_field(onnx.TensorProto, "int64_data", packed_varints(indices)))
     return sparse
+
+
+def _typed_values(data_type: int, values: np.ndarray) -> bytes:
+    """The values' field as ONNX stores this type outside raw_data: float32 and float64 in
+    float_data / double_data, 16-bit floats as their bit patterns in int32_data."""
+    if data_type == onnx.TensorProto.FLOAT:
+        return packed_field(onnx.TensorProto, "float_data", values.astype("<f4").tobytes())
+    if data_type == onnx.TensorProto.DOUBLE:
+        return packed_field(onnx.TensorProto, "double_data", values.astype("<f8").tobytes())
+    bits = values.view(np.uint16)  # FLOAT16, BFLOAT16
+    return packed_field(onnx.TensorProto, "int32_data", packed_varints(bits))

@@ -140,3 +140,35 @@ def test_input_size_is_reported_for_bytes_and_protos(tmp_path):
     size = (tmp_path / "m.onnx").stat().st_size
     for source in (model, model.SerializeToString(), str(tmp_path / "m.onnx")):
         assert prune(source, 0.5, verify=False).report.input_bytes == size
+
+
+def test_sparse_storage_round_trips_every_float_type(tmp_path):
+    import ml_dtypes
+    import onnxruntime as ort
+    rng = np.random.default_rng(0)
+    for np_type, onnx_type in ((np.float16, TensorProto.FLOAT16), (ml_dtypes.bfloat16, TensorProto.BFLOAT16),
+                               (np.float64, TensorProto.DOUBLE), (np.float32, TensorProto.FLOAT)):
+        w = (rng.standard_normal((64, 32)) * 3).astype(np_type)
+        w[0, 0], w[0, 1] = -0.0, np.array(-1e-3).astype(np_type)  # sign bits survive
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", onnx_type, ["N", 64])],
+            [helper.make_tensor_value_info("y", onnx_type, ["N", 32])],
+            [numpy_helper.from_array(w, "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        dense = prune(model, 0.8, verify=False).model
+        prune(model, 0.8, storage_format="sparse", output=tmp_path / "s.onnx", verify=False, force=True)
+        saved = onnx.load(tmp_path / "s.onnx")
+        onnx.checker.check_model(saved)
+        (sparse,) = saved.graph.sparse_initializer
+        values = numpy_helper.to_array(sparse.values)
+        restored = np.zeros(64 * 32, values.dtype)
+        restored[numpy_helper.to_array(sparse.indices)] = values
+        expected = numpy_helper.to_array(dense.graph.initializer[0]).reshape(-1)
+        assert np.array_equal(restored.view(np.uint8), expected.view(np.uint8))
+        if onnx_type != TensorProto.BFLOAT16:  # no bfloat16 MatMul in onnxruntime's CPU build
+            x = rng.standard_normal((3, 64)).astype(np_type)
+            outs = [ort.InferenceSession(m).run(None, {"x": x})[0]
+                    for m in (str(tmp_path / "s.onnx"), dense.SerializeToString())]
+            np.testing.assert_array_equal(outs[0], outs[1])
