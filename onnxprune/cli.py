@@ -171,6 +171,9 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
         levels = _parse_sparsity(sparsity_text)
         if plot_path is not None and method != "ltp":
             raise OnnxPruneError("--plot shows the LTP objective: use it with --method ltp")
+        if plot_path is not None:
+            from .plot import check_plotting
+            check_plotting()  # before the work, not after it
         output = output or default_output(model)
         outputs = [level_output(output, s) for s in levels] if len(levels) > 1 else [output]
         _check_side_outputs(report_path, plot_path, model, outputs)
@@ -220,18 +223,23 @@ def _parse_sparsity(text: str) -> list[float]:
                    "similarity of outputs, top-1 agreement, max abs difference, and for "
                    "embedding models nearest-neighbour retrieval agreement.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
-              help="Samples per onnxruntime run.")
+              help="Samples per onnxruntime run (a model whose inputs fix the batch dimension "
+                   "runs batches of that size).")
+@click.option("--output", "output_name", metavar="NAME", default=None,
+              help="The model output to measure, by name; a --reference is compared on its "
+                   "output of the same name.  [default: the model's first output, compared with "
+                   "the reference's first output]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime execution provider (cuda needs onnxruntime-gpu and a GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_command(model, data_path, reference, batch_size, device, as_json, quiet):
+def eval_command(model, data_path, reference, batch_size, output_name, device, as_json, quiet):
     """Accuracy of MODEL on labelled data, or its fidelity to a --reference model."""
     from .evaluate import evaluate, format_metrics
 
     try:
         metrics = evaluate(model, data_path, batch_size=batch_size, reference=reference,
-                           device=device, progress=not quiet and not as_json)
+                           device=device, output=output_name, progress=not quiet and not as_json)
     except OnnxPruneError as e:
         _fail(e)
     except KeyboardInterrupt:

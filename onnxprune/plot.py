@@ -6,15 +6,20 @@ from pathlib import Path
 from .errors import OnnxPruneError
 
 
-def plot_ltp_objective(reports, path: str | Path) -> None:
-    """LTP's objective per Adam step (total reconstruction + L0 term), one line per level."""
+def check_plotting() -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise OnnxPruneError("--plot needs matplotlib (pip install matplotlib)") from None
+
+
+def plot_ltp_objective(reports, path: str | Path) -> None:
+    """LTP's objective per Adam step (total reconstruction + L0 term), one line per level."""
+    check_plotting()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for report in reports:
         if report.ltp:

@@ -66,6 +66,14 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     one model per level; with `output`, level s goes to `<output stem>.s<s>.onnx`).
     With `output`, each model is written atomically after it was verified in onnxruntime
     (unless verify=False). Returns a PruneResult, or a list of them for a trail.
+
+    The keyword arguments are the command line's options (`onnxprune prune --help` explains
+    each): method (layer, global, global-mt, dc, ltp), min_keep and mt_variant (global-mt),
+    include / exclude (regexes), storage_format (dense, sparse), force, verify and dims (the
+    verification run's symbolic sizes), device (auto, cpu, cuda), calib (a path, 'random', a
+    mapping of arrays, an iterable of batches or an object with get_next()), calib_samples,
+    batch_size, allocation (dc), refit, sequential, max_positions, row_cap, seed, progress
+    (progress bars) and max_memory (bytes, or a size such as '512M').
     """
     levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
     max_memory = budget.parse_size(max_memory)  # bytes; see budget.py for what it decides
@@ -116,8 +124,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     counts_per_level = [counts for counts, _ in allocations]
     learned = None
     if method == "ltp" or (method == "dc" and allocation == "ltp"):
-        # the allocation is learned; global-mt stays as the comparison (for dc: DC's per-layer
-        # solve within LTP's budgets beat both on every reference model, see README)
+        # the allocation is learned; global-mt's stays in the report for comparison
         learned = _ltp_counts(layers, dense, stats, levels, counts_per_level, min_keep, seed)
     timings["select"] = time.perf_counter() - clock
 
