@@ -142,6 +142,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                 # single level, or this level's statistics would depend on the level before
                 for layer, values in zip(layers, dense):
                     loaded.write_array(layer.tensor, values)
+                    if layer.name in biases:  # a refitted bias too
+                        loaded.write_array(layer.bias, _scaled(biases[layer.name], 1 / layer.bias_scale))
             # one written level of dense storage: new inline values go from arrays to the file
             loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
                                    and not sequential and not loaded.external_data)

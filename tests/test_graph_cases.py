@@ -172,3 +172,20 @@ def test_sparse_storage_round_trips_every_float_type(tmp_path):
             outs = [ort.InferenceSession(m).run(None, {"x": x})[0]
                     for m in (str(tmp_path / "s.onnx"), dense.SerializeToString())]
             np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_sequential_trail_level_equals_its_single_run_with_a_shared_biased_weight():
+    rng = np.random.default_rng(0)
+    model = _model([helper.make_node("Gemm", ["x", "W", "b"], ["h1"], transB=1),
+                    helper.make_node("Relu", ["h1"], ["r"]),
+                    helper.make_node("Gemm", ["r", "W", "b"], ["h2"], transB=1),  # W and b again
+                    helper.make_node("Gemm", ["h2", "W2"], ["y"], transB=1)],
+                   [_value("x", ["N", 8])], [_value("y", ["N", 3])],
+                   {"W": rng.standard_normal((8, 8)).astype(np.float32),
+                    "b": rng.standard_normal(8).astype(np.float32),
+                    "W2": rng.standard_normal((3, 8)).astype(np.float32)})
+    data = {"x": rng.standard_normal((64, 8)).astype(np.float32)}
+    trail = prune(model, [0.5, 0.8], method="dc", calib=data, sequential=True, verify=False)
+    single = prune(model, 0.8, method="dc", calib=data, sequential=True, verify=False)
+    for a, b in zip(trail[1].model.graph.initializer, single.model.graph.initializer):
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)), a.name
