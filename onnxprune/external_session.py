@@ -22,7 +22,7 @@ import onnxruntime as ort
 from .errors import OnnxPruneError
 from .modelio import (PROTOBUF_LIMIT, is_external, iter_graphs, iter_tensors, make_inline, refer_to,
                       tensor_to_array)
-from .runtime import first_line, make_session, providers_for
+from .runtime import make_session
 
 # older onnxruntime lacks it: the model is then written to a temporary folder
 _IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")
@@ -64,18 +64,16 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     maps = []
     try:
         for path in names:
-            with open(path, "rb") as f:
-                maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            try:
+                with open(path, "rb") as f:
+                    maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            except OSError as e:
+                raise OnnxPruneError(f"{path}: cannot read external data ({e.strerror})") from None
         options = ort.SessionOptions()
-        options.log_severity_level = 4  # as runtime.make_session: our errors say it
         if names:
             options.add_external_initializers_from_files_in_memory(
                 list(names.values()), maps, [len(m) for m in maps])
-        return ort.InferenceSession(proto, options, providers=providers_for(device))
-    except OnnxPruneError:
-        raise
-    except Exception as e:  # onnxruntime's own exception types: one line
-        raise OnnxPruneError(f"onnxruntime cannot load the model: {first_line(e)}") from None
+        return make_session(proto, device, options=options)
     finally:
         for m in maps:
             m.close()

@@ -29,24 +29,22 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: str | os.PathLike | bytes, device: str = "auto",
-                 threads: int | None = None, light: bool = False) -> ort.InferenceSession:
+def make_session(model: str | os.PathLike | bytes, device: str = "auto", light: bool = False,
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """A session on the requested device; CUDA falls back to CPU when it cannot start.
 
-    Models with external data must be given by path so onnxruntime finds their data files.
-    The provider that really runs is `session.get_providers()[0]`. A `light` session (for
-    one-off runs) skips graph rewrites and weight prepacking, which cost time and a second
-    copy of the weights.
+    Models with external data must be given by path so onnxruntime finds their data files (or
+    as bytes with their data files in `options`: external_session). The provider that really
+    runs is `session.get_providers()[0]`. A `light` session (for one-off runs) skips graph
+    rewrites and weight prepacking, which cost time and a second copy of the weights.
     """
-    options = ort.SessionOptions()
+    providers = providers_for(device)  # an unknown device is the caller's error, not the model's
+    options = options or ort.SessionOptions()
     options.log_severity_level = 4  # its warnings and errors off the terminal: ours say them
-    if threads:
-        options.intra_op_num_threads = threads
     if light:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")
     source = model if isinstance(model, bytes) else str(model)
-    providers = providers_for(device)  # an unknown device is the caller's error, not the model's
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types; keep one line

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .modelio import is_external, iter_graphs, packed_field, packed_varints, tensor_to_array
 
