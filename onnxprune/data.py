@@ -4,6 +4,9 @@ A data set is a dict ``{input_name: array}`` whose first axis is the sample axis
 integer class labels under ``"labels"``. On disk it is one ``.npz`` keyed by input name, or a
 directory / glob of files: ``<input_name>.npy`` files (memory-mapped) and/or ``.npz`` files each
 holding a slice of the samples, concatenated along axis 0 in sorted filename order.
+
+An input the model declares as a scalar (rank 0) takes one value of shape (), fed with every
+batch and not counted as samples.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import OnnxPruneError, one_line
 
 LABELS_KEY = "labels"
 
@@ -44,12 +47,13 @@ def load_samples(path_or_glob: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def check_against_model(
-    samples: Mapping[str, np.ndarray], inputs: Sequence[ModelInput]
+    samples: Mapping[str, object], inputs: Sequence[ModelInput]
 ) -> dict[str, np.ndarray]:
-    """Validate samples against the model's inputs; return them cast to the input dtypes.
+    """Validate samples against the model's inputs; return them as arrays cast to the input dtypes.
 
-    Keys that are neither a model input nor ``labels`` are dropped. Axis 0 is the sample axis and
-    is never compared with the model's (possibly fixed) batch dimension.
+    Values may be anything numpy reads as an array (lists too). Keys that are neither a model
+    input nor ``labels`` are dropped. Axis 0 is the sample axis and is never compared with the
+    model's (possibly fixed) batch dimension.
     """
     missing = [name for name, _, _ in inputs if name not in samples]
     if missing:
@@ -61,24 +65,44 @@ def check_against_model(
 
     checked: dict[str, np.ndarray] = {}
     for name, dtype, shape in inputs:
-        arr = samples[name]
+        arr = _as_array(name, samples[name])
         _check_shape(name, arr.shape, shape)
         checked[name] = _cast_to_input_dtype(name, arr, np.dtype(dtype))
         _check_finite(name, checked[name], arr.dtype)
 
     if LABELS_KEY in samples:
-        checked[LABELS_KEY] = _check_labels(samples[LABELS_KEY])
+        checked[LABELS_KEY] = _check_labels(_as_array(LABELS_KEY, samples[LABELS_KEY]))
 
-    counts = {key: len(arr) for key, arr in checked.items()}
+    counts = {key: len(arr) for key, arr in checked.items() if arr.ndim}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{key}: {n}" for key, n in counts.items())
         raise OnnxPruneError(f"arrays disagree on the number of samples ({listed})")
     return checked
 
 
+def fixed_batch(inputs: Sequence[ModelInput]) -> int | None:
+    """The batch size the model fixes on axis 0 of its inputs, or None when it is free.
+
+    Scalar inputs have no batch axis; inputs that fix different sizes fix none that fits all.
+    """
+    fixed = {int(shape[0]) for _, _, shape in inputs
+             if len(shape) and isinstance(shape[0], (int, np.integer)) and shape[0] > 0}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise OnnxPruneError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
+
+
+def batch_rows(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch (scalar inputs, fed whole, do not count)."""
+    return next((len(v) for v in batch.values() if np.ndim(v)), 0)
+
+
 def num_samples(samples: Mapping[str, np.ndarray]) -> int:
     """Number of samples (length of axis 0, which check_against_model made equal for all)."""
-    return len(next(iter(samples.values()))) if samples else 0
+    return batch_rows(samples)
 
 
 def iter_batches(
@@ -87,19 +111,20 @@ def iter_batches(
     """Yield ``{input_name: array}`` batches of up to ``batch_size`` samples, labels excluded.
 
     ``limit`` caps the total number of samples. Slices of memory-mapped arrays are read into
-    memory here, one batch at a time.
+    memory here, one batch at a time. Scalar inputs go whole into every batch, after the
+    per-sample arrays (so the first value of a batch has its rows).
     """
-    if batch_size < 1:
-        raise OnnxPruneError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     if limit is not None and limit < 0:
         raise OnnxPruneError(f"sample limit must not be negative, got {limit}")
-    inputs = {k: v for k, v in samples.items() if k != LABELS_KEY}
-    total = num_samples(inputs)
+    per_sample = {k: v for k, v in samples.items() if k != LABELS_KEY and np.ndim(v)}
+    scalars = {k: v for k, v in samples.items() if k != LABELS_KEY and not np.ndim(v)}
+    total = num_samples(per_sample)
     if limit is not None:
         total = min(total, limit)
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
-        yield {k: np.ascontiguousarray(v[start:stop]) for k, v in inputs.items()}
+        yield {**{k: np.ascontiguousarray(v[start:stop]) for k, v in per_sample.items()}, **scalars}
 
 
 def _data_files(spec: str) -> list[Path]:
@@ -158,7 +183,25 @@ def _concatenate_npz_slices(files: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
+def _as_array(name: str, value) -> np.ndarray:
+    """numpy arrays (memory-mapped ones stay mapped) from whatever numpy reads as one."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        reason = one_line(exc)
+        raise OnnxPruneError(f"'{name}': cannot be read as an array ({reason})") from None
+    if arr.dtype == object:
+        raise OnnxPruneError(f"'{name}': cannot be read as an array of numbers (it holds "
+                             f"{type(arr.flat[0]).__name__ if arr.size else 'nothing'})")
+    return arr
+
+
 def _check_shape(name: str, actual: tuple[int, ...], expected: Sequence) -> None:
+    if not len(expected) and len(actual):
+        raise OnnxPruneError(
+            f"input '{name}' is a scalar (rank 0): give one value of shape (), fed with every "
+            f"batch; the data has shape {actual}"
+        )
     if len(actual) != len(expected):
         raise OnnxPruneError(
             f"input '{name}': data has shape {actual} (rank {len(actual)}) but the model expects "
@@ -214,7 +257,10 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def _is_float(dtype: np.dtype) -> bool:
-    return np.issubdtype(dtype, np.floating)
+    # bfloat16 and the float8 types come from ml_dtypes (what onnx maps them to); numpy does
+    # not count them as floating, but they cast and compare like floats
+    return np.issubdtype(dtype, np.floating) or (
+        dtype.type.__module__.split(".")[0] == "ml_dtypes" and "float" in dtype.name)
 
 
 def _is_int(dtype: np.dtype) -> bool:

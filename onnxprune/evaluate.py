@@ -1,8 +1,10 @@
 """Measure a model on sample data: top-1 accuracy against labels, fidelity to a reference model.
 
-Fidelity compares the FIRST output of the model with the first output of the reference, sample by
-sample. Only running statistics are kept, except for embedding models (2-D float output, no
-labels), whose outputs are kept to compare nearest neighbours across the whole data set.
+Fidelity compares one output of the model (the first, or the one named) with the reference's
+output of that name (by default its first), sample by sample. Only running statistics are kept,
+except for embedding models (2-D float output, no labels), whose outputs are kept to compare
+nearest neighbours across the whole data set. Each model gets the data cast to its own input
+types, in batches of its own fixed batch size where its inputs fix one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -19,14 +22,24 @@ from tqdm import tqdm
 
 from onnxprune.data import (
     LABELS_KEY,
+    batch_rows,
     check_against_model,
+    check_batch_size,
+    fixed_batch,
     iter_batches,
     load_samples,
     num_samples,
 )
 from onnxprune.errors import OnnxPruneError
 from onnxprune.external_session import session_for
-from onnxprune.runtime import make_session, provider_name, run, session_inputs
+from onnxprune.runtime import (
+    check_device,
+    device_note,
+    make_session,
+    provider_name,
+    run,
+    session_inputs,
+)
 
 # Rows of the similarity matrix computed at once when finding nearest neighbours.
 _NEIGHBOUR_BLOCK = 512
@@ -39,58 +52,109 @@ def evaluate(
     batch_size: int = 64,
     reference: str | os.PathLike | bytes | onnx.ModelProto | None = None,
     device: str = "auto",
+    output: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Run ``model`` over ``data`` and return its metrics as a JSON-ready dict.
 
-    ``accuracy`` needs labels and a 2-D (samples, classes) first output; the fidelity metrics
-    (``mean_cosine``, ``max_abs_diff``, ``top1_agreement`` for 2-D outputs, and
+    ``data``: a path, or a mapping of arrays (or of lists) keyed by input name.
+    ``output``: the output to measure, by name (default: the model's first output); the
+    reference's output of that name is compared with it (by default its first output).
+    ``accuracy`` needs labels in [0, classes) and a 2-D (samples, classes) output; the fidelity
+    metrics (``mean_cosine``, ``max_abs_diff``, ``top1_agreement`` for 2-D outputs, and
     ``retrieval_agreement`` for unlabelled 2-D float outputs) need a ``reference`` model.
     """
-    samples = data if isinstance(data, Mapping) else load_samples(data)
-    session = _session(model, device)
-    samples = check_against_model(samples, session_inputs(session))
-    ref_session = None
+    check_device(device)
+    check_batch_size(batch_size)
+    raw = dict(data) if isinstance(data, Mapping) else load_samples(data)
+    measured = _Model.open(model, device, output, raw, "")
+    ref = None
     if reference is not None:
-        ref_session = _session(reference, device)
-        check_against_model(samples, session_inputs(ref_session))
+        ref = _Model.open(reference, device, output, raw, "reference model: ")
+    samples = measured.samples
+    if ref is not None and num_samples(ref.samples) != num_samples(samples):
+        raise OnnxPruneError(
+            f"the data holds {num_samples(samples)} samples for the model's inputs but "
+            f"{num_samples(ref.samples)} for the reference's"
+        )
     labels = samples.get(LABELS_KEY)
     if num_samples(samples) == 0:
         raise OnnxPruneError("the data holds no samples")
-    if labels is None and ref_session is None:
+    if labels is None and ref is None:
         raise OnnxPruneError(
             f"the data has no '{LABELS_KEY}' array; give a reference model to measure fidelity"
         )
-    first_output = session.get_outputs()[0]
-    if labels is not None and ref_session is None and len(first_output.shape) != 2:
-        raise _not_a_classifier(first_output.name, first_output.shape)
+    out_shape = next(o.shape for o in measured.session.get_outputs() if o.name == measured.output)
+    if labels is not None and ref is None and len(out_shape) != 2:
+        raise _not_a_classifier(measured, out_shape)
 
     started = time.perf_counter()
     keep_embeddings = labels is None  # nearest-neighbour agreement is for embedding models
-    stats, ref_stats, fidelity = _run_all(
-        session, ref_session, samples, batch_size, progress, keep_embeddings)
+    stats, ref_stats, fidelity = _run_all(measured, ref, batch_size, progress, keep_embeddings)
     result: dict = {
         "samples": num_samples(samples),
-        "provider": provider_name(session),
-        "output": session.get_outputs()[0].name,
+        "provider": provider_name(measured.session),
+        "output": measured.output,
     }
     if labels is not None:
         if stats.is_2d:
             result["accuracy"] = stats.correct / len(labels)
             if ref_stats is not None:
                 result["reference_accuracy"] = ref_stats.correct / len(labels)
-        elif ref_session is None:
-            raise _not_a_classifier(result["output"], stats.example_shape)
+        elif ref is None:
+            raise _not_a_classifier(measured, stats.example_shape)
     if fidelity is not None:
         result.update(fidelity.metrics())
+    note = device_note(device)
+    if note:
+        result["notes"] = [note]
     result["wall_s"] = round(time.perf_counter() - started, 3)
     return result
 
 
-def _not_a_classifier(output: str, shape) -> OnnxPruneError:
+@dataclass
+class _Model:
+    """A session with the output measured, the data cast to its inputs, and its fixed batch."""
+
+    session: ort.InferenceSession
+    output: str
+    samples: dict[str, np.ndarray]
+    fixed_batch: int | None
+
+    @classmethod
+    def open(cls, model, device: str, output: str | None, raw: Mapping, what: str) -> _Model:
+        """`what` starts its error messages ("reference model: ")."""
+        session = _session(model, device)
+        names = [o.name for o in session.get_outputs()]
+        if output is not None and output not in names:
+            raise OnnxPruneError(f"{what}the model has no output '{output}' (its outputs: "
+                                 f"{', '.join(names)})")
+        try:
+            inputs = session_inputs(session)
+            samples = check_against_model(raw, inputs)
+        except OnnxPruneError as e:
+            raise OnnxPruneError(f"{what}{e}") from None
+        return cls(session, output or names[0], samples, fixed_batch(inputs))
+
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The measured output for a batch; a fixed batch size is met by cutting the batch and
+        padding the last piece, whose padded rows are cut off the output again."""
+        rows = batch_rows(batch)
+        size = self.fixed_batch or rows
+        parts = []
+        for start in range(0, rows, size):
+            piece = {k: v[start:start + size] if v.ndim else v for k, v in batch.items()}
+            out = np.asarray(run(self.session, [self.output], _pad(piece, size))[0])
+            parts.append(out[:min(size, rows - start)] if self.fixed_batch else out)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _not_a_classifier(model: _Model, shape) -> OnnxPruneError:
+    others = [o.name for o in model.session.get_outputs() if o.name != model.output]
+    hint = f" or choose another output ({', '.join(others)})" if others else ""
     return OnnxPruneError(
-        f"labels need a (samples, classes) output but '{output}' has shape {tuple(shape)}; "
-        "give a reference model to measure fidelity instead"
+        f"labels need a (samples, classes) output but '{model.output}' has shape "
+        f"{tuple(shape)}; give a reference model to measure fidelity instead{hint}"
     )
 
 
@@ -106,7 +170,10 @@ def format_metrics(d: Mapping) -> str:
         rows.append(("WARNING", f"{d['nonfinite_samples']} samples have NaN or infinite outputs "
                                 "where the reference's are finite"))
     rows.append(("samples", str(d.get("samples"))))
+    if d.get("output") is not None:
+        rows.append(("output", str(d["output"])))
     rows.append(("provider", str(d.get("provider"))))
+    rows.extend(("note", note) for note in d.get("notes", ()))
     if "wall_s" in d:
         rows.append(("time", f"{d['wall_s']:.1f} s"))
     width = max(len(name) for name, _ in rows)
@@ -114,10 +181,11 @@ def format_metrics(d: Mapping) -> str:
 
 
 class _OutputStats:
-    """Running statistics of one model's first output, fed batch by batch."""
+    """Running statistics of one model's measured output, fed batch by batch."""
 
-    def __init__(self, labels: np.ndarray | None):
+    def __init__(self, labels: np.ndarray | None, output: str):
         self.labels = labels
+        self.output = output
         self.correct = 0
         self.seen = 0
         self.example_shape: tuple[int, ...] | None = None
@@ -126,39 +194,48 @@ class _OutputStats:
     def add(self, batch_out: np.ndarray, rows: int) -> None:
         if batch_out.ndim == 0 or batch_out.shape[0] != rows:
             raise OnnxPruneError(
-                f"the first output has shape {batch_out.shape} for a batch of {rows} samples; "
-                "it must have one row per sample"
+                f"output '{self.output}' has shape {batch_out.shape} for a batch of {rows} "
+                "samples; it must have one row per sample"
             )
         if self.example_shape is None:
             self.example_shape = batch_out.shape
             self.is_2d = batch_out.ndim == 2
+            if self.labels is not None and self.is_2d:
+                self._check_label_range(batch_out.shape[1])
         if self.labels is not None and self.is_2d:
             predicted = np.argmax(batch_out, axis=1)
             self.correct += int(np.sum(predicted == self.labels[self.seen:self.seen + rows]))
         self.seen += rows
 
+    def _check_label_range(self, classes: int) -> None:
+        """Labels counted from 1, or -1 for 'unknown', would silently score as wrong."""
+        low, high = int(self.labels.min()), int(self.labels.max())
+        if low < 0 or high >= classes:
+            raise OnnxPruneError(
+                f"labels range {low}..{high} but output '{self.output}' has {classes} classes: "
+                f"labels must be class indices 0..{classes - 1}"
+            )
 
-def _run_all(session, ref_session, samples, batch_size, progress, keep_embeddings):
+
+def _run_all(model: _Model, ref: _Model | None, batch_size, progress, keep_embeddings):
     """Run the model (and reference) over all samples, feeding each batch's outputs to stats."""
-    labels = samples.get(LABELS_KEY)
-    # A fixed batch dimension forces that batch size; the last batch is padded and trimmed.
-    fixed = _fixed_batch(session) or (_fixed_batch(ref_session) if ref_session else None)
-    if fixed:
-        batch_size = fixed
-    stats = _OutputStats(labels)
-    ref_stats = _OutputStats(labels) if ref_session else None
-    fidelity = _Fidelity(keep_embeddings) if ref_session else None
-    with tqdm(total=num_samples(samples), unit="sample", file=sys.stderr,
+    labels = model.samples.get(LABELS_KEY)
+    # a fixed batch dimension sets the batch size; a reference fixing another cuts it again
+    batch_size = model.fixed_batch or (ref.fixed_batch if ref else None) or batch_size
+    stats = _OutputStats(labels, model.output)
+    ref_stats = _OutputStats(labels, ref.output) if ref else None
+    fidelity = _Fidelity(keep_embeddings, model.output) if ref else None
+    ref_batches = iter_batches(ref.samples, batch_size) if ref else None
+    with tqdm(total=num_samples(model.samples), unit="sample", file=sys.stderr,
               disable=not progress, desc="evaluate", delay=1.0) as bar:
-        for batch in iter_batches(samples, batch_size):
-            rows = len(next(iter(batch.values())))
-            feed = _pad(batch, fixed) if fixed else batch
-            out = _run(session, feed)[:rows]
+        for batch in iter_batches(model.samples, batch_size):
+            rows = batch_rows(batch)
+            out = model.run(batch)
             stats.add(out, rows)
-            if ref_session:
-                ref = _run(ref_session, feed)[:rows]
-                ref_stats.add(ref, rows)
-                fidelity.add(out, ref)
+            if ref:
+                ref_out = ref.run(next(ref_batches))
+                ref_stats.add(ref_out, rows)
+                fidelity.add(out, ref_out)
             bar.update(rows)
     return stats, ref_stats, fidelity
 
@@ -171,30 +248,21 @@ def _session(model, device: str) -> ort.InferenceSession:
     return make_session(model, device)
 
 
-def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
-    return np.asarray(run(session, None, feed)[0])
-
-
-def _fixed_batch(session: ort.InferenceSession) -> int | None:
-    dims = [arg.shape[0] for arg in session.get_inputs() if arg.shape]
-    fixed = {d for d in dims if isinstance(d, int)}
-    return fixed.pop() if len(fixed) == 1 else None
-
-
 def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    rows = len(next(iter(batch.values())))
+    rows = batch_rows(batch)
     if rows == size:
         return batch
     # Repeat the last sample; its outputs are cut off again after the run.
-    return {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)])
+    return {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) if v.ndim else v
             for k, v in batch.items()}
 
 
 class _Fidelity:
     """Per-sample agreement between model and reference outputs, accumulated over batches."""
 
-    def __init__(self, keep_embeddings: bool):
+    def __init__(self, keep_embeddings: bool, output: str):
         self.keep_embeddings = keep_embeddings
+        self.output = output
         self.cosine_sum = 0.0
         self.top1_agree = 0
         self.max_abs_diff = 0.0
@@ -207,7 +275,7 @@ class _Fidelity:
     def add(self, out: np.ndarray, ref: np.ndarray) -> None:
         if out.shape != ref.shape:
             raise OnnxPruneError(
-                f"first output shapes differ: model {out.shape}, reference {ref.shape}"
+                f"output '{self.output}' shapes differ: model {out.shape}, reference {ref.shape}"
             )
         a = out.reshape(len(out), -1).astype(np.float64)
         b = ref.reshape(len(ref), -1).astype(np.float64)

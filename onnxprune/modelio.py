@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from . import mapped
 from .parallel import map_in_threads, read_chunk, scratch
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, one_line
 
 PROTOBUF_LIMIT = 2**31 - 1
 # the fields of a TensorProto that can hold its values
@@ -472,7 +472,7 @@ def check_by_path(candidate: Path, reference=None) -> str | None:
         onnx.checker.check_model(str(candidate))
         return None
     except Exception as e:  # ValidationError, or errors of the C++ loader
-        problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        problem = one_line(e)
     try:
         if reference is not None:
             onnx.checker.check_model(reference if isinstance(reference, bytes) else str(reference))

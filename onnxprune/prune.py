@@ -151,6 +151,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                 loaded, layers, dense, biases, counts, ranking, method, stats, refit,
                 calib_set if sequential and (method in CALIBRATED_METHODS or refit) else None, options,
                 calibration, detach)
+            if calib_set is not None and calib_set.note:
+                notes.append(calib_set.note)
             level_timings["prune"] = time.perf_counter() - clock
             if cuda_note and (verify or calibration is not None):
                 notes.append(cuda_note)

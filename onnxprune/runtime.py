@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes  # onnx depends on it: the numpy types of bfloat16 and float8
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto
 
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, one_line
 
 DEVICES = ("auto", "cpu", "cuda")
 ORT_TYPES = {
@@ -14,7 +16,11 @@ ORT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
     "tensor(int8)": np.int8, "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32,
     "tensor(uint16)": np.uint16, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(bfloat16)": ml_dtypes.bfloat16,
 }
+# numpy types onnxruntime's Python API cannot take ("Numpy_type 256 can't be converted"): fed
+# as their raw bits, tagged with the ONNX type
+_RAW_FEEDS = {np.dtype(ml_dtypes.bfloat16): (np.uint16, TensorProto.BFLOAT16)}
 
 
 def check_device(device: str) -> None:
@@ -48,21 +54,26 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto", light: 
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types; keep one line
-        raise OnnxPruneError(f"onnxruntime cannot load the model: {first_line(e)}") from None
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {one_line(e)}") from None
 
 
 def run(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict) -> list:
     """session.run, with what onnxruntime only finds while running (an index out of range, a
     shape the graph cannot take) as one line."""
     try:
-        return session.run(outputs, feeds)
+        return session.run(outputs, {name: _feedable(value) for name, value in feeds.items()})
     except Exception as e:
-        raise OnnxPruneError(f"onnxruntime failed to run the model on the data: {first_line(e)}") from None
+        raise OnnxPruneError(f"onnxruntime failed to run the model on the data: {one_line(e)}") from None
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _feedable(value):
+    raw = _RAW_FEEDS.get(getattr(value, "dtype", None))
+    if raw is None:
+        return value
+    bits, onnx_type = raw
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+        np.ascontiguousarray(value).view(bits), onnx_type)
+
 
 
 def device_note(device: str) -> str | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .errors import OnnxPruneError
-from .runtime import first_line, make_session, provider_name, session_inputs
+from .errors import OnnxPruneError, one_line
+from .runtime import make_session, provider_name, run, session_inputs
 
 def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None = None,
                      seed: int = 0) -> dict[str, np.ndarray]:
@@ -53,7 +53,7 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     try:
         ref_outputs = _run(reference, device, dims, feeds)[3]
     except Exception as e:  # the input model itself does not run on synthetic data
-        result["note"] = f"the input model did not run on synthetic inputs: {first_line(e)}"
+        result["note"] = f"the input model did not run on synthetic inputs: {one_line(e)}"
         return result
     for name, ref, out in zip(names, ref_outputs, outputs):
         ref, out = np.asarray(ref), np.asarray(out)
@@ -75,12 +75,12 @@ def _run(model, device, dims, feeds=None):
     synthetic batch. The session goes when this returns: one model in onnxruntime at a time."""
     session = make_session(model, device, light=True)
     feeds = synthetic_inputs(session, dims) if feeds is None else feeds
-    outputs = session.run(None, feeds)
+    outputs = run(session, None, feeds)
     return (provider_name(session), [o.name for o in session.get_outputs()], feeds, outputs,
             symbolic_sizes(session, dims))
 
 
 def _reason(e: Exception) -> str:
-    return first_line(e).removeprefix("onnxruntime cannot load the model: ")
+    return one_line(e).removeprefix("onnxruntime cannot load the model: ")
 
 

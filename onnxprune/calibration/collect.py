@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import onnx
 
-from .. import layout
+from .. import data, layout
 from ..errors import OnnxPruneError
 from ..external_session import session_for
 from ..graph import Layer
@@ -65,7 +65,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                                                    row_cap=(row_cap or {}).get(layer.name, 0),
                                                    seed=seed)
                 stats[layer.name].add_batch(rows)
-        samples += len(next(iter(feeds.values())))
+        samples += data.batch_rows(feeds)
         n_batches += 1
     provider = provider_name(session)
     if samples == 0:

@@ -2,10 +2,16 @@
 
 Everything becomes one checked `{input name: array}` set (first axis = samples), so several
 passes (sequential mode, one pass per sparsity level) see the same samples.
+
+A model whose inputs fix the batch dimension (torch's default export fixes it at 1) is fed
+batches of exactly that size. Padding a last, partial batch would weigh its repeated rows twice
+in the statistics, and the padded rows cannot be told apart inside the model (its activations
+need not keep the batch on axis 0), so the set holds a multiple of that size instead.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,19 +20,23 @@ from onnx import helper
 
 from .. import data
 from ..errors import OnnxPruneError
+from ..runtime import ORT_TYPES
 
 
 @dataclass
 class CalibrationSet:
     samples: dict[str, np.ndarray]
     random: bool  # synthetic data, only when the user asked for it
+    fixed_batch: int | None = None  # the batch size the model's inputs fix, which batches use
+    note: str | None = None  # for the report: samples left out to fit the fixed batch
 
     @property
     def size(self) -> int:
         return data.num_samples(self.samples)
 
     def batches(self, batch_size: int):
-        return data.iter_batches(self.samples, batch_size)
+        """Batches of `batch_size` samples, or of the model's fixed batch size (all full)."""
+        return data.iter_batches(self.samples, self.fixed_batch or batch_size)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[data.ModelInput]:
@@ -46,14 +56,19 @@ def model_inputs(model: onnx.ModelProto) -> list[data.ModelInput]:
 
 
 def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: int = 0) -> CalibrationSet:
-    """source: a path / glob / directory, "random", a dict of arrays, an iterable of batch
-    dicts, or an object with get_next() (onnxruntime's CalibrationDataReader)."""
+    """source: a path / glob / directory, "random", a mapping of arrays (a dict, np.load's
+    NpzFile), an iterable of batch dicts, or an object with get_next() (onnxruntime's
+    CalibrationDataReader)."""
     inputs = model_inputs(model)
+    _check_feedable(inputs)
+    fixed = data.fixed_batch(inputs)
     if isinstance(source, str) and source == "random":
-        return CalibrationSet(_random_samples(inputs, limit or 64, seed), random=True)
+        n = limit if limit is not None else max(64, fixed or 0)
+        n = _usable(n, fixed, "--calib-samples is")
+        return CalibrationSet(_random_samples(inputs, n, seed), random=True, fixed_batch=fixed)
     if isinstance(source, (str, os.PathLike)):
         samples = data.load_samples(source)
-    elif isinstance(source, dict):
+    elif isinstance(source, Mapping):
         samples = dict(source)
     elif hasattr(source, "get_next"):
         samples = _concatenate(iter(source.get_next, None), limit)
@@ -68,29 +83,64 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
     samples.pop(data.LABELS_KEY, None)
     samples = data.check_against_model(samples, inputs)
     n = data.num_samples(samples)
-    if limit is not None and n > limit:
+    if n == 0:
+        raise OnnxPruneError("the calibration data holds no samples")
+    wanted = n if limit is None else min(n, limit)
+    keep_n = _usable(wanted, fixed, "the calibration data holds" if wanted == n
+                     else "--calib-samples is")
+    note = None
+    if fixed and keep_n < wanted:
+        note = (f"the model's batch dimension is fixed at {fixed}: calibration used {keep_n} of "
+                f"the {wanted} samples (a multiple of {fixed}, chosen at random by the seed)")
+    if keep_n < n:
         # a seeded random subset, not the first `limit`: data files are often sorted (by class,
         # by source), and a prefix of a sorted file misses whole classes
-        keep = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
-        samples = {k: v[keep] for k, v in samples.items()}
-    if data.num_samples(samples) == 0:
-        raise OnnxPruneError("the calibration data holds no samples")
-    return CalibrationSet(samples, random=False)
+        keep = np.sort(np.random.default_rng(seed).choice(n, keep_n, replace=False))
+        samples = {k: v[keep] if v.ndim else v for k, v in samples.items()}
+    return CalibrationSet(samples, random=False, fixed_batch=fixed, note=note)
+
+
+def _usable(n: int, fixed: int | None, what: str) -> int:
+    """The samples to use out of n: all, or a multiple of the model's fixed batch size."""
+    if not fixed:
+        return n
+    if n < fixed:
+        raise OnnxPruneError(f"the model's batch dimension is fixed at {fixed}, so calibration "
+                             f"needs at least {fixed} samples, but {what} {n}")
+    return n - n % fixed
+
+
+def _check_feedable(inputs) -> None:
+    """bfloat16 / float8 inputs (ml_dtypes arrays, numpy kind 'V') fail only at the first run,
+    with "Numpy_type 256 can't be converted": onnxruntime's Python API takes no numpy array of
+    them unless runtime feeds them itself (then it lists them among its types)."""
+    known = {np.dtype(t) for t in ORT_TYPES.values()}
+    for name, dtype, _ in inputs:
+        if dtype.kind == "V" and dtype not in known:
+            raise OnnxPruneError(f"input '{name}' is {dtype}, which onnxruntime cannot take as a "
+                                 f"numpy array: calibration cannot feed this model (give it "
+                                 f"float32 or float16 inputs)")
 
 
 def _concatenate(batches, limit) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
+    scalars: dict[str, np.ndarray] = {}  # scalar inputs: one value, the same in every batch
     seen = 0
     for batch in batches:
-        if not isinstance(batch, dict):
+        if not isinstance(batch, Mapping):
             raise OnnxPruneError(f"a calibration batch must be a dict of arrays, got {type(batch).__name__}")
         for key, value in batch.items():
-            parts.setdefault(key, []).append(np.asarray(value))
-        seen += len(np.asarray(next(iter(batch.values())))) if batch else 0
+            value = np.asarray(value)
+            if value.ndim:
+                parts.setdefault(key, []).append(value)
+            elif scalars.setdefault(key, value) != value:
+                raise OnnxPruneError(f"calibration batches give scalar '{key}' different values "
+                                     f"({scalars[key]} and {value}); it must be one value")
+        seen += data.batch_rows(batch)
         if limit is not None and seen >= limit:
             break
     try:
-        return {k: np.concatenate(v) for k, v in parts.items()}
+        return {**{k: np.concatenate(v) for k, v in parts.items()}, **scalars}
     except ValueError as e:
         raise OnnxPruneError(f"calibration batches do not fit together: {e}") from None
 
@@ -99,6 +149,9 @@ def _random_samples(inputs, n, seed) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     samples = {}
     for name, dtype, dims in inputs:
+        if not dims:  # a scalar (a scale, a flag): the neutral 1 rather than a random sign
+            samples[name] = np.ones((), dtype=dtype)
+            continue
         shape = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]
         if np.issubdtype(dtype, np.floating):
             samples[name] = rng.standard_normal(shape).astype(dtype)
