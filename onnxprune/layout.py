@@ -108,26 +108,6 @@ def input_rows(x: np.ndarray, op: str, attrs: dict, weight_shape, weight_side: s
     return np.ascontiguousarray(rows)
 
 
-def output_rows(y: np.ndarray, op: str, attrs: dict, weight_shape, weight_side: str = "right") -> np.ndarray:
-    """The layer's pre-bias output ``y`` as rows (k, n, d_out), paired row for row with
-    ``input_rows`` (without ``max_positions``). Gemm: ``y = A' B'`` (before alpha/beta)."""
-    y = np.asarray(y)
-    shape = tuple(int(s) for s in weight_shape)
-    k, d_out, _ = block_shape(shape, op, attrs, weight_side)
-    if op in ("Conv", "ConvTranspose"):
-        positions = y.reshape(y.shape[0], k, d_out, -1)  # (N, group, channel, position)
-        rows = positions.transpose(1, 0, 3, 2).reshape(k, -1, d_out)
-    elif op == "Gemm":
-        rows = (y.T if weight_side == "left" else y)[None]
-    else:
-        if len(shape) == 1:  # a vector weight is contracted away: restore its d_out = 1 axis
-            y = y.reshape(1, 1) if y.ndim == 0 else y[..., None] if weight_side == "right" else y[..., None, :]
-        elif y.ndim == len(shape) - 1:  # a vector input lost its single-row axis
-            y = y[..., None, :] if weight_side == "right" else y[..., None]
-        rows = _batched_rows(_matmul_activation(y, weight_side), _matmul_batch(shape))
-    return np.ascontiguousarray(rows)
-
-
 # --- weights -------------------------------------------------------------------------------
 
 def _check_op(op: str, weight_side: str, rank: int) -> None:

@@ -381,7 +381,7 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
     grams = []
     for i in calibrated:
         st = stats[layers[i].name]
-        grams.append(ltp.obs_gram(st.gram, rank=st.count if st.count < st.d_in else None))
+        grams.append(ltp.obs_gram(st.gram, rank=st.low_rank()))
     with threadpool_limits(limits=1, user_api="blas"):  # many small products: see solve.py
         # (ours) Each weight is priced at its OBS saliency, the error left once the row's other
         # weights compensate (what --refit does, with its damping), and a layer's relative

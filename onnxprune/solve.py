@@ -93,8 +93,9 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     idx = block_index(layer)
     W = dense.reshape(-1)[idx].astype(np.float64)
     keep = pruned.reshape(-1)[idx] != 0
-    if stats.count < stats.d_in and "factor" not in stats.derived:  # kept for a trail's levels
-        stats.derived["factor"] = refit.low_rank_factor(stats.gram, stats.count)
+    rank = stats.low_rank()
+    if rank is not None and "factor" not in stats.derived:  # kept for a trail's levels
+        stats.derived["factor"] = refit.low_rank_factor(stats.gram, rank)
     with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
         new = refit.refit_on_support(W, keep, stats.gram, factor=stats.derived.get("factor"))
     return _to_stored(pruned, idx, new)
@@ -109,7 +110,7 @@ def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
     k, d_out, d_in = idx.shape
     W = stored.reshape(-1)[idx].astype(np.float64)
     b = bias_blocks(layer, bias, k, d_out)
-    rank = stats.count if stats.count < d_in + (b is not None) else None
+    rank = stats.low_rank(augmented=b is not None)
     # small products run faster on one BLAS thread (see dc_layer), large ones on all
     step_work = k * d_out * d_in * min(d_in, rank or d_in)
     with threadpool_limits(limits=1 if step_work < _MULTITHREAD_WORK else None, user_api="blas"):

@@ -18,6 +18,13 @@ def _fold(data, batch, **kwargs):
     return stats
 
 
+def _row_index(stats, data):
+    """Global indices of the kept rows, found by their values (the rows are all distinct)."""
+    match = (stats.rows[0][:, None, :] == data[0][None, :, :]).all(axis=2)
+    assert np.all(match.sum(axis=1) == 1)
+    return match.argmax(axis=1)
+
+
 def _close(a, b):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
 
@@ -29,7 +36,6 @@ def test_statistics_match_direct_computation():
     assert stats.count == data.shape[1]
     _close(stats.gram, np.einsum("kni,knj->kij", wide, wide))
     _close(stats.x_sum, wide.sum(axis=1))
-    _close(stats.sq_norms, (wide ** 2).sum(axis=1))
     assert stats.gram.dtype == np.float64
 
 
@@ -47,17 +53,13 @@ def test_batching_does_not_change_anything():
         assert other.count == runs[0].count
         _close(other.gram, runs[0].gram)
         _close(other.x_sum, runs[0].x_sum)
-        np.testing.assert_array_equal(other.row_index, runs[0].row_index)
         np.testing.assert_array_equal(other.rows, runs[0].rows)
-    diag_only = [_fold(data, batch, gram=False) for batch in (1, 64)]
-    _close(diag_only[1].sq_norms, diag_only[0].sq_norms)
-    _close(diag_only[0].sq_norms, runs[0].sq_norms)
 
 
 def test_reservoir_keeps_real_rows_in_order():
     data = _data()
     stats = _fold(data, 37, row_cap=100, seed=5)
-    index = stats.row_index
+    index = _row_index(stats, data)
     assert index.shape == (100,) and np.all(np.diff(index) > 0)
     assert stats.rows.dtype == np.float32 and stats.rows.shape == (3, 100, 6)
     np.testing.assert_array_equal(stats.rows, data[:, index])  # same rows in every block
@@ -69,31 +71,43 @@ def test_reservoir_keeps_real_rows_in_order():
 def test_reservoir_below_cap_keeps_everything():
     data = _data(n=40)
     stats = _fold(data, 7, row_cap=100)
-    np.testing.assert_array_equal(stats.row_index, np.arange(40))
     np.testing.assert_array_equal(stats.rows, data)
 
 
 def test_reservoir_is_uniform_and_seeded():
     n, cap = 20000, 2000
-    data = np.zeros((1, n, 1), np.float32)
-    index = _fold(data, 500, row_cap=cap, seed=11).row_index
-    counts = np.bincount(index * 10 // n, minlength=10)
+    data = np.arange(n, dtype=np.float32).reshape(1, n, 1)  # each row holds its own index
+
+    def index(batch, seed):
+        return _fold(data, batch, row_cap=cap, seed=seed).rows[0, :, 0].astype(np.int64)
+
+    chosen = index(500, 11)
+    counts = np.bincount(chosen * 10 // n, minlength=10)
     assert np.all(np.abs(counts - cap / 10) < 5 * np.sqrt(cap / 10))  # no region favoured
-    other = _fold(data, 500, row_cap=cap, seed=12).row_index
-    np.testing.assert_array_equal(_fold(data, 123, row_cap=cap, seed=11).row_index, index)
-    assert np.intersect1d(index, other).size < cap // 2
+    other = index(500, 12)
+    np.testing.assert_array_equal(index(123, 11), chosen)
+    assert np.intersect1d(chosen, other).size < cap // 2
 
 
 def test_options_and_errors():
-    stats = LayerStats(2, 3, gram=False, diag=False)
+    stats = LayerStats(2, 3)
     stats.add_batch(np.ones((2, 4, 3)))
     stats.add_batch(np.ones((2, 0, 3)))  # empty batches are harmless
     assert stats.count == 4
     np.testing.assert_array_equal(stats.x_sum, np.full((2, 3), 4.0))
-    for name in ("gram", "sq_norms", "rows", "augmented_gram"):
-        with pytest.raises(AttributeError):
-            getattr(stats, name)
+    np.testing.assert_array_equal(stats.gram, np.full((2, 3, 3), 4.0))
+    with pytest.raises(AttributeError):  # no rows kept without row_cap
+        stats.rows
     with pytest.raises(ValueError, match="do not match"):
         stats.add_batch(np.ones((2, 4, 5)))
     with pytest.raises(ValueError):
         LayerStats(0, 3)
+
+
+def test_low_rank_when_fewer_rows_than_the_gram_is_wide():
+    stats = _fold(_data(k=1, n=5, d=6), 2)
+    assert stats.low_rank() == 5 and stats.low_rank(augmented=True) == 5
+    stats = _fold(_data(k=1, n=6, d=6), 2)
+    assert stats.low_rank() is None  # as many rows as inputs
+    assert stats.low_rank(augmented=True) == 6  # but [X, 1] is 7 wide
+    assert _fold(_data(k=1, n=7, d=6), 2).low_rank(augmented=True) is None

@@ -5,18 +5,46 @@ import numpy as np
 import pytest
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.methods.dc import (
-    dc_g,
-    dc_h,
-    dc_linear_block,
-    dc_objective,
-    dc_relu_block,
-    grad_g_smooth,
-    grad_h,
-    grad_quadratic,
-    quadratic_objective,
-    softplus,
-)
+from onnxprune.methods.dc import _softplus_sigmoid, dc_linear_block, dc_relu_block
+
+# --- reference forms of the DC pieces on X_a = [X 1] (the bias is U's last column) ------------
+
+
+def softplus(z, theta=10.0):
+    return _softplus_sigmoid(np.asarray(z), theta)[0]
+
+
+def _l1(U, bias_last):
+    return float(np.abs(U[:, :-1] if bias_last else U).sum())
+
+
+def dc_objective(U, Xa, Y, lam, theta=10.0, *, bias_last=True):
+    """F(U) = (1/n) ||s(X_a U^T) - Y||^2 + lam ||U||_1 (bias column not penalised)."""
+    s, _ = _softplus_sigmoid(Xa @ U.T, theta)
+    return float(np.sum((s - Y) ** 2) / len(Xa) + lam * _l1(U, bias_last))
+
+
+def dc_g(U, Xa, lam, theta=10.0):
+    """Convex part g(U) = (1/n) sum s(X_a U^T)^2 + lam ||U||_1."""
+    s, _ = _softplus_sigmoid(Xa @ U.T, theta)
+    return float(np.sum(s * s) / len(Xa) + lam * _l1(U, True))
+
+
+def dc_h(U, Xa, Y, theta=10.0):
+    """Concave part's negation h(U) = (2/n) sum Y * s(X_a U^T); convex because Y >= 0."""
+    s, _ = _softplus_sigmoid(Xa @ U.T, theta)
+    return float(2.0 * np.sum(Y * s) / len(Xa))
+
+
+def grad_g_smooth(U, Xa, theta=10.0):
+    """(2/n) [s(Z) * sigmoid(theta Z)]^T X_a, Z = X_a U^T: the slope _softplus_sigmoid gives."""
+    s, sig = _softplus_sigmoid(Xa @ U.T, theta)
+    return (2.0 / len(Xa)) * (s * sig).T @ Xa
+
+
+def grad_h(U, Xa, Y, theta=10.0):
+    _, sig = _softplus_sigmoid(Xa @ U.T, theta)
+    return (2.0 / len(Xa)) * (Y * sig).T @ Xa
 
 
 def augment(X):
@@ -109,16 +137,6 @@ def test_l1_leaves_out_the_bias_column(small_problem):
         no_bias, Xa[:, :-1], Y, 0.0, bias_last=False) == pytest.approx(np.abs(no_bias).sum())
 
 
-def test_quadratic_gradient_matches_finite_differences(small_problem):
-    Xa, U, _ = small_problem
-    Wa = U + 0.2
-    for gram in (Xa.T @ Xa, Xa.T @ Xa / len(Xa)):  # the sum or the mean: same objective
-        num = numeric_grad(lambda V: quadratic_objective(V, gram, Wa, 0.0), U)
-        np.testing.assert_allclose(grad_quadratic(U, gram, Wa), num, rtol=1e-5, atol=1e-7)
-        direct = np.sum((Xa @ (U - Wa).T) ** 2) / len(Xa)
-        assert quadratic_objective(U, gram, Wa, 0.0) == pytest.approx(direct)
-
-
 # --- ReLU blocks ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -183,6 +201,16 @@ def test_relu_block_is_deterministic_and_scale_invariant(relu_case):
     W4, b4 = dc_relu_block(4 * X[:800], W, 4 * b, n_keep, seed=3)
     np.testing.assert_allclose(W4, W1, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(b4, 4 * b1, rtol=1e-4, atol=1e-5)
+
+
+def test_relu_block_with_fewer_than_ten_inner_steps(relu_case):
+    """The lam frozen after the search is taken over the last tenth of its steps; a search of
+    five steps still has one (its last)."""
+    X, W, b, _ = relu_case
+    info = {}
+    W_new, _ = dc_relu_block(X[:300], W, b, 40, min_inner_steps=1, max_inner_steps=5, info=info)
+    assert np.count_nonzero(W_new) == 40
+    assert np.isfinite(info["lam"]) and info["lam"] > 0
 
 
 def test_relu_block_within_budget_is_unchanged(relu_case):
@@ -251,9 +279,18 @@ def test_linear_block_refit_is_the_least_squares_optimum(linear_case, with_bias)
     W_new, b_new = dc_linear_block(Xa.T @ Xa, W, b, 20, damping=0.0)
     kept = W_new != 0
     U_new, Wa = (np.hstack([W_new, b_new[:, None]]), np.hstack([W, b[:, None]])) if with_bias else (W_new, W)
-    grad = grad_quadratic(U_new, Xa.T @ Xa / len(X), Wa, bias_last=False)
+    grad = 2.0 * (U_new - Wa) @ (Xa.T @ Xa / len(X))  # of (1/n)||X_a (U - W_a)^T||^2
     free = np.hstack([kept, np.ones((len(W), 1), bool)]) if with_bias else kept
     assert np.max(np.abs(grad[free])) < 1e-9 * np.max(np.abs(grad))
+
+
+def test_ties_are_pruned_at_lower_indices_first():
+    """Equal weights on equal inputs: the support keeps the higher flat indices, as magnitude
+    pruning (and LTP) would."""
+    W = np.full((3, 4), 0.5)
+    W[0, 0] = -0.5
+    W_new, _ = dc_linear_block(10.0 * np.eye(4), W, None, 5)
+    assert np.flatnonzero(W_new).tolist() == [7, 8, 9, 10, 11]
 
 
 def test_linear_block_ignores_the_gram_scale_and_beats_magnitude(linear_case):

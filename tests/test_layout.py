@@ -6,14 +6,32 @@ import torch
 import torch.nn.functional as F
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.layout import (block_index, block_shape, blocks_to_weight, input_rows, output_rows,
-                              weight_blocks)
+from onnxprune.layout import (_batched_rows, _matmul_activation, _matmul_batch, block_index,
+                              block_shape, blocks_to_weight, input_rows, weight_blocks)
 
 RNG = np.random.default_rng(1234)
 
 
 def _randn(*shape):
     return RNG.standard_normal(shape)
+
+
+def output_rows(y, op, attrs, weight_shape, weight_side="right"):
+    """Reference: the layer's pre-bias output ``y`` as rows (k, n, d_out), paired row for row
+    with ``input_rows`` (without ``max_positions``). Gemm: ``y = A' B'`` (before alpha/beta)."""
+    y = np.asarray(y)
+    shape = tuple(int(s) for s in weight_shape)
+    k, d_out, _ = block_shape(shape, op, attrs, weight_side)
+    if op in ("Conv", "ConvTranspose"):
+        positions = y.reshape(y.shape[0], k, d_out, -1)  # (N, group, channel, position)
+        return positions.transpose(1, 0, 3, 2).reshape(k, -1, d_out)
+    if op == "Gemm":
+        return (y.T if weight_side == "left" else y)[None]
+    if len(shape) == 1:  # a vector weight is contracted away: restore its d_out = 1 axis
+        y = y.reshape(1, 1) if y.ndim == 0 else y[..., None] if weight_side == "right" else y[..., None, :]
+    elif y.ndim == len(shape) - 1:  # a vector input lost its single-row axis
+        y = y[..., None, :] if weight_side == "right" else y[..., None]
+    return _batched_rows(_matmul_activation(y, weight_side), _matmul_batch(shape))
 
 
 def _check(x, w, op, attrs, y, side="right", rtol=1e-10, atol=1e-10):

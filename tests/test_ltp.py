@@ -5,7 +5,33 @@ import pytest
 
 from onnxprune.errors import InfeasibleError, OnnxPruneError
 from onnxprune.methods import ltp
-from onnxprune.methods.ltp import learn_thresholds, ltp_objective_and_grad, soft_mask
+from onnxprune.methods.ltp import learn_thresholds
+
+
+def soft_mask(w, tau, T):
+    """LTP's soft mask sigmoid((w^2 - tau) / T): ~1 keeps a weight, ~0 prunes it."""
+    w = np.asarray(w, dtype=np.float64)
+    return ltp._sigmoid((w * w - tau) / T)
+
+
+def ltp_objective_and_grad(W, G, tau, T, lam, E0, loss="sum"):
+    """Reference: R(tau) and dR/dtau for one layer by the direct formula (2-D = one block).
+
+    With e = trace((V - W) G (V - W)^T) / E0 and R = phi(e) + lam * sum(m) / n (phi: _chain):
+    de/dV = 2 (V - W) G / E0;  dR/dtau = sum((phi'(e) de/dV * w + lam / n) * dm/dtau),
+    dm/dtau = -m(1-m)/T.
+    """
+    W3 = W if W.ndim == 3 else W[None]
+    G3 = G if G.ndim == 3 else G[None]
+    n = W3.size
+    m = soft_mask(W3, tau, T)
+    D = W3 * (m - 1.0)  # V - W
+    DG = D @ G3
+    err, slope = ltp._chain(np.sum(D * DG) / E0, loss)
+    R = float(err + lam * m.sum() / n)
+    dm_dtau = -m * (1.0 - m) / T
+    grad = float(np.sum((2.0 * float(slope) * DG / E0 * W3 + lam / n) * dm_dtau))
+    return R, grad
 
 
 def gram(rng, k, d, n=300, scales=None):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from onnxprune.methods.ltp_weights import (inverse_diagonal, learn_weights, ltp_support_weights,
-                                           top_k_mask)
+from onnxprune.methods.ltp_weights import inverse_diagonal, learn_weights, ltp_support_weights
+from onnxprune.methods.magnitude import top_k_mask
 from onnxprune.methods.refit import damped_gram, low_rank_factor, output_error, refit_on_support
 
 
@@ -121,6 +121,11 @@ def test_the_bias_learns_with_the_weights(refit, ratio):
     assert error(new_w, new_b) < ratio * error(alone, b)  # measured: 0.29 and 0.97
 
 
-def test_top_k_mask_ties_go_to_lower_indices():
-    W = np.array([[1.0, -2.0, 2.0, 0.5, 2.0]])
-    assert top_k_mask(W, 2).tolist() == [[False, True, True, False, False]]
+@pytest.mark.parametrize("refit", [False, True])
+def test_ties_are_pruned_at_lower_indices_first(refit):
+    """Equal weights on equal inputs: the support keeps the higher flat indices, as magnitude
+    pruning (and DC) would."""
+    W = np.full((1, 3, 4), 0.5)
+    W[0, 0, 0] = -0.5
+    new, _, _ = ltp_support_weights(W, 10.0 * np.eye(4)[None], 5, refit=refit)
+    assert np.flatnonzero(new).tolist() == [7, 8, 9, 10, 11]

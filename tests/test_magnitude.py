@@ -10,11 +10,12 @@ from onnxprune.errors import InfeasibleError, OnnxPruneError
 from onnxprune.methods.magnitude import (
     apply_cut,
     global_zero_counts,
-    keep_mask,
+    keep_threshold,
     layer_cut,
     layer_zero_counts,
     min_threshold_zero_counts,
     select_smallest,
+    top_k_mask,
 )
 
 DTYPES = [np.float16, np.float32, np.float64, ml_dtypes.bfloat16]
@@ -52,7 +53,12 @@ def test_invalid_sparsity_is_a_user_error(bad):
         min_threshold_zero_counts(w, bad)
 
 
-# --- keep_mask ------------------------------------------------------------------------------
+def keep_mask(w, n_zero):
+    """The layer's keep-mask for n_zero zeros, as top_k_mask gives it."""
+    return top_k_mask(w, np.size(w) - n_zero)
+
+
+# --- top_k_mask -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_keep_mask_prunes_exactly_the_smallest_and_keeps_bits(dtype):
@@ -92,11 +98,32 @@ def test_keep_mask_matches_stable_sort_on_ties(dtype):
         np.testing.assert_array_equal(keep_mask(w, n_zero).ravel(), expected)
 
 
-def test_keep_mask_rejects_bad_counts():
+def test_top_k_mask_rejects_bad_counts():
     with pytest.raises(ValueError):
-        keep_mask(np.ones(4), 5)
+        top_k_mask(np.ones(4), 5)
     with pytest.raises(ValueError):
-        keep_mask(np.ones(4), -1)
+        top_k_mask(np.ones(4), -1)
+
+
+def test_top_k_mask_tiebreak_then_higher_index_kept():
+    values = np.array([[1.0, -2.0, 2.0, 0.5, 2.0]])
+    assert top_k_mask(values, 2).tolist() == [[False, False, True, False, True]]
+    # a tiebreak (DC: the dense |W|) decides among equal |values| before the index does
+    tiebreak = np.array([[0.0, 3.0, -1.0, 9.0, 1.0]])
+    assert top_k_mask(values, 2, tiebreak).tolist() == [[False, True, False, False, True]]
+    assert top_k_mask(values, 1, tiebreak).tolist() == [[False, True, False, False, False]]
+    # equal values and equal tiebreaks: the higher flat index is kept
+    assert top_k_mask(np.zeros(4), 1, np.ones(4)).tolist() == [False, False, False, True]
+
+
+def test_keep_threshold_separates_the_top_n():
+    x = np.array([0.3, 5.0, -1.0, 2.0, 2.0, 4.0])
+    assert keep_threshold(x, 2) == 3.0  # between 4 and the tied 2s
+    assert keep_threshold(x, 3) == 2.0  # inside a tie: cut on both sides
+    assert keep_threshold(x, 5) == pytest.approx(-0.35)
+    for bad in (0, 6):
+        with pytest.raises(ValueError):
+            keep_threshold(x, bad)
 
 
 # --- per-layer and global counts -------------------------------------------------------------
@@ -127,6 +154,8 @@ def test_global_counts_match_torch_global_unstructured(sparsity):
                               pruning_method=prune.L1Unstructured, amount=k)
     for mod, w, c in zip(modules, weights, counts):
         np.testing.assert_array_equal(keep_mask(w, c), mod.weight_mask.numpy().astype(bool))
+        pruned = apply_cut(w, layer_cut(w, c))[0].reshape(w.shape)  # the path the pruner takes
+        np.testing.assert_array_equal(pruned != 0, mod.weight_mask.numpy().astype(bool))
 
 
 def test_global_counts_ties_follow_array_order_then_index():

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.methods.refit import damped_gram, low_rank_factor, output_error, refit_on_support
+from onnxprune.methods.refit import (as_stack, damped_gram, low_rank_factor, masked_cg, output_error,
+                                     refit_on_support)
 
 
 def gram(rng, k, d, n):
@@ -101,20 +102,38 @@ def test_lower_error_than_masking(keep):
     assert refit < 0.9 * masked
 
 
-def test_few_cg_iterations_are_safe_and_converge():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_few_cg_iterations_are_safe_and_converge(dtype):
+    """masked_cg on the refit's normal equations, from the masked weights: every iteration
+    lowers the error and it reaches the exact refit (products in float32 too, as DC's big
+    blocks run them)."""
     rng = np.random.default_rng(3)
     W = rng.standard_normal((1, 12, 30))
     G = gram(rng, 1, 30, 300)
     mask = rng.random(W.shape) < 0.5
     H = damped_gram(G, 0.01)
     exact = refit_on_support(W, mask, G)
+    C = H[0].astype(dtype)
+
+    def cg(iters, tol=0.0):
+        return masked_cg(C, W[0] @ H[0], W[0], mask[0], 0.0, iters, tol)[None]
+
     damped = [output_error(W, W * mask, H)]
     for iters in (1, 3, 10):
-        V = refit_on_support(W, mask, G, iters=iters)
+        V = cg(iters)
         assert np.all(V[~mask] == 0)
         damped.append(output_error(W, V, H))
     assert all(b <= a * (1 + 1e-12) for a, b in zip(damped, damped[1:]))
-    np.testing.assert_allclose(refit_on_support(W, mask, G, iters=200), exact, rtol=1e-6, atol=1e-9)
+    close = 1e-6 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(cg(200), exact, rtol=close, atol=close)
+    np.testing.assert_allclose(cg(200, tol=1e-10), exact, rtol=close, atol=close)  # DC's tolerance
+
+
+def test_as_stack():
+    assert as_stack("W", np.ones((2, 3))).shape == (1, 2, 3)
+    assert as_stack("W", np.ones((4, 2, 3))).shape == (4, 2, 3)
+    with pytest.raises(OnnxPruneError, match="W must have 2 or 3 dimensions"):
+        as_stack("W", np.ones(3))
 
 
 def test_bias_refit_by_augmentation():

@@ -32,22 +32,18 @@ class LayerStats:
     """Running statistics of one layer's input rows, per block.
 
     gram: sum X^T X (k, d_in, d_in); x_sum: sum of rows (k, d_in); count: rows seen per block;
-    sq_norms: sum x_j^2 (k, d_in), Wanda's statistic; rows: with ``row_cap > 0`` a uniform
-    random subsample of at most ``row_cap`` rows (the same row indices in every block), float32,
-    in calibration order.
+    rows: with ``row_cap > 0`` a uniform random subsample of at most ``row_cap`` rows (the same
+    row indices in every block), float32, in calibration order.
     """
 
-    def __init__(self, blocks: int, d_in: int, *, gram: bool = True, diag: bool = True,
-                 row_cap: int = 0, seed: int = 0):
+    def __init__(self, blocks: int, d_in: int, *, row_cap: int = 0, seed: int = 0):
         if blocks < 1 or d_in < 1 or row_cap < 0:
             raise ValueError(f"bad LayerStats sizes: blocks={blocks}, d_in={d_in}, row_cap={row_cap}")
         self.blocks, self.d_in = int(blocks), int(d_in)
         self.row_cap, self.seed = int(row_cap), int(seed)
         self.count = 0
         self.x_sum = np.zeros((blocks, d_in))
-        self._gram = np.zeros((blocks, d_in, d_in)) if gram else None
-        # the Gram's diagonal already is sum x_j^2: keep a separate sum only without it
-        self._sq = np.zeros((blocks, d_in)) if diag and not gram else None
+        self._gram = np.zeros((blocks, d_in, d_in))
         self._filled = 0
         self._pending: list[np.ndarray] = []  # float64 rows not yet folded into the Gram
         self._pending_rows = 0
@@ -58,10 +54,10 @@ class LayerStats:
             self._index = np.empty(row_cap, dtype=np.int64)
 
     @staticmethod
-    def nbytes(blocks: int, d_in: int, *, gram: bool = True, row_cap: int = 0) -> int:
+    def nbytes(blocks: int, d_in: int, *, row_cap: int = 0) -> int:
         """Most memory a LayerStats of these sizes holds (its rows waiting for the Gram too)."""
-        waiting = min(512 * d_in * blocks, (1 << 22) + d_in * blocks) * 8 if gram else 0
-        return (8 * blocks * d_in * (1 + (d_in if gram else 1)) + waiting
+        waiting = min(512 * d_in * blocks, (1 << 22) + d_in * blocks) * 8
+        return (8 * blocks * d_in * (1 + d_in) + waiting
                 + row_cap * (4 * blocks * d_in + 16))
 
     def add_batch(self, rows: np.ndarray) -> None:
@@ -74,15 +70,12 @@ class LayerStats:
             return
         wide = rows.astype(np.float64)
         self.x_sum += wide.sum(axis=1)
-        if self._gram is not None:
-            # Rows wait in a buffer: one product over many rows is far cheaper than many
-            # thin ones, each of which rewrites the whole d_in x d_in Gram.
-            self._pending.append(wide)
-            self._pending_rows += n
-            if self._pending_rows >= 512 or self._pending_rows * self.d_in * self.blocks >= 1 << 22:
-                self._flush()  # at most 32 MB waits per layer
-        if self._sq is not None:
-            self._sq += np.einsum("knd,knd->kd", wide, wide)
+        # Rows wait in a buffer: one product over many rows is far cheaper than many thin
+        # ones, each of which rewrites the whole d_in x d_in Gram.
+        self._pending.append(wide)
+        self._pending_rows += n
+        if self._pending_rows >= 512 or self._pending_rows * self.d_in * self.blocks >= 1 << 22:
+            self._flush()  # at most 32 MB waits per layer
         if self.row_cap:
             self._sample(rows, self.count)
         self.count += n
@@ -118,18 +111,13 @@ class LayerStats:
 
     @property
     def gram(self) -> np.ndarray:
-        if self._gram is None:
-            raise AttributeError("LayerStats was created with gram=False")
         self._flush()
         return self._gram
 
-    @property
-    def sq_norms(self) -> np.ndarray:
-        if self._gram is not None:
-            return np.diagonal(self.gram, axis1=1, axis2=2).copy()
-        if self._sq is None:
-            raise AttributeError("LayerStats was created with gram=False and diag=False")
-        return self._sq
+    def low_rank(self, augmented: bool = False) -> int | None:
+        """The rows the Gram (of [X, 1] with `augmented`) was summed from when they are fewer
+        than its size, so that it is best used through a low-rank factor; else None."""
+        return self.count if self.count < self.d_in + augmented else None
 
     @property
     def augmented_gram(self) -> np.ndarray:
@@ -140,12 +128,6 @@ class LayerStats:
         out[:, :d, d] = out[:, d, :d] = self.x_sum
         out[:, d, d] = self.count
         return out
-
-    @property
-    def row_index(self) -> np.ndarray:
-        """Global (calibration-order) indices of the kept rows, ascending."""
-        self._require_rows()
-        return np.sort(self._index[: self._filled])
 
     @property
     def rows(self) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Per-layer calibration statistics from one onnxruntime pass.
 
 The inputs of the layers are added as extra graph outputs; every batch is folded into the
-layers' accumulators (Gram, Wanda diagonal, capped row sample) and then dropped, so memory
+layers' accumulators (Gram, capped row sample) and then dropped, so memory
 holds the accumulators plus one batch, never all activations.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def calibratable(layer: Layer) -> bool:
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
-                       gram: bool = True, row_cap: dict[str, int] | None = None, max_positions: int | None = None,
+                       row_cap: dict[str, int] | None = None, max_positions: int | None = None,
                        device: str = "auto", seed: int = 0,
                        progress: bool = False, session=None) -> tuple[dict[str, LayerStats], dict]:
     """Statistics of each calibratable layer's input; `batches` yields {input name: array}.
@@ -61,7 +61,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                     raise OnnxPruneError(f"layer '{layer.name}': its input holds NaN or infinite "
                                          f"values on the calibration data (batch {n_batches + 1})")
                 if layer.name not in stats:
-                    stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2], gram=gram,
+                    stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2],
                                                    row_cap=(row_cap or {}).get(layer.name, 0),
                                                    seed=seed)
                 stats[layer.name].add_batch(rows)

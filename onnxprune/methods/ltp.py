@@ -56,7 +56,7 @@ import numpy as np
 
 from ..errors import InfeasibleError, OnnxPruneError
 from .ltp_weights import inverse_diagonal
-from .refit import low_rank_factor
+from .refit import as_stack, low_rank_factor
 
 DEFAULT_T0 = 1e-4
 DEFAULT_LR = 0.02
@@ -107,11 +107,12 @@ def obs_gram(gram: np.ndarray, damping: float = 0.01, rank: int | None = None) -
     with the same damping). In place of G it makes R price each pruned weight at its error
     after compensation, not at its error when merely masked (pairs are ignored).
     An all-zero block (no calibration signal) becomes the identity, as in the refit.
-    `rank`: the rows G was summed from, when fewer than its size: [H^-1]_ii then comes from
-    G's low-rank factor by the Woodbury identity (animal_cnn's fc1: 3136 wide, 512 rows).
+    `rank`: the rows G was summed from, when fewer than its size (else None): [H^-1]_ii then
+    comes from G's low-rank factor by the Woodbury identity (animal_cnn's fc1: 3136 wide, 512
+    rows).
     """
-    g = _as_stack("gram", gram)
-    factor = low_rank_factor(g, rank) if rank is not None and rank < g.shape[-1] else None
+    g = as_stack("gram", np.asarray(gram, dtype=np.float64))
+    factor = None if rank is None else low_rank_factor(g, rank)
     out = np.zeros_like(g)
     np.einsum("kii->ki", out)[:] = 1.0 / inverse_diagonal(g, damping, factor)
     return out
@@ -119,41 +120,6 @@ def obs_gram(gram: np.ndarray, damping: float = 0.01, rank: int | None = None) -
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for any z
-
-
-def soft_mask(w: np.ndarray, tau: float, T: float) -> np.ndarray:
-    """LTP's soft mask sigmoid((w^2 - tau) / T): ~1 keeps a weight, ~0 prunes it."""
-    w = np.asarray(w, dtype=np.float64)
-    return _sigmoid((w * w - tau) / T)
-
-
-def _as_stack(name: str, a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3:
-        raise OnnxPruneError(f"{name} must have 2 or 3 dimensions, got shape {a.shape}")
-    return a
-
-
-def ltp_objective_and_grad(W, G, tau: float, T: float, lam: float, E0: float,
-                           loss: str = "sum") -> tuple[float, float]:
-    """R(tau) and dR/dtau for one layer (W (k, d_out, d_in), G (k, d_in, d_in); 2-D = one block).
-
-    With e = trace((V - W) G (V - W)^T) / E0 and R = phi(e) + lam * sum(m) / n (phi: _chain):
-    de/dV = 2 (V - W) G / E0;  dR/dtau = sum((phi'(e) de/dV * w + lam / n) * dm/dtau),
-    dm/dtau = -m(1-m)/T.
-    """
-    W3, G3 = _as_stack("W", W), _as_stack("G", G)
-    n = W3.size
-    m = soft_mask(W3, tau, T)
-    D = W3 * (m - 1.0)  # V - W
-    DG = D @ G3
-    err, slope = _chain(np.sum(D * DG) / E0, loss)
-    R = float(err + lam * m.sum() / n)
-    dm_dtau = -m * (1.0 - m) / T
-    grad = float(np.sum((2.0 * float(slope) * DG / E0 * W3 + lam / n) * dm_dtau))
-    return R, grad
 
 
 @dataclass
@@ -243,7 +209,8 @@ class _Layers:
         shapes, xs, ws, fs, Gs = [], [], [], [], []
         E0, spread, frozen = [], [], []
         for j, (W, G) in enumerate(zip(weights, grams)):
-            W3, G3 = _as_stack(f"weights[{j}]", W), _as_stack(f"grams[{j}]", G)
+            W3 = as_stack(f"weights[{j}]", np.asarray(W, dtype=np.float64))
+            G3 = as_stack(f"grams[{j}]", np.asarray(G, dtype=np.float64))
             k, d_out, d_in = W3.shape
             if G3.shape != (k, d_in, d_in):
                 raise OnnxPruneError(
@@ -362,16 +329,6 @@ class _Layers:
 
     # -- the soft objective ----------------------------------------------------------------
     loss = "sum"  # see LOSSES
-    importance = None  # per-layer weight of the error term (None: all 1)
-
-    def chain(self, e, j=None):
-        """The error terms for relative errors e (all layers, or layer j), and their slopes:
-        _chain times the layers' importance."""
-        err, slope = _chain(e, self.loss)
-        if self.importance is None:
-            return err, slope
-        a = self.importance if j is None else self.importance[j]
-        return a * err, a * slope
 
     def set_temperatures(self, tau):
         """T = max(T0 Var(|w|), w^2 span of the _MIN_SOFT weights nearest tau / 4) per layer.
@@ -443,7 +400,7 @@ class _Layers:
         g_l0 = _sums(b.lay, dm, self.L) * (lam / self.l0_norm)
         recon = b.base + _sums(b.lay, D * (S2 - 2.0 * b.below), self.L)
         kept = b.tail + _sums(b.lay, m, self.L)
-        err, slope = self.chain(recon / self.E0)
+        err, slope = _chain(recon / self.E0, self.loss)
         grad = slope * g_err + g_l0
         R = err + lam * kept / self.l0_norm
         R[self.frozen] = 0.0
@@ -460,7 +417,7 @@ class _Layers:
             if self.frozen[j] or n == 0:
                 continue
             c = self.knots[j].astype(np.float64)
-            o = self.chain(self.knot_error[j], j)[0] + lam * (n - c) / self.l0_norm[j]
+            o = _chain(self.knot_error[j], self.loss)[0] + lam * (n - c) / self.l0_norm[j]
             i = int(np.argmin(o))
             best = c[i]
             if 0 < i < len(c) - 1:
@@ -628,7 +585,6 @@ def learn_thresholds(
     history: list | None = None,
     l0: str = "layer",
     loss: str = "sum",
-    importance=None,
 ) -> LTPResult:
     """Learn one threshold per layer; return exact per-layer zero counts summing to target_zeros.
 
@@ -643,8 +599,7 @@ def learn_thresholds(
     layer's soft count by its size, as in ALGORITHMS.md; "total" (ours) by the number of all
     weights, so lambda prices every weight the same and the budget is a total count. `loss`:
     how a layer's relative error e enters R: "sum" (e, ALGORITHMS.md) or "nsr" (ours,
-    e / (1 - e): see _chain). `importance`: one positive weight per layer multiplying its error
-    term (default 1): how much a unit of the layer's error costs at the network output.
+    e / (1 - e): see _chain).
     """
     del seed  # deterministic: no random choices are made
     if len(weights) != len(grams):
@@ -657,11 +612,6 @@ def learn_thresholds(
         raise OnnxPruneError(f"unknown LTP loss {loss!r} ({' or '.join(LOSSES)})")
     layers = _Layers(weights, grams, T0)
     layers.loss = loss
-    if importance is not None:
-        a = np.asarray(importance, dtype=np.float64)
-        if a.shape != (len(weights),) or not np.all(np.isfinite(a) & (a > 0)):
-            raise OnnxPruneError(f"importance needs one positive weight per layer ({len(weights)})")
-        layers.importance = a
     if l0 == "total":
         layers.l0_norm[:] = max(int(layers.n.sum()), 1)
     elif l0 != "layer":
