@@ -333,3 +333,22 @@ def test_dc_on_a_depthwise_conv_is_no_worse_than_magnitude():
     error = {name: float(((output(m) - dense) ** 2).sum()) for name, m in (("mag", magnitude), ("dc", dc))}
     assert error["dc"] <= error["mag"] * 1.001, error
     assert np.count_nonzero(numpy_helper.to_array(dc.graph.initializer[0])) == 23
+
+
+def test_inputs_constant_on_the_calibration_data_fall_back_to_magnitude():
+    # a dead channel (all rows equal): no signal to choose weights by. Both DC forms keep the
+    # largest |W| and move the pruned weights' contribution into the bias (exact on those rows);
+    # they divided by zero (linear) or wrote NaN (ReLU) before
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((3, 4))
+    b = rng.standard_normal(3)
+    X = np.tile(rng.standard_normal(4), (50, 1)).astype(np.float32)
+    G = np.c_[X, np.ones(50)].astype(np.float64)
+    G = G.T @ G
+    expected = np.where(np.abs(W) >= np.sort(np.abs(W).ravel())[-5], W, 0)
+    for new_w, new_b in (dc_linear_block(G, W, b, 5), dc_relu_block(X, W, b, 5)):
+        np.testing.assert_array_equal(new_w, expected)
+        np.testing.assert_allclose(X[:1] @ new_w.T + new_b, X[:1] @ W.T + b, rtol=1e-6, atol=1e-9)
+    new_w, new_b = dc_linear_block(np.zeros((4, 4)), W, None, 5)  # all-zero inputs, no bias
+    np.testing.assert_array_equal(new_w, expected)
+    assert new_b is None

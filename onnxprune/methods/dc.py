@@ -81,6 +81,33 @@ def _unchanged(W, b):
     return W.copy(), (None if b is None else np.array(b, copy=True))
 
 
+# inputs whose variation over the calibration rows is below this fraction of their size are
+# constant up to rounding (a dead channel after ReLU, identical rows)
+_CONSTANT_INPUTS = 1e-9
+
+
+def _constant_inputs(var, square_mean) -> bool:
+    return float(np.max(var, initial=0.0)) <= _CONSTANT_INPUTS * max(float(np.max(square_mean, initial=0.0)), 1e-300)
+
+
+def _by_magnitude(W, b, n_keep, mean):
+    """The block's inputs do not vary on the calibration data, so they cannot choose weights:
+    keep the n_keep largest |W| and move what the pruned weights added on those inputs (W m)
+    into the bias, so the outputs there stay exact."""
+    new_w = np.where(top_k_mask(W, n_keep), W, 0).astype(W.dtype)
+    if b is None:
+        return new_w, None
+    shift = (W.astype(np.float64) - new_w) @ np.asarray(mean, dtype=np.float64)
+    return new_w, (np.asarray(b, dtype=np.float64) + shift).astype(np.asarray(b).dtype)
+
+
+def _finite_or_magnitude(new_w, new_b, W, b, n_keep, mean):
+    """A solve that overflowed (badly conditioned inputs) gives way to magnitude pruning."""
+    if np.isfinite(new_w).all() and (new_b is None or np.isfinite(new_b).all()):
+        return new_w, new_b
+    return _by_magnitude(W, b, n_keep, mean)
+
+
 # --- ReLU blocks: DCA with diagonally preconditioned proximal SVRG inner steps ------------------
 
 class _ReluFit:
@@ -96,7 +123,7 @@ class _ReluFit:
         self.Y, self.theta, self.n = Y, theta, len(X)
         self.mean = X.mean(axis=0, dtype=np.float64) if has_bias else np.zeros(X.shape[1])
         self.Xs = X - self.mean.astype(np.float32)
-        var = np.einsum("ij,ij->j", self.Xs, self.Xs, dtype=np.float64) / self.n
+        self.var = var = np.einsum("ij,ij->j", self.Xs, self.Xs, dtype=np.float64) / self.n
         floor = 1e-3 * float(var.mean()) if var.mean() > 0 else 1.0
         self.sqrt_d = np.sqrt(np.maximum(var, floor))
         self.Xs /= self.sqrt_d.astype(np.float32)
@@ -286,6 +313,8 @@ def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3,
     theta_eff /= np.where(rms > 0, rms, 1.0).astype(np.float32)
     del pre
     fit = _ReluFit(X, Y, theta_eff, has_bias)
+    if _constant_inputs(fit.var, np.mean(np.square(X, dtype=np.float64), axis=0)):
+        return _by_magnitude(W, b, n_keep, X.mean(axis=0, dtype=np.float64))
     if l1_reweight:
         fit.l1_weight = (fit.l1_weight * _reweight(W, l1_reweight)).astype(np.float32)
     V, c = fit.to_scaled(Uw, None if b is None else np.asarray(b, dtype=np.float64))
@@ -317,7 +346,8 @@ def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3,
     new_w = np.where(mask, new_w, 0).astype(W.dtype)
     # a kept weight refitted to exactly 0 carries no calibration signal: keep its dense value
     new_w = np.where(mask & (new_w == 0), W, new_w)
-    return new_w, (None if b is None else new_b.astype(np.asarray(b).dtype))
+    return _finite_or_magnitude(new_w, None if b is None else new_b.astype(np.asarray(b).dtype),
+                                W, b, n_keep, X.mean(axis=0, dtype=np.float64))
 
 
 # --- blocks without ReLU: L1 least squares on the Gram matrix -----------------------------------
@@ -371,9 +401,7 @@ def _scaled_covariance(G, has_bias):
         C -= np.outer(m, m)
     else:
         scale = float(np.mean(np.diag(G)))
-        if not scale > 0:
-            raise OnnxPruneError("the Gram matrix is zero: no calibration signal for DC pruning")
-        m, C = None, G / scale
+        m, C = None, G / (scale if scale > 0 else 1.0)  # all-zero inputs: C = 0, see the caller
     var = np.maximum(np.diag(C), 0.0)
     floor = 1e-3 * float(var.mean()) if var.mean() > 0 else 1.0
     sqrt_d = np.sqrt(np.maximum(var, floor))
@@ -412,6 +440,12 @@ def dc_linear_block(gram_aug, W, b, n_keep, *, iters=100, search_iters=100, damp
     if n_keep >= np.count_nonzero(W):
         return _unchanged(W, b)
     Cs, sqrt_d, m = _scaled_covariance(G, has_bias)
+    mean = np.zeros(W.shape[1]) if m is None else m
+    raw_square = np.diag(G)[:W.shape[1]] / (G[-1, -1] if has_bias else 1.0)
+    # centred variances with a bias; without one only all-zero inputs carry no signal
+    var = np.diag(Cs) * sqrt_d ** 2 if has_bias else raw_square
+    if _constant_inputs(var, raw_square):
+        return _by_magnitude(W, b, n_keep, mean)
     l1_weight = 1.0 / sqrt_d
     if l1_reweight:
         l1_weight = l1_weight * _reweight(W, l1_reweight)
@@ -438,6 +472,7 @@ def dc_linear_block(gram_aug, W, b, n_keep, *, iters=100, search_iters=100, damp
     if info is not None:
         info.update(lam=lam, U_l1=U, support_l1=int(np.count_nonzero(U)), L=L)
     if not has_bias:
-        return new_w.astype(W.dtype), None
+        return _finite_or_magnitude(new_w.astype(W.dtype), None, W, b, n_keep, mean)
     c_dense = np.asarray(b, dtype=np.float64) + W.astype(np.float64) @ m
-    return new_w.astype(W.dtype), (c_dense - new_w @ m).astype(np.asarray(b).dtype)
+    return _finite_or_magnitude(new_w.astype(W.dtype),
+                                (c_dense - new_w @ m).astype(np.asarray(b).dtype), W, b, n_keep, mean)
