@@ -391,3 +391,12 @@ def test_a_cut_outside_the_boundary_is_refused_and_layer_cut_matches_keep_mask()
         np.testing.assert_array_equal(new != 0, keep_mask(arrays[0], n_zero))
     with pytest.raises(ValueError):
         layer_cut(arrays[0], 1001)
+
+
+def test_minimum_threshold_keeps_a_weight_in_every_layer_of_a_small_model():
+    # N = 168: floor(N * 0.05 / 100) = 0, which would let Global MP empty the small layer
+    from onnxprune.methods.magnitude import min_keep_count, min_threshold_zero_counts
+    assert min_keep_count(168, 0.05) == 1 and min_keep_count(168, 0) == 0
+    weights = [np.full(96, 10.0), np.full(72, 0.01)]
+    counts = min_threshold_zero_counts(weights, 0.7)
+    assert sum(counts) == round(0.7 * 168) and counts[1] == 71

@@ -356,7 +356,9 @@ def global_zero_counts(weights: Sequence[np.ndarray], sparsity: float, *,
 
 
 def min_keep_count(total: int, min_keep_percent: float) -> int:
-    """m = floor(N * p / 100), computed exactly from the decimal value of p."""
+    """m = floor(N * p / 100), computed exactly from the decimal value of p; (ours) at least 1
+    when p > 0, so that models under 2,000 weights (where the floor is 0 at the default
+    p = 0.05) are not left without the guarantee that no layer is emptied."""
     try:
         p = Fraction(str(min_keep_percent))
     except (TypeError, ValueError):
@@ -364,7 +366,7 @@ def min_keep_count(total: int, min_keep_percent: float) -> int:
     if not 0 <= p < 100:
         raise OnnxPruneError(
             f"--min-keep must be a percentage in [0, 100), got {min_keep_percent!r}")
-    return math.floor(total * p / 100)
+    return max(math.floor(total * p / 100), int(p > 0))
 
 
 def _largest_remainder(real: np.ndarray, caps: np.ndarray, total: int) -> list[int]:
