@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from threadpoolctl import threadpool_limits
 
 from . import budget, graph, modelio, solve, storage
 from .calibration.collect import (GroupedStatistics, accumulator_bytes, calibratable,
@@ -130,7 +129,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
 
     mt_counts_per_level = counts_per_level
     if learned is not None:
-        counts_per_level = [learned[s].zeros_all for s in levels]
+        counts_per_level = [learned[s][0] for s in levels]
     results, cuda_note = [], device_note(device)
     try:
         for s, counts, (_, ranking), out in zip(levels, counts_per_level, allocations, outputs):
@@ -160,7 +159,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                                  skipped=[vars(x) for x in skipped], timings=level_timings,
                                  calibration=calibration, notes=notes)
             if learned is not None:
-                report.ltp = _ltp_summary(learned[s], rows, mt_counts_per_level[levels.index(s)], s)
+                report.ltp = _ltp_summary(learned[s][1], rows, mt_counts_per_level[levels.index(s)], s)
             pruned = _finish(loaded, model, layers, report, out, storage_format, force, verify,
                              dims, device, copy=trail and out is None, max_memory=max_memory)
             # a written level of a trail lives in its file: later levels rewrite loaded.model
@@ -357,47 +356,27 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
     """LTP allocation for every level along one optimisation path.
 
     Layers without statistics (subgraphs, unresolved layouts) keep their global-mt counts; the
-    calibrated layers share the rest of each level's budget through the learned thresholds.
-    (ours) The L0 term is divided by the number of ALL weights, not each layer's own size: with
-    the per-layer form of ALGORITHMS.md, lambda prices a layer's kept FRACTION, so emptying a
-    small layer (or one whose output is carried by a few weights) looked nearly free and the
-    network collapsed (10-15 % accuracy on the reference CNNs at 0.9). The learned counts also
-    obey the same Minimum Threshold as global-mt (--min-keep).
-    Returns {sparsity level: LTPResult with .zeros_all, the counts of all layers}.
+    calibrated layers share the rest of each level's budget through the learned thresholds
+    (solve.ltp_allocation). The learned counts also obey the same Minimum Threshold as global-mt
+    (--min-keep). Returns {sparsity level: (zero counts of all layers, the LTP result)}.
     """
-    from .methods import ltp
-
     calibrated = [i for i, layer in enumerate(layers) if layer.name in stats]
     others = set(range(len(layers))) - set(calibrated)
     if not calibrated:
         raise OnnxPruneError("ltp: no layer has calibration statistics (layers inside subgraphs, "
                              "with unresolved layouts or shared by nodes that use them "
                              "differently cannot be calibrated)")
-    weights = [dense[i].reshape(-1)[solve.block_index(layers[i])] for i in calibrated]
     targets = [sum(counts) - sum(counts[i] for i in others) for counts in mt_counts_per_level]
     if len(set(targets)) != len(targets):
         raise OnnxPruneError("ltp: two sparsity levels give the same number of zeros")
-    # one large inverse per layer: all BLAS threads
-    grams = []
-    for i in calibrated:
-        st = stats[layers[i].name]
-        grams.append(ltp.obs_gram(st.gram, rank=st.low_rank()))
-    with threadpool_limits(limits=1, user_api="blas"):  # many small products: see solve.py
-        # (ours) Each weight is priced at its OBS saliency, the error left once the row's other
-        # weights compensate (what --refit does, with its damping), and a layer's relative
-        # error e enters as e / (1 - e), its noise-to-signal ratio, which is what adds up along
-        # a chain of layers. With plain masking errors summed, the objective let the largest
-        # layer lose most of its signal (animal_mlp at 0.95 with --refit: 20.2 % instead of
-        # 67.6 %; README, LTP).
-        result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed, l0="total",
-                                      loss="nsr", trail=targets if len(targets) > 1 else None)
+    per_level = solve.ltp_allocation([layers[i] for i in calibrated], [dense[i] for i in calibrated],
+                                     stats, targets, seed)
     learned = {}
-    for level, counts, res in zip(levels, mt_counts_per_level, result.levels or [result]):
-        res.zeros_all = list(counts)
+    for level, counts, res in zip(levels, mt_counts_per_level, per_level):
+        zeros = list(counts)
         for i, z in zip(calibrated, res.zeros):
-            res.zeros_all[i] = z
-        res.zeros_all = magnitude.cap_zero_counts(res.zeros_all, [d.size for d in dense], min_keep)
-        learned[level] = res
+            zeros[i] = z
+        learned[level] = (magnitude.cap_zero_counts(zeros, [d.size for d in dense], min_keep), res)
     return learned
 
 
