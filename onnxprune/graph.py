@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from .errors import OnnxPruneError
-from .modelio import tensor_to_array
+from .modelio import body_label, node_label, tensor_key, tensor_to_array
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
@@ -63,6 +63,16 @@ class Layer:
         return tuple(int(d) for d in self.tensor.dims)
 
     @property
+    def key(self) -> str:
+        """Unique among a model's layers (a subgraph may reuse an outer tensor name)."""
+        return tensor_key(self.graph, self.name)
+
+    @property
+    def operand_shape(self) -> tuple[int, ...]:
+        """The shape the node sees (through the pass-through ops that lead to it)."""
+        return self.shape if self.index is None else self.index.shape
+
+    @property
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
@@ -80,10 +90,6 @@ class Skipped:
     name: str
     op: str
     reason: str
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
 
 
 def find_layers(model: onnx.ModelProto, include: str | None = None,
@@ -154,8 +160,7 @@ class _Finder:
             for attr in node.attribute:
                 sub = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for i, g in enumerate(sub):
-                    label = f"{path}/{node_label(node)}.{attr.name}" + (f"[{i}]" if len(sub) > 1 else "")
-                    self.walk(g, scope, label.lstrip("/"))
+                    self.walk(g, scope, body_label(path, node, attr.name, i, len(sub)))
 
     def _trace(self, name, scope, producers):
         """Follow pass-through ops back to a constant: (tensor, chain of nodes) or None."""

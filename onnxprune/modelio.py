@@ -103,14 +103,34 @@ class LoadedModel:
 
 def iter_graphs(graph: onnx.GraphProto):
     """The graph and every subgraph (If/Loop/Scan bodies, at any depth), outermost first."""
-    yield graph
+    for _, g in labelled_graphs(graph):
+        yield g
+
+
+def labelled_graphs(graph: onnx.GraphProto, path: str = ""):
+    """(path, graph) for the graph ("") and every subgraph, outermost first. A body's path names
+    the nodes and attributes that lead to it (`loop_node.body`, `if_node.then_branch`, ...):
+    tensor names may repeat across graphs, a path and a name together do not."""
+    yield path, graph
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graphs(g)
+            bodies = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                      list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+            for i, body in enumerate(bodies):
+                yield from labelled_graphs(body, body_label(path, node, attr.name, i, len(bodies)))
+
+
+def tensor_key(path: str, name: str) -> str:
+    """A tensor's name made unique in the model by the path of its graph (see labelled_graphs)."""
+    return f"{path}/{name}" if path else name
+
+
+def body_label(path: str, node: onnx.NodeProto, attr_name: str, i: int, n: int) -> str:
+    return f"{path}/{node_label(node)}.{attr_name}{f'[{i}]' if n > 1 else ''}".lstrip("/")
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
 
 
 def iter_tensors(model: onnx.ModelProto, *, sparse: bool = True, dense: bool = True):

@@ -100,7 +100,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
             "float weights, so prune the model before quantizing it" if quantized else
             "no prunable weights found (Conv, ConvTranspose, Gemm and MatMul with constant float "
             "weights; see --include)")
-    biases = {layer.name: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
+    biases = {layer.key: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
               for layer in layers if layer.bias is not None}
     timings["load"] = time.perf_counter() - clock
 
@@ -141,8 +141,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
                 # single level, or this level's statistics would depend on the level before
                 for layer, values in zip(layers, dense):
                     loaded.write_array(layer.tensor, values)
-                    if layer.name in biases:  # a refitted bias too
-                        loaded.write_array(layer.bias, _scaled(biases[layer.name], 1 / layer.bias_scale))
+                    if layer.key in biases:  # a refitted bias too
+                        loaded.write_array(layer.bias, _scaled(biases[layer.key], 1 / layer.bias_scale))
             # one written level of dense storage: new inline values go from arrays to the file
             loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
                                    and not sequential and not loaded.external_data)
@@ -194,7 +194,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
     rows, notes, fallback = [], [], []
     for i, (layer, n_zero) in enumerate(zip(_progress(layers, options.progress, "pruning"), counts)):
         array = dense[i]
-        layer_stats = stats.get(layer.name)
+        layer_stats = stats.get(layer.key)
         if sequential and calibratable(layer):
             # statistics from the model as pruned so far (earlier layers already written)
             one, info = collect_statistics(
@@ -202,7 +202,7 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
                 row_cap=_row_caps([layer], method, options.row_cap),
                 max_positions=options.max_positions, device=options.device,
                 seed=options.seed)
-            layer_stats = one.get(layer.name)
+            layer_stats = one.get(layer.key)
             calibration.update(provider=info["provider"],
                                seconds=calibration.get("seconds", 0) + info["seconds"])
         new_bias, note = None, ""
@@ -221,10 +221,10 @@ def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, 
         else:
             if solved and method == "dc":
                 new, new_bias = solve.dc_layer(layer, array, n_zero, layer_stats,
-                                               biases.get(layer.name), seed=options.seed)
+                                               biases.get(layer.key), seed=options.seed)
             elif solved:
                 new, new_bias, learned_support = solve.ltp_layer(
-                    layer, array, n_zero, layer_stats, biases.get(layer.name), refit)
+                    layer, array, n_zero, layer_stats, biases.get(layer.key), refit)
                 note = "learned support" if learned_support else "dense top-k support"
             else:
                 new = solve.magnitude_layer(array, n_zero, cut)
@@ -265,7 +265,7 @@ def _calibrate(loaded, layers, calib_set, method, allocation, sequential, option
     """Statistics of every calibratable layer: one pass when they fit `max_memory`, else one
     pass per group of layers that fits (collected as they are used); none up front with
     --sequential, except for a learned (ltp) allocation, which needs every layer's at once.
-    Returns (stats: {layer name: LayerStats} or GroupedStatistics, report info)."""
+    Returns (stats: {layer key: LayerStats} or GroupedStatistics, report info)."""
     caps = _row_caps(layers, method, options.row_cap)
 
     def collect(group, session=None):
@@ -282,7 +282,7 @@ def _calibrate(loaded, layers, calib_set, method, allocation, sequential, option
     elif len(groups) <= 1:  # with --sequential, for the learned allocation (weights: per layer)
         stats, calibration = collect(layers)
     elif learned_allocation:
-        need = sum(accumulator_bytes(layer, caps.get(layer.name, 0)) for g in groups for layer in g)
+        need = sum(accumulator_bytes(layer, caps.get(layer.key, 0)) for g in groups for layer in g)
         raise OnnxPruneError(
             f"ltp learns every layer at once and needs all their statistics together "
             f"({budget.describe(need)}, over --max-memory {budget.describe(max_memory)}): raise "
@@ -313,7 +313,7 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
                           len(source) if isinstance(source, bytes) else source.ByteSize())
     if storage_format == "sparse":
         cap = min(max_memory, modelio.PROTOBUF_LIMIT - (64 << 20)) if loaded.external_data else None
-        converted, over = storage.to_sparse_initializers(pruned, {layer.name for layer in layers}, cap)
+        converted, over = storage.to_sparse_initializers(pruned, {layer.key for layer in layers}, cap)
         report.notes.append(f"{len(converted)} of {len(layers)} pruned tensors stored sparse "
                             "(the others are smaller dense or are not initializers)")
         if over:
@@ -360,7 +360,7 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
     (solve.ltp_allocation). The learned counts also obey the same Minimum Threshold as global-mt
     (--min-keep). Returns {sparsity level: (zero counts of all layers, the LTP result)}.
     """
-    calibrated = [i for i, layer in enumerate(layers) if layer.name in stats]
+    calibrated = [i for i, layer in enumerate(layers) if layer.key in stats]
     others = set(range(len(layers))) - set(calibrated)
     if not calibrated:
         raise OnnxPruneError("ltp: no layer has calibration statistics (layers inside subgraphs, "
@@ -455,7 +455,7 @@ def _check_settings(model, device, include, exclude, dims, **counts) -> None:
 
 def _row_caps(layers, method, cap) -> dict[str, int]:
     """DC needs raw input rows for layers followed by ReLU; everything else uses the Gram."""
-    return {layer.name: cap for layer in layers if method == "dc" and layer.relu}
+    return {layer.key: cap for layer in layers if method == "dc" and layer.relu}
 
 
 def _sparse_saving(layers, rows) -> int:

@@ -22,8 +22,7 @@ _MULTITHREAD_WORK = 30_000_000  # multiply-adds per LTP weight step above which 
 
 def block_index(layer: Layer) -> np.ndarray:
     """(k, d_out, d_in) flat indices into the STORED tensor."""
-    operand_shape = layer.shape if layer.index is None else layer.index.shape
-    idx = layout.block_index(operand_shape, layer.op, layer.attrs, layer.weight_side)
+    idx = layout.block_index(layer.operand_shape, layer.op, layer.attrs, layer.weight_side)
     return idx if layer.index is None else layer.index.reshape(-1)[idx]
 
 
@@ -153,7 +152,7 @@ def ltp_allocation(layers: list[Layer], dense: list[np.ndarray], stats: dict[str
     """
     weights = [array.reshape(-1)[block_index(layer)] for layer, array in zip(layers, dense)]
     # one large inverse per layer: all BLAS threads
-    grams = [ltp.obs_gram(stats[layer.name].gram, rank=stats[layer.name].low_rank()) for layer in layers]
+    grams = [ltp.obs_gram(stats[layer.key].gram, rank=stats[layer.key].low_rank()) for layer in layers]
     with threadpool_limits(limits=1, user_api="blas"):  # many small products: see dc_layer
         result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed, l0="total",
                                       loss="nsr", trail=targets if len(targets) > 1 else None)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .modelio import is_external, iter_graphs, packed_field, packed_varints, tensor_to_array
+from .modelio import (is_external, labelled_graphs, packed_field, packed_varints, tensor_key,
+                      tensor_to_array)
 
 def sparse_nbytes(nnz: int, itemsize: int, size: int) -> int:
     """About the bytes a tensor of `size` elements, `nnz` of them non-zero (spread evenly),
@@ -22,9 +23,10 @@ def sparse_nbytes(nnz: int, itemsize: int, size: int) -> int:
 _HEADER_BYTES = 24  # a sparse tensor's dims and field headers beyond a dense one's
 
 
-def to_sparse_initializers(model: onnx.ModelProto, names: set[str],
+def to_sparse_initializers(model: onnx.ModelProto, keys: set[str],
                            max_inline_bytes: int | None = None) -> tuple[list[str], list[str]]:
-    """Move the named initializers to sparse_initializer where that is smaller; edits in place.
+    """Move the initializers named by `keys` (modelio.tensor_key: a name and its graph's path)
+    to sparse_initializer where that is smaller; edits in place.
 
     Sparse values and indices are stored inline, also in models with external data: onnx.load's
     external-data helpers skip sparse tensors, so external ones would not load back.
@@ -33,11 +35,11 @@ def to_sparse_initializers(model: onnx.ModelProto, names: set[str],
     """
     converted, over = [], []
     room = max_inline_bytes
-    for graph in iter_graphs(model.graph):
+    for path, graph in labelled_graphs(model.graph):
         keep = []
         for tensor in graph.initializer:
             sparse = None
-            if tensor.name in names:
+            if tensor_key(path, tensor.name) in keys:
                 array = tensor_to_array(tensor).reshape(-1)
                 nnz = int(np.count_nonzero(array))
                 # the file's bytes for it now (its data file's part too), and sparse

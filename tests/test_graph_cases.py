@@ -189,3 +189,40 @@ def test_sequential_trail_level_equals_its_single_run_with_a_shared_biased_weigh
     single = prune(model, 0.8, method="dc", calib=data, sequential=True, verify=False)
     for a, b in zip(trail[1].model.graph.initializer, single.model.graph.initializer):
         assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)), a.name
+
+
+def test_subgraph_reusing_an_outer_tensor_name_keeps_each_layer_its_own_data():
+    # an If body may hold its own "W" and "b" (legal); they must not stand in for the outer
+    # graph's W and b in the bias, the statistics or the sparse storage (all were keyed by name)
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+
+    def model(with_if):
+        nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])]
+        outputs, tensors = [_value("y", ["N", 8])], {"W": w, "b": b}
+        if with_if:
+            def branch(name, shape):
+                return helper.make_graph(
+                    [helper.make_node("Gemm", ["x", "W", "b"], [name], transB=1)], name, [],
+                    [_value(name, ["N", shape[0]])],
+                    [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "W"),
+                     numpy_helper.from_array(np.full(shape[0], 100, np.float32), "b")])
+            nodes += [helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+                      helper.make_node("Greater", ["sx", "zero"], ["c"]),
+                      helper.make_node("If", ["c"], ["z"], then_branch=branch("t", (3, 8)),
+                                       else_branch=branch("e", (3, 8)))]
+            outputs.append(_value("z", ["N", 3]))
+            tensors["zero"] = np.array(0, np.float32)
+        return _model(nodes, [_value("x", ["N", 8])], outputs, tensors)
+
+    data = {"x": rng.standard_normal((200, 8)).astype(np.float32)}
+    for kw in (dict(method="dc", allocation="uniform"), dict(method="layer", refit=True)):
+        alone = prune(model(False), 0.5, calib=data, verify=False, **kw).model
+        beside = prune(model(True), 0.5, calib=data, verify=False, storage_format="sparse", **kw)
+        (sparse,) = [s for s in beside.model.graph.sparse_initializer if s.values.name == "W"]
+        values = numpy_helper.to_array(sparse.values)
+        restored = np.zeros(64, np.float32)
+        restored[numpy_helper.to_array(sparse.indices)] = values
+        assert np.array_equal(restored.reshape(8, 8), _tensor(alone, "W"))
+        assert np.array_equal(_tensor(beside.model, "b"), _tensor(alone, "b"))
+        assert len(beside.report.layers) == 3

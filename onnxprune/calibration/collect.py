@@ -32,17 +32,17 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                        progress: bool = False, session=None) -> tuple[dict[str, LayerStats], dict]:
     """Statistics of each calibratable layer's input; `batches` yields {input name: array}.
 
-    row_cap: {layer name: rows to sample} for the layers whose method needs raw rows.
+    row_cap: {layer key: rows to sample} for the layers whose method needs raw rows.
     session: one from open_session over these layers or more (else one is opened and closed).
 
-    Returns ({layer name: LayerStats}, {samples, batches, provider, seconds}).
+    Returns ({layer key: LayerStats}, {samples, batches, provider, seconds}).
     """
     if session is None:
         session = _session_with_outputs(model, _wanted(model, layers), device)
     start = time.perf_counter()
     layers = [layer for layer in layers if calibratable(layer)]
     wanted = _wanted(model, layers)
-    shapes = {layer.name: _operand_shape(layer) for layer in layers}  # weights are not read
+    shapes = {layer.name: layer.operand_shape for layer in layers}  # weights are not read
     stats: dict[str, LayerStats] = {}
     # keyed by name, so a layer sees the same positions whichever group it is collected in
     rngs = {layer.name: np.random.default_rng([seed, zlib.crc32(layer.name.encode())])
@@ -60,11 +60,11 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                 if not np.isfinite(rows).all():  # finite data, but the model computes NaN / inf
                     raise OnnxPruneError(f"layer '{layer.name}': its input holds NaN or infinite "
                                          f"values on the calibration data (batch {n_batches + 1})")
-                if layer.name not in stats:
-                    stats[layer.name] = LayerStats(rows.shape[0], rows.shape[2],
-                                                   row_cap=(row_cap or {}).get(layer.name, 0),
+                if layer.key not in stats:
+                    stats[layer.key] = LayerStats(rows.shape[0], rows.shape[2],
+                                                  row_cap=(row_cap or {}).get(layer.key, 0),
                                                    seed=seed)
-                stats[layer.name].add_batch(rows)
+                stats[layer.key].add_batch(rows)
         samples += data.batch_rows(feeds)
         n_batches += 1
     provider = provider_name(session)
@@ -91,7 +91,7 @@ def _wanted(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
 
 def accumulator_bytes(layer: Layer, row_cap: int = 0) -> int:
     """Memory the statistics of a calibratable layer will hold."""
-    k, _, d_in = layout.block_shape(_operand_shape(layer), layer.op, layer.attrs, layer.weight_side)
+    k, _, d_in = layout.block_shape(layer.operand_shape, layer.op, layer.attrs, layer.weight_side)
     return LayerStats.nbytes(k, d_in, row_cap=row_cap)
 
 
@@ -100,7 +100,7 @@ def calibration_groups(layers: list[Layer], row_cap: dict[str, int], budget: int
     (one pass over the calibration data each; a layer over the budget alone is a run)."""
     groups, used = [], 0
     for layer in filter(calibratable, layers):
-        need = accumulator_bytes(layer, row_cap.get(layer.name, 0))
+        need = accumulator_bytes(layer, row_cap.get(layer.key, 0))
         if not groups or used + need > budget:
             groups.append([])
             used = 0
@@ -117,12 +117,12 @@ class GroupedStatistics:
 
     def __init__(self, groups: list[list[Layer]], collect):
         self.groups, self.collect = groups, collect
-        self.group_of = {layer.name: i for i, group in enumerate(groups) for layer in group}
+        self.group_of = {layer.key: i for i, group in enumerate(groups) for layer in group}
         self.current, self.stats = None, {}
         self.info = {"passes": 0, "groups": len(groups), "seconds": 0.0, "provider": None}
 
-    def get(self, name: str) -> LayerStats | None:
-        i = self.group_of.get(name)
+    def get(self, key: str) -> LayerStats | None:
+        i = self.group_of.get(key)
         if i is None:
             return None
         if i != self.current:
@@ -132,11 +132,7 @@ class GroupedStatistics:
             self.info.update(samples=info["samples"], batches=info["batches"],
                              provider=info["provider"], passes=self.info["passes"] + 1,
                              seconds=self.info["seconds"] + info["seconds"])
-        return self.stats.get(name)
-
-
-def _operand_shape(layer: Layer) -> tuple:
-    return layer.shape if layer.index is None else layer.index.shape
+        return self.stats.get(key)
 
 
 def _session_with_outputs(model: onnx.ModelProto, names: list[str], device: str):
