@@ -267,6 +267,8 @@ def _check_side_outputs(report: Path | None, plot: Path | None, model: Path, out
 def to_json(data) -> str:
     """Strict JSON (NaN and infinities, which it has no literals for, become null)."""
     def finite(x):
+        if hasattr(x, "dtype") and hasattr(x, "item") and not hasattr(x, "__len__"):
+            x = x.item()  # a numpy scalar
         if isinstance(x, float) and not math.isfinite(x):
             return None
         if isinstance(x, dict):

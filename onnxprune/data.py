@@ -224,7 +224,7 @@ def _cast_to_input_dtype(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarr
     have = arr.dtype
     if have == want:
         return arr
-    if _is_float(want) and _is_float(have):
+    if is_float(want) and is_float(have):
         with np.errstate(over="ignore"):  # overflow to inf: _check_finite says so
             return arr.astype(want)
     if _is_int(want) and _is_int(have):
@@ -239,7 +239,7 @@ def _cast_to_input_dtype(name: str, arr: np.ndarray, want: np.dtype) -> np.ndarr
 
 def _check_finite(name: str, arr: np.ndarray, given: np.dtype) -> None:
     """NaN statistics would fail deep inside a solver, far from their cause."""
-    if not _is_float(arr.dtype):
+    if not is_float(arr.dtype):
         return
     bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
     if bad:
@@ -256,7 +256,15 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def _is_float(dtype: np.dtype) -> bool:
+def random_array(dtype, shape, rng: np.random.Generator) -> np.ndarray:
+    """Stand-in data for an input: floats standard normal, integers and booleans 1 (a valid
+    token id, an attention mask that attends)."""
+    if is_float(np.dtype(dtype)):
+        return rng.standard_normal(shape).astype(dtype)
+    return np.ones(shape, dtype=dtype)
+
+
+def is_float(dtype: np.dtype) -> bool:
     # bfloat16 and the float8 types come from ml_dtypes (what onnx maps them to); numpy does
     # not count them as floating, but they cast and compare like floats
     return np.issubdtype(dtype, np.floating) or (

@@ -32,6 +32,7 @@ from onnxprune.data import (
 )
 from onnxprune.errors import OnnxPruneError
 from onnxprune.external_session import session_for
+from onnxprune.modelio import no_relative_data
 from onnxprune.runtime import (
     check_device,
     device_note,
@@ -244,7 +245,7 @@ def _session(model, device: str) -> ort.InferenceSession:
     """A path, bytes, or a ModelProto (a pruned result may refer to its data files by absolute
     path, which onnxruntime takes only through session_for)."""
     if isinstance(model, onnx.ModelProto):
-        return session_for(model, device)
+        return session_for(no_relative_data(model, "the model"), device)
     return make_session(model, device)
 
 

@@ -25,6 +25,8 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # their W and R: skipped by default, nam
 QUANTIZED_WEIGHT_SLOTS = {"ConvInteger": (1,), "MatMulInteger": (0, 1), "QLinearConv": (3,),
                           "QLinearMatMul": (0, 3), "QGemm": (3,)}
 QUANTIZED_REASON = "quantized weight: onnxprune prunes float weights (prune before quantizing)"
+FAKE_QUANTIZED_REASON = ("float weight behind QuantizeLinear -> DequantizeLinear: --include its "
+                         "name to prune it by magnitude")
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                onnx.TensorProto.DOUBLE}
 NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization",
@@ -178,9 +180,15 @@ class _Finder:
     def _visit(self, node, slot, traced, scope, producers, consumers, path):
         if traced[0] == "quantized":  # DequantizeLinear of a constant, into a layer's weight slot
             qnode = traced[1]
-            if (node.op_type in PRUNABLE_OPS and _role(node, slot, scope, producers) == "weight"
-                    and _trace_const(qnode.input[0], scope, producers)):
+            if node.op_type not in PRUNABLE_OPS or _role(node, slot, scope, producers) != "weight":
+                return
+            if _trace_const(qnode.input[0], scope, producers):
                 self._skip_quantized(qnode, qnode.input[0], node.op_type)
+                return
+            fake = producers.get(qnode.input[0])  # float weight -> QuantizeLinear -> DequantizeLinear
+            if (fake is not None and fake.op_type == "QuantizeLinear"
+                    and _trace_const(fake.input[0], scope, producers)):
+                self._skip_quantized(fake, fake.input[0], node.op_type, FAKE_QUANTIZED_REASON)
             return
         tensor, chain, name = traced  # name: a Constant's tensor is often unnamed
         role = _role(node, slot, scope, producers)
@@ -210,10 +218,10 @@ class _Finder:
         self._fill(layer, node, slot, chain, role, scope, producers, consumers)
         self.layers[key] = layer
 
-    def _skip_quantized(self, key_object, name, op):
+    def _skip_quantized(self, key_object, name, op, reason=None):
         if id(key_object) not in self._skipped_ids:
             self._skipped_ids.add(id(key_object))
-            self.skipped.append(Skipped(name, op, QUANTIZED_REASON))
+            self.skipped.append(Skipped(name, op, reason or QUANTIZED_REASON))
 
     def _another_use(self, known, node, slot, chain, scope, producers, consumers, path):
         use = Layer(name=known.name, role="weight", op=node.op_type, node=node_label(node),

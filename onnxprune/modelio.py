@@ -185,9 +185,9 @@ def _load(source) -> LoadedModel:
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
-        return LoadedModel(_no_relative_data(model, "the model"), None, [])
+        return LoadedModel(no_relative_data(model, "the model"), None, [])
     if isinstance(source, bytes):
-        return LoadedModel(_no_relative_data(_parse(source, "<bytes>"), "<bytes>"), None, [])
+        return LoadedModel(no_relative_data(_parse(source, "<bytes>"), "<bytes>"), None, [])
     path = Path(source)
     if not path.exists():
         raise OnnxPruneError(f"{path}: no such file")
@@ -209,7 +209,7 @@ def _load(source) -> LoadedModel:
     return LoadedModel(model, path, data_files)
 
 
-def _no_relative_data(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+def no_relative_data(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     """An in-memory model has no folder: a relative data location would be read against the
     current directory, whichever it is."""
     for tensor in iter_tensors(model):
@@ -547,16 +547,22 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def packed_varints(values: np.ndarray) -> bytes:
+def packed_varints(values: np.ndarray, chunk: int = 1 << 20) -> bytes:
     """Non-negative integers as consecutive protobuf varints (a packed repeated field's
-    payload), encoded by numpy: 7 bits per byte, the high bit set on all but the last byte."""
-    v = np.asarray(values, np.uint64).reshape(-1)
-    lengths = np.ones(v.size, np.int64)
+    payload), encoded by numpy in chunks (its temporaries stay a few times the chunk): 7 bits
+    per byte, the high bit set on all but the last byte."""
+    flat = np.asarray(values).reshape(-1)
+    return b"".join(_varint_chunk(flat[i:i + chunk].astype(np.uint64))
+                    for i in range(0, flat.size, chunk))
+
+
+def _varint_chunk(v: np.ndarray) -> bytes:
+    lengths = np.ones(v.size, np.uint8)
     for k in range(1, 10):
         lengths += v >= np.uint64(1 << (7 * k))
-    starts = np.cumsum(lengths) - lengths
-    out = np.empty(int(lengths.sum()), np.uint8)
-    for k in range(int(lengths.max(initial=0))):
+    starts = np.cumsum(lengths, dtype=np.int64) - lengths
+    out = np.empty(int(starts[-1] + lengths[-1]), np.uint8)
+    for k in range(int(lengths.max())):
         at = lengths > k
         more = (lengths[at] > k + 1).astype(np.uint8) << np.uint8(7)
         out[starts[at] + k] = ((v[at] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8) | more

@@ -310,7 +310,9 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
     if output is None:
         modelio.resolve_external(pruned)  # an in-memory result holds all its weights
     report.input_bytes = (sum(f.stat().st_size for f in loaded.files) if loaded.path else
-                          len(source) if isinstance(source, bytes) else source.ByteSize())
+                          len(source) if isinstance(source, bytes) else
+                          source.ByteSize() + sum(modelio.tensor_nbytes(t) for t in modelio.iter_tensors(source)
+                                                  if modelio.is_external(t)))
     if storage_format == "sparse":
         cap = min(max_memory, modelio.PROTOBUF_LIMIT - (64 << 20)) if loaded.external_data else None
         converted, over = storage.to_sparse_initializers(pruned, {layer.key for layer in layers}, cap)

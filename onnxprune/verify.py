@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from .data import random_array
 from .errors import OnnxPruneError, one_line
 from .runtime import make_session, provider_name, run, session_inputs
 
@@ -11,18 +12,14 @@ def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None 
                      seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs of the right shape and type: symbolic dims become dims[name] or 1.
 
-    Floats are standard normal; integers are 1 (a valid token id, an attention mask that
-    attends); booleans True.
+    Values as data.random_array makes them.
     """
     sizes = symbolic_sizes(session, dims)
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, dtype, arg_shape in session_inputs(session):
         shape = [d if isinstance(d, int) and d >= 0 else sizes.get(d, 1) for d in arg_shape]
-        if np.issubdtype(dtype, np.floating):
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[name] = np.ones(shape, dtype=dtype)
+        feeds[name] = random_array(dtype, shape, rng)
     return feeds
 
 
@@ -64,7 +61,7 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
             if lost:  # the pruning broke the model: not a result to write
                 raise OnnxPruneError(
                     f"the pruned model's output '{name}' has {lost} NaN or infinite values where "
-                    "the input model's are finite (--no-verify writes it anyway)")
+                    "the input model's are finite (--no-verify, verify=False in the API, skips this check)")
             both = finite & np.isfinite(out)
             result["max_abs_diff"][name] = float(np.abs(ref - out)[both].max(initial=0.0))
     return result

@@ -204,5 +204,6 @@ def test_nan_outputs_are_reported_not_hidden(tmp_path):
 def test_strict_json_has_no_nan_literals():
     from onnxprune.cli import to_json
 
-    assert json.loads(to_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": 2}})) == \
-        {"a": None, "b": [None, 1.5], "c": {"d": 2}}
+    assert json.loads(to_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": 2},
+                               "e": np.float32(1.5), "f": np.float32("nan"), "g": np.int64(3)})) == \
+        {"a": None, "b": [None, 1.5], "c": {"d": 2}, "e": 1.5, "f": None, "g": 3}

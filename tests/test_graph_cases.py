@@ -226,3 +226,25 @@ def test_subgraph_reusing_an_outer_tensor_name_keeps_each_layer_its_own_data():
         assert np.array_equal(restored.reshape(8, 8), _tensor(alone, "W"))
         assert np.array_equal(_tensor(beside.model, "b"), _tensor(alone, "b"))
         assert len(beside.report.layers) == 3
+
+
+def test_random_stand_in_data_is_random_for_every_float_type():
+    import ml_dtypes
+
+    from onnxprune.data import random_array
+    for dtype in (np.float16, np.float32, ml_dtypes.bfloat16):  # bfloat16 was filled with ones
+        values = random_array(dtype, (1000,), np.random.default_rng(0)).astype(np.float32)
+        assert 0.8 < values.std() < 1.2
+    assert (random_array(np.int64, (5,), np.random.default_rng(0)) == 1).all()
+
+
+def test_fake_quantized_float_weights_are_named():
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["W", "s", "z"], ["wq"]),
+             helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    model = _model(nodes, [_value("x", ["N", 4])], [_value("y", ["N", 4])],
+                   {"W": w, "s": np.array(0.05, np.float32), "z": np.array(0, np.int8)})
+    layers, skipped = find_layers(model)
+    assert layers == [] and [s.name for s in skipped] == ["W"] and "--include" in skipped[0].reason
+    assert [layer.name for layer in find_layers(model, include="^W$")[0]] == ["W"]

@@ -63,9 +63,10 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
     _check_feedable(inputs)
     fixed = data.fixed_batch(inputs)
     if isinstance(source, str) and source == "random":
-        n = limit if limit is not None else max(64, fixed or 0)
-        n = _usable(n, fixed, "--calib-samples is")
-        return CalibrationSet(_random_samples(inputs, n, seed), random=True, fixed_batch=fixed)
+        wanted = limit if limit is not None else max(64, fixed or 0)
+        n = _usable(wanted, fixed, "--calib-samples is")
+        return CalibrationSet(_random_samples(inputs, n, seed), random=True, fixed_batch=fixed,
+                              note=_fixed_batch_note(fixed, n, wanted))
     if isinstance(source, (str, os.PathLike)):
         samples = data.load_samples(source)
     elif isinstance(source, Mapping):
@@ -88,16 +89,20 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
     wanted = n if limit is None else min(n, limit)
     keep_n = _usable(wanted, fixed, "the calibration data holds" if wanted == n
                      else "--calib-samples is")
-    note = None
-    if fixed and keep_n < wanted:
-        note = (f"the model's batch dimension is fixed at {fixed}: calibration used {keep_n} of "
-                f"the {wanted} samples (a multiple of {fixed}, chosen at random by the seed)")
+    note = _fixed_batch_note(fixed, keep_n, wanted)
     if keep_n < n:
         # a seeded random subset, not the first `limit`: data files are often sorted (by class,
         # by source), and a prefix of a sorted file misses whole classes
         keep = np.sort(np.random.default_rng(seed).choice(n, keep_n, replace=False))
         samples = {k: v[keep] if v.ndim else v for k, v in samples.items()}
     return CalibrationSet(samples, random=False, fixed_batch=fixed, note=note)
+
+
+def _fixed_batch_note(fixed: int | None, used: int, wanted: int) -> str | None:
+    if not fixed or used == wanted:
+        return None
+    return (f"the model's batch dimension is fixed at {fixed}: calibration used {used} of the "
+            f"{wanted} samples (a multiple of {fixed}, chosen at random by the seed)")
 
 
 def _usable(n: int, fixed: int | None, what: str) -> int:
@@ -153,8 +158,5 @@ def _random_samples(inputs, n, seed) -> dict[str, np.ndarray]:
             samples[name] = np.ones((), dtype=dtype)
             continue
         shape = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]
-        if np.issubdtype(dtype, np.floating):
-            samples[name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            samples[name] = np.ones(shape, dtype=dtype)  # valid ids and attention masks
+        samples[name] = data.random_array(dtype, shape, rng)
     return samples
