@@ -165,17 +165,12 @@ class _Finder:
                     self.walk(g, scope, body_label(path, node, attr.name, i, len(sub)))
 
     def _trace(self, name, scope, producers):
-        """Follow pass-through ops back to a constant: (tensor, chain of nodes) or None."""
-        chain = []
-        while name not in scope:
-            node = producers.get(name)
-            if node is None or node.op_type not in PASS_THROUGH:
-                if node is not None and node.op_type == "DequantizeLinear":
-                    return ("quantized", node)
-                return None
-            chain.append(node)
-            name = node.input[0]
-        return scope[name], chain, name
+        """(constant tensor, chain of pass-through nodes, its name), ("quantized", the
+        DequantizeLinear node) or None."""
+        tensor, stop, chain, name = _walk_back(name, scope, producers)
+        if tensor is None:
+            return ("quantized", stop) if stop is not None and stop.op_type == "DequantizeLinear" else None
+        return tensor, chain, name
 
     def _visit(self, node, slot, traced, scope, producers, consumers, path):
         if traced[0] == "quantized":  # DequantizeLinear of a constant, into a layer's weight slot
@@ -301,22 +296,26 @@ def _role(node, slot, scope, producers) -> str | None:
     return "other"
 
 
-def _trace_const(name, scope, producers) -> bool:
+def _walk_back(name, scope, producers, through=PASS_THROUGH):
+    """Follow `through` ops back from the value `name`: (the constant reached or None, the node
+    that stopped the walk or None, the nodes passed, the last name)."""
+    chain = []
     while name not in scope:
         node = producers.get(name)
-        if node is None or node.op_type not in PASS_THROUGH:
-            return False
+        if node is None or node.op_type not in through:
+            return None, node, chain, name
+        chain.append(node)
         name = node.input[0]
-    return True
+    return scope[name], None, chain, name
+
+
+def _trace_const(name, scope, producers) -> bool:
+    return _walk_back(name, scope, producers)[0] is not None
 
 
 def _constant(name, scope, producers):
-    while name not in scope:
-        node = producers.get(name)
-        if node is None or node.op_type not in ("Identity", "Cast"):
-            return None
-        name = node.input[0]
-    return scope[name]
+    """The constant behind value-preserving ops only (a bias must keep its layout)."""
+    return _walk_back(name, scope, producers, ("Identity", "Cast"))[0]
 
 
 def _attr_value(attr):
