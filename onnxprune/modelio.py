@@ -15,14 +15,12 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from . import mapped
+from . import mapped, wire
 from .parallel import map_in_threads, read_chunk, scratch
 from .errors import OnnxPruneError, one_line
+from .wire import TENSOR_DATA_FIELDS
 
-PROTOBUF_LIMIT = 2**31 - 1
-# the fields of a TensorProto that can hold its values
-TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                      "uint64_data", "string_data")  # a ModelProto larger than this cannot be serialised in one piece
+PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised in one piece
 
 
 @dataclass
@@ -194,9 +192,11 @@ def _load(source) -> LoadedModel:
     if path.is_dir():
         raise OnnxPruneError(f"{path}: is a directory, not an ONNX file")
     try:
-        model = _read_streamed(path)
+        model = _checked(wire.read_model(path), str(path))
     except OSError as e:
         raise OnnxPruneError(f"{path}: cannot read ({e.strerror})") from None
+    except (DecodeError, RuntimeError, ValueError, EOFError):
+        raise OnnxPruneError(f"{path}: not an ONNX model, or the file is truncated") from None
     data_files: list[Path] = []
     # sparse parts are loaded inline (onnx's external-data helpers skip them); strings cannot be mapped
     tensors = [(t, t.data_type == onnx.TensorProto.STRING) for t in iter_tensors(model, sparse=False)]
@@ -237,88 +237,6 @@ def _checked(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise OnnxPruneError(f"{label}: not an ONNX model (no IR version, graph or opset)")
     return model
-
-
-_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_SPARSE_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["sparse_initializer"].number
-
-
-def _read_streamed(path: Path) -> onnx.ModelProto:
-    """Parse a model file (sparse) initializer by initializer, so memory never holds the file's bytes
-    and the parsed model at once (onnx.load needs both: twice the file size)."""
-    model = onnx.ModelProto()
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            pending = bytearray()  # consecutive small fields, merged in one call
-            for field, header, start, end in _fields(f, 0, size):
-                if field != _GRAPH_FIELD:
-                    pending += header + _read_exact(f, start, end)
-                    continue
-                graph_pending = bytearray()
-                for gfield, gheader, gstart, gend in _fields(f, start, end):
-                    payload = _read_exact(f, gstart, gend)
-                    if gfield in (_INIT_FIELD, _SPARSE_FIELD):
-                        model.graph.MergeFromString(bytes(graph_pending))
-                        graph_pending.clear()
-                        sparse = gfield == _SPARSE_FIELD
-                        target = model.graph.sparse_initializer if sparse else model.graph.initializer
-                        target.add().ParseFromString(payload)
-                    else:
-                        graph_pending += gheader + payload
-                model.graph.MergeFromString(bytes(graph_pending))
-            model.MergeFromString(bytes(pending))
-    except (DecodeError, RuntimeError, ValueError, EOFError):
-        raise OnnxPruneError(f"{path}: not an ONNX model, or the file is truncated") from None
-    return _checked(model, str(path))
-
-
-def _fields(f, start: int, end: int):
-    """(field number, header bytes, payload start, payload end) of each field in [start, end)."""
-    pos = start
-    while pos < end:
-        f.seek(pos)
-        head = f.read(min(20, end - pos))
-        tag, n = _decode_varint(head, 0)
-        wire = tag & 7
-        if wire == 0:
-            _, m = _decode_varint(head, n)
-            yield tag >> 3, head[:n], pos + n, pos + m
-            pos += m
-        elif wire == 2:
-            length, m = _decode_varint(head, n)
-            yield tag >> 3, head[:m], pos + m, pos + m + length
-            pos += m + length
-        elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            yield tag >> 3, head[:n], pos + n, pos + n + width
-            pos += n + width
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-    if pos != end:
-        raise ValueError("field runs past the end of its message")
-
-
-def _decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise EOFError
-        byte = buf[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _read_exact(f, start: int, end: int) -> bytes:
-    f.seek(start)
-    data = f.read(end - start)
-    if len(data) != end - start:
-        raise EOFError
-    return data
 
 
 def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load: bool) -> Path:
@@ -522,137 +440,11 @@ def _inline_nbytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in iter_tensors(model) if not is_external(t))
 
 
-def _shell(message, skip: tuple[str, ...]):
-    """A copy of a message without some (large) fields."""
-    copy = type(message)()
-    for field, value in message.ListFields():
-        if field.name in skip:
-            continue
-        target = getattr(copy, field.name)
-        if field.is_repeated:
-            target.extend(value)
-        elif field.message_type is not None:
-            target.CopyFrom(value)
-        else:
-            setattr(copy, field.name, value)
-    return copy
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packed_varints(values: np.ndarray, chunk: int = 1 << 20) -> bytes:
-    """Non-negative integers as consecutive protobuf varints (a packed repeated field's
-    payload), encoded by numpy in chunks (its temporaries stay a few times the chunk): 7 bits
-    per byte, the high bit set on all but the last byte."""
-    flat = np.asarray(values).reshape(-1)
-    return b"".join(_varint_chunk(flat[i:i + chunk].astype(np.uint64))
-                    for i in range(0, flat.size, chunk))
-
-
-def _varint_chunk(v: np.ndarray) -> bytes:
-    lengths = np.ones(v.size, np.uint8)
-    for k in range(1, 10):
-        lengths += v >= np.uint64(1 << (7 * k))
-    starts = np.cumsum(lengths, dtype=np.int64) - lengths
-    out = np.empty(int(starts[-1] + lengths[-1]), np.uint8)
-    for k in range(int(lengths.max())):
-        at = lengths > k
-        more = (lengths[at] > k + 1).astype(np.uint8) << np.uint8(7)
-        out[starts[at] + k] = ((v[at] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8) | more
-    return out.tobytes()
-
-
-def packed_field(message_type, name: str, payload: bytes) -> bytes:
-    """A length-delimited (packed repeated) field of `message_type`, ready for MergeFromString:
-    millions of values parse in C instead of going through Python's extend."""
-    number = message_type.DESCRIPTOR.fields_by_name[name].number
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-_STREAMED = ("initializer", "sparse_initializer")  # graph fields written one element at a time
-
-
-def _encoded(tensor, replacements):
-    """(what to write, its encoded size) for one streamed element."""
-    if id(tensor) in replacements:
-        data = replacements[id(tensor)][1]
-        nbytes = data.nbytes
-    elif (isinstance(tensor, onnx.TensorProto) and tensor.HasField("raw_data")
-          and tensor_nbytes(tensor) >= 1 << 20):
-        data, nbytes = tensor, tensor_nbytes(tensor)  # its bytes are copied once, when written
-    else:
-        return tensor, tensor.ByteSize()  # cheap per tensor
-    shell = _shell(tensor, TENSOR_DATA_FIELDS).SerializeToString()
-    return (shell, data), len(shell) + len(_raw_tag()) + len(_varint(nbytes)) + nbytes
-
-
-def _raw_tag() -> bytes:
-    return _varint(onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number << 3 | 2)
-
-
-
-
-WRITE_PIECE = 64 << 10  # bytes per write call into a new file (see write_all)
-
-
-def write_all(fd: int, data, offset: int) -> None:
-    """Write all of `data` (bytes-like) at `offset` of a file, 64 KiB per call.
-
-    Why pieces: the page cache sizes the folios of new file data by the write that creates them.
-    On the test VM (ext4, Linux 6.18) 2.8 GB written in 1 MB calls took 7-11 s of kernel time,
-    almost all of it copying into the fresh folios, and 1.0-1.2 s in 64 KiB calls, whatever the
-    order or number of threads (cp's in-kernel copy also moves 64 KiB at a time)."""
-    data = memoryview(data).cast("B")
-    for start in range(0, data.nbytes, WRITE_PIECE):
-        piece = data[start:start + WRITE_PIECE]
-        while piece.nbytes:  # a write may take less than asked
-            n = os.pwrite(fd, piece, offset + start)
-            piece, start = piece[n:], start + n
-
-
 def write_streamed(model: onnx.ModelProto, path: Path, replacements: dict | None = None) -> None:
-    """Serialise tensor by tensor: peak memory is one tensor, not a second copy of the model.
-
-    The bytes are a valid ModelProto: the graph field (7) is written once, its (sparse)
-    initializers after its other fields; protobuf readers accept fields in any order.
-    `replacements` ({id(tensor): (tensor, little-endian array)}) gives new values for
-    main-graph initializers, written from the arrays instead of the proto's raw_data.
-    """
+    """Write `model` to `path` tensor by tensor (wire.write_model); `replacements` ({id(tensor):
+    (tensor, little-endian array)}) are new values, written from the arrays."""
     replacements = dict(replacements or {})
-    streamed = {id(t) for name in _STREAMED for t in getattr(model.graph, name)}
+    streamed = {id(t) for name in wire.STREAMED for t in getattr(model.graph, name)}
     for key in [k for k in replacements if k not in streamed]:  # Constants, subgraphs: in place
         write_array(*replacements.pop(key))
-    graph_shell = _shell(model.graph, _STREAMED).SerializeToString()
-    parts = []  # (tag, element, size) of each streamed element, in order
-    for name in _STREAMED:
-        tag = _varint(onnx.GraphProto.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
-        parts += [(tag, *_encoded(t, replacements)) for t in getattr(model.graph, name)]
-    graph_len = len(graph_shell) + sum(len(tag) + len(_varint(n)) + n for tag, _, n in parts)
-    with open(path, "wb") as f:
-        f.write(_shell(model, ("graph",)).SerializeToString())
-        if model.HasField("graph"):
-            f.write(_varint(_GRAPH_FIELD << 3 | 2) + _varint(graph_len))
-            f.write(graph_shell)
-            for tag, element, n in parts:
-                f.write(tag + _varint(n))
-                if isinstance(element, tuple):  # a big or replaced tensor: shell, then raw bytes
-                    # (serialising a big tensor whole briefly holds its bytes twice)
-                    shell, data = element
-                    raw = (data.raw_data if isinstance(data, onnx.TensorProto)
-                           else memoryview(data.reshape(-1).view(np.uint8)))
-                    raw = memoryview(raw)
-                    f.write(shell)
-                    f.write(_raw_tag() + _varint(raw.nbytes))
-                    f.flush()  # the raw bytes go past the buffer, in small writes
-                    write_all(f.fileno(), raw, f.tell())
-                    f.seek(raw.nbytes, os.SEEK_CUR)
-                    del raw
-                else:
-                    f.write(element.SerializeToString())
+    wire.write_model(model, path, replacements)

@@ -18,8 +18,8 @@ from pathlib import Path
 import onnx
 
 from .errors import OnnxPruneError
-from .modelio import (iter_tensors, make_inline, point, refer_to, tensor_nbytes, write_all,
-                      write_streamed)
+from .modelio import iter_tensors, make_inline, point, refer_to, tensor_nbytes, write_streamed
+from .wire import write_all
 
 ALIGN = 64
 INLINE_LIMIT = 1024  # inline tensors of this many bytes or more move to the data file

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .modelio import (is_external, labelled_graphs, packed_field, packed_varints, tensor_key,
-                      tensor_to_array)
+from .modelio import is_external, labelled_graphs, tensor_key, tensor_to_array
+from .wire import packed_field, packed_varints
 
 def sparse_nbytes(nnz: int, itemsize: int, size: int) -> int:
     """About the bytes a tensor of `size` elements, `nnz` of them non-zero (spread evenly),

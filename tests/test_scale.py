@@ -345,14 +345,14 @@ def test_streamed_chunks_with_ties_across_them_equal_the_in_memory_path(tmp_path
 
 @pytest.mark.parametrize("external", [True, False])
 def test_output_written_in_small_pieces_is_bit_for_bit_the_same(tmp_path, monkeypatch, external):
-    # one big write call per chunk made the kernel's copy slow (modelio.write_all); pieces of
+    # one big write call per chunk made the kernel's copy slow (wire.write_all); pieces of
     # 100 bytes cross element, chunk and tensor boundaries. The input's data file holds the
     # tensors in the reverse of the layers' order; inline weights of 1 MB take write_streamed.
     import os
 
-    from onnxprune import modelio
+    from onnxprune import wire
 
-    monkeypatch.setattr(modelio, "WRITE_PIECE", 100)
+    monkeypatch.setattr(wire, "WRITE_PIECE", 100)
     monkeypatch.setattr(magnitude, "CHUNK", 1000)
     model = stack(n_layers=3, width=64 if external else 512)
     ref = prune(model, 0.7, min_keep=1, verify=False)
