@@ -8,7 +8,8 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import onnx
 from . import budget, graph, modelio, solve, storage
 from .calibration.collect import (GroupedStatistics, accumulator_bytes, calibratable,
                                   calibration_groups, collect_statistics, open_session)
-from .calibration.source import load_calibration
+from .calibration.source import CalibrationSet, load_calibration
 from .errors import OnnxPruneError
 from .methods import magnitude
 from .report import LayerRow, PruneReport
@@ -81,15 +82,114 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     _check_settings(model, device, include, exclude, dims, seed=seed, calib_samples=calib_samples,
                     batch_size=batch_size, row_cap=row_cap, max_positions=max_positions)
     trail = not np.isscalar(sparsity)
-    outputs = [None] * len(levels)
-    if output is not None:
-        outputs = [level_output(output, s) if trail else Path(output) for s in levels]
-        inputs = (model,) if isinstance(model, (str, os.PathLike)) else ()
-        for out in outputs:  # fail before the work, not after it
-            modelio.check_targets(modelio.output_files(out, False), force, protect=inputs)
+    outputs = _plan_outputs(model, output, levels, trail, force)
 
     timings: dict[str, float] = {}
+    with _timed(timings, "load"):
+        loaded, layers, skipped, biases = _load(model, include, exclude, dims)
+    run = _Run(model, loaded, layers, skipped, biases, method=method, allocation=allocation,
+               refit=refit, sequential=sequential, trail=trail, storage_format=storage_format,
+               force=force, verify=verify, dims=dims, max_memory=max_memory,
+               options=CalibrationOptions(batch_size, row_cap, max_positions, device, seed, progress))
+    if method in CALIBRATED_METHODS or refit:
+        with _timed(timings, "calibrate"):
+            _calibrate(run, calib, calib_samples)
+    take = modelio.take_array if run.detach else modelio.tensor_to_array
+    run.dense = [take(layer.tensor) for layer in layers]
+    with _timed(timings, "select"):
+        plans = _allocate_levels(run, levels, outputs, min_keep, mt_variant)
+
+    results = []
+    try:
+        for level in plans:
+            level_timings = dict(timings)
+            with _timed(level_timings, "prune"):
+                _start_level(run, level, first=level is plans[0])
+                rows, notes = _apply_level(run, level)
+            report = _level_report(run, level, rows, notes, level_timings)
+            pruned = _finish(run, report, level.output)
+            # a written level of a trail lives in its file: later levels rewrite loaded.model
+            results.append(PruneResult(None if trail and level.output is not None else pruned, report))
+    finally:  # a stage not saved (an error, Ctrl-C, SIGTERM) goes now, not at exit
+        loaded.stage_output(None)
+    return results if trail else results[0]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    batch_size: int
+    row_cap: int  # rows DC keeps per ReLU layer
+    max_positions: int | None  # im2col positions per sample
+    device: str
+    seed: int
+    progress: bool
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share: the model, its layers, the settings, the statistics."""
+    source: object  # prune()'s model argument (never modified)
+    loaded: modelio.LoadedModel
+    layers: list[graph.Layer]
+    skipped: list[graph.Skipped]
+    biases: dict[str, np.ndarray]  # dense biases by layer key, scaled
+    method: str
+    allocation: str
+    refit: bool
+    sequential: bool
+    trail: bool
+    options: CalibrationOptions
+    storage_format: str
+    force: bool
+    verify: bool
+    dims: dict[str, int] | None
+    max_memory: int
+    dense: list = field(default_factory=list)  # each layer's weights; None once written back
+    stats: dict | GroupedStatistics = field(default_factory=dict)  # {layer key: LayerStats}
+    calibration: dict | None = None  # the report's calibration info
+    calib_set: CalibrationSet | None = None
+
+    @property
+    def detach(self) -> bool:
+        # A single level moves the weights out of the proto (each goes back, or straight into the
+        # output file, once pruned); a trail or sequential calibration needs the proto intact.
+        return not self.trail and not self.sequential
+
+    @property
+    def learned_allocation(self) -> bool:
+        return self.method == "ltp" or self.allocation == "ltp"
+
+
+@dataclass
+class _Level:
+    sparsity: float
+    output: Path | None
+    counts: list[int]  # zeros per layer
+    ranking: object  # the global magnitude ranking that gives each layer its cut, or None
+    mt_counts: list[int]  # global-mt's (or uniform's) counts, reported next to a learned allocation
+    ltp: object = None  # the LTP result when the allocation is learned
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
     clock = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - clock
+
+
+def _plan_outputs(model, output, levels, trail, force) -> list[Path | None]:
+    """Each level's output file (None: in memory), checked before the work, not after it."""
+    if output is None:
+        return [None] * len(levels)
+    outputs = [level_output(output, s) if trail else Path(output) for s in levels]
+    inputs = (model,) if isinstance(model, (str, os.PathLike)) else ()
+    for out in outputs:
+        modelio.check_targets(modelio.output_files(out, False), force, protect=inputs)
+    return outputs
+
+
+def _load(model, include, exclude, dims):
+    """The loaded model, its prunable layers, what was skipped, and the layers' biases."""
     loaded = modelio.load_model(model)
     _check_dims(loaded.model, dims)
     layers, skipped = graph.find_layers(loaded.model, include, exclude)
@@ -102,71 +202,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
             "weights; see --include)")
     biases = {layer.key: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
               for layer in layers if layer.bias is not None}
-    timings["load"] = time.perf_counter() - clock
-
-    stats, calibration, calib_set = {}, None, None
-    options = CalibrationOptions(batch_size, row_cap, max_positions, device, seed, progress)
-    if method in CALIBRATED_METHODS or refit:
-        clock = time.perf_counter()
-        calib_set = load_calibration(calib, loaded.model, calib_samples, seed)
-        stats, calibration = _calibrate(loaded, layers, calib_set, method, allocation, sequential,
-                                        options, max_memory)
-        timings["calibrate"] = time.perf_counter() - clock
-
-    # A single level moves the weights out of the proto (each goes back, or straight into the
-    # output file, once pruned); a trail or sequential calibration needs the proto intact.
-    detach = not trail and not sequential
-    dense = [modelio.take_array(layer.tensor) if detach else modelio.tensor_to_array(layer.tensor)
-             for layer in layers]
-    clock = time.perf_counter()
-    allocations = [_allocate(method, allocation, dense, s, min_keep, mt_variant) for s in levels]
-    counts_per_level = [counts for counts, _ in allocations]
-    learned = None
-    if method == "ltp" or (method == "dc" and allocation == "ltp"):
-        # the allocation is learned; global-mt's stays in the report for comparison
-        learned = _ltp_counts(layers, dense, stats, levels, counts_per_level, min_keep, seed)
-    timings["select"] = time.perf_counter() - clock
-
-    mt_counts_per_level = counts_per_level
-    if learned is not None:
-        counts_per_level = [learned[s][0] for s in levels]
-    results, cuda_note = [], device_note(device)
-    try:
-        for s, counts, (_, ranking), out in zip(levels, counts_per_level, allocations, outputs):
-            level_timings = dict(timings)
-            clock = time.perf_counter()
-            loaded.stage_output(out)  # external data: pruned tensors go straight to the output's data file
-            if sequential and trail and s != levels[0] and any(layer.shared_inputs for layer in layers):
-                # a shared weight's other uses see it and the layers after it: dense again, as in a
-                # single level, or this level's statistics would depend on the level before
-                for layer, values in zip(layers, dense):
-                    loaded.write_array(layer.tensor, values)
-                    if layer.key in biases:  # a refitted bias too
-                        loaded.write_array(layer.bias, _scaled(biases[layer.key], 1 / layer.bias_scale))
-            # one written level of dense storage: new inline values go from arrays to the file
-            loaded.defer_writes = (out is not None and not trail and storage_format == "dense"
-                                   and not sequential and not loaded.external_data)
-            rows, notes = _apply_level(
-                loaded, layers, dense, biases, counts, ranking, method, stats, refit,
-                calib_set if sequential and (method in CALIBRATED_METHODS or refit) else None, options,
-                calibration, detach)
-            if calib_set is not None and calib_set.note:
-                notes.append(calib_set.note)
-            level_timings["prune"] = time.perf_counter() - clock
-            if cuda_note and (verify or calibration is not None):
-                notes.append(cuda_note)
-            report = PruneReport(method=method, target_sparsity=s, storage=storage_format, layers=rows,
-                                 skipped=[vars(x) for x in skipped], timings=level_timings,
-                                 calibration=calibration, notes=notes)
-            if learned is not None:
-                report.ltp = _ltp_summary(learned[s][1], rows, mt_counts_per_level[levels.index(s)], s)
-            pruned = _finish(loaded, model, layers, report, out, storage_format, force, verify,
-                             dims, device, copy=trail and out is None, max_memory=max_memory)
-            # a written level of a trail lives in its file: later levels rewrite loaded.model
-            results.append(PruneResult(None if trail and out is not None else pruned, report))
-    finally:  # a stage not saved (an error, Ctrl-C, SIGTERM) goes now, not at exit
-        loaded.stage_output(None)
-    return results if trail else results[0]
+    return loaded, layers, skipped, biases
 
 
 def _check_dims(model: onnx.ModelProto, dims: dict[str, int] | None) -> None:
@@ -183,128 +219,162 @@ def _scaled(array: np.ndarray, scale: float) -> np.ndarray:
     return array if scale == 1 else array.astype(np.float64) * scale
 
 
-def _apply_level(loaded, layers, dense, biases, counts, ranking, method, stats, refit,
-                 sequential_set, options, calibration, detached):
-    """Write this level's weights (and refitted biases) into the loaded model's tensors.
+def _calibrate(run: _Run, calib, calib_samples) -> None:
+    """Statistics of every calibratable layer: one pass when they fit --max-memory, else one
+    pass per group of layers that fits (collected as they are used); none up front with
+    --sequential, except for a learned (ltp) allocation, which needs every layer's at once.
+    Sets run.calib_set, run.stats ({layer key: LayerStats} or GroupedStatistics) and
+    run.calibration (the report's info)."""
+    calib_set = run.calib_set = load_calibration(calib, run.loaded.model, calib_samples,
+                                                 run.options.seed)
+    caps = _row_caps(run.layers, run.method, run.options.row_cap)
+    groups = calibration_groups(run.layers, caps, run.max_memory)
+    if run.sequential and not run.learned_allocation:
+        stats, calibration = {}, {"samples": calib_set.size, "provider": None}
+    elif len(groups) <= 1:  # with --sequential, for the learned allocation (weights: per layer)
+        stats, calibration = _collect(run, run.layers, caps, progress=run.options.progress)
+    elif run.learned_allocation:
+        need = sum(accumulator_bytes(layer, caps.get(layer.key, 0)) for g in groups for layer in g)
+        raise OnnxPruneError(
+            f"ltp learns every layer at once and needs all their statistics together "
+            f"({budget.describe(need)}, over --max-memory {budget.describe(run.max_memory)}): "
+            "raise --max-memory, or use dc / --refit, which calibrate layer groups in several passes")
+    else:
+        # one session over the dense model: every pass sees it, not what is written later
+        session = open_session(run.loaded.model, run.layers, run.options.device)
+        stats = GroupedStatistics(groups, lambda group: _collect(
+            run, group, caps, progress=run.options.progress, session=session))
+        calibration = stats.info
+        calibration["samples"] = calib_set.size
+    calibration["random"] = calib_set.random
+    if run.sequential:
+        calibration["sequential"] = True
+    run.stats, run.calibration = stats, calibration
 
-    `ranking`: the level's global magnitude ranking (it gives each layer's cut) or None;
-    `sequential_set`: the calibration set when each layer's statistics must come from the
-    model as pruned so far (--sequential), else None. Returns the report rows and notes."""
-    sequential = sequential_set is not None
-    rows, notes, fallback = [], [], []
-    for i, (layer, n_zero) in enumerate(zip(_progress(layers, options.progress, "pruning"), counts)):
-        array = dense[i]
-        layer_stats = stats.get(layer.key)
-        if sequential and calibratable(layer):
-            # statistics from the model as pruned so far (earlier layers already written)
-            one, info = collect_statistics(
-                loaded.model, [layer], sequential_set.batches(options.batch_size),
-                row_cap=_row_caps([layer], method, options.row_cap),
-                max_positions=options.max_positions, device=options.device,
-                seed=options.seed)
-            layer_stats = one.get(layer.key)
-            calibration.update(provider=info["provider"],
-                               seconds=calibration.get("seconds", 0) + info["seconds"])
+
+def _collect(run: _Run, layers, caps, progress=False, session=None):
+    return collect_statistics(
+        run.loaded.model, layers, run.calib_set.batches(run.options.batch_size), row_cap=caps,
+        max_positions=run.options.max_positions, device=run.options.device,
+        seed=run.options.seed, progress=progress, session=session)
+
+
+def _allocate_levels(run: _Run, levels, outputs, min_keep, mt_variant) -> list[_Level]:
+    """Every level's zero counts per layer; a learned allocation follows one LTP optimisation
+    path through all levels."""
+    allocations = [_allocate(run.method, run.allocation, run.dense, s, min_keep, mt_variant)
+                   for s in levels]
+    plans = [_Level(s, out, counts, ranking, counts)
+             for s, out, (counts, ranking) in zip(levels, outputs, allocations)]
+    if run.learned_allocation:  # global-mt's allocation stays in the report for comparison
+        learned = _ltp_counts(run.layers, run.dense, run.stats, levels,
+                              [plan.mt_counts for plan in plans], min_keep, run.options.seed)
+        for plan in plans:
+            plan.counts, plan.ltp = learned[plan.sparsity]
+    return plans
+
+
+def _start_level(run: _Run, level: _Level, first: bool) -> None:
+    """Where this level's tensors go, and the dense weights back for a later sequential level."""
+    run.loaded.stage_output(level.output)  # external data: pruned tensors go straight to the output's data file
+    if run.sequential and run.trail and not first and any(layer.shared_inputs for layer in run.layers):
+        # a shared weight's other uses see it and the layers after it: dense again, as in a
+        # single level, or this level's statistics would depend on the level before
+        for layer, values in zip(run.layers, run.dense):
+            run.loaded.write_array(layer.tensor, values)
+            if layer.key in run.biases:  # a refitted bias too
+                run.loaded.write_array(layer.bias, _scaled(run.biases[layer.key], 1 / layer.bias_scale))
+    # one written level of dense storage: new inline values go from arrays to the file
+    run.loaded.defer_writes = (level.output is not None and not run.trail and run.storage_format == "dense"
+                               and not run.sequential and not run.loaded.external_data)
+
+
+def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
+    """Write this level's weights (and refitted biases) into the loaded model's tensors.
+    Returns the report rows and notes."""
+    rows, fallback = [], []
+    for i, (layer, n_zero) in enumerate(zip(_progress(run.layers, run.options.progress, "pruning"),
+                                            level.counts)):
+        array = run.dense[i]
+        stats = (_sequential_stats(run, layer) if run.sequential and calibratable(layer)
+                 else run.stats.get(layer.key))
+        if stats is None and (run.method in CALIBRATED_METHODS or run.refit):
+            fallback.append(layer.name)
+        cut = None  # a magnitude cut, unless the calibrated method solves the layer
+        if run.method not in CALIBRATED_METHODS or stats is None:
+            cut = (level.ranking and level.ranking.cut(i, n_zero, array)) or magnitude.layer_cut(array, n_zero)
         new_bias, note = None, ""
-        solved = method in CALIBRATED_METHODS and layer_stats is not None
-        refitted = refit and layer_stats is not None and not solved
-        cut = None
-        if not solved:
-            cut = (ranking and ranking.cut(i, n_zero, array)) or magnitude.layer_cut(array, n_zero)
-            if method in CALIBRATED_METHODS or (refit and layer_stats is None):
-                fallback.append(layer.name)
-        if cut is not None and not refitted and loaded.streams(layer.tensor):
+        if cut is not None and not (run.refit and stats is not None) and run.loaded.streams(layer.tensor):
             # a mask alone: straight from the input's data file into the output's, in chunks
-            parts = loaded.rewrite(layer.tensor, array, lambda chunk, start, out:
-                                   magnitude.apply_cut(chunk, cut, start, out), magnitude.CHUNK)
+            parts = run.loaded.rewrite(layer.tensor, array, lambda chunk, start, out:
+                                       magnitude.apply_cut(chunk, cut, start, out), magnitude.CHUNK)
             zeros_before, zeros_after = (sum(p[i] for p in parts) for i in (0, 1))
         else:
-            if solved and method == "dc":
-                new, new_bias = solve.dc_layer(layer, array, n_zero, layer_stats,
-                                               biases.get(layer.key), seed=options.seed)
-            elif solved:
-                new, new_bias, learned_support = solve.ltp_layer(
-                    layer, array, n_zero, layer_stats, biases.get(layer.key), refit)
-                note = "learned support" if learned_support else "dense top-k support"
-            else:
-                new = solve.magnitude_layer(array, n_zero, cut)
-            if refitted:
-                new = solve.refit_layer(layer, array, new, layer_stats)
+            new, new_bias, note = _new_layer_weights(run, layer, array, n_zero, cut, stats)
             zeros_before, zeros_after = int(np.count_nonzero(array == 0)), int(np.count_nonzero(new == 0))
-            loaded.write_array(layer.tensor, new)
+            run.loaded.write_array(layer.tensor, new)
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              zeros_before, zeros_after, layer.graph,
                              "; ".join(x for x in (note, "bias refitted" if new_bias is not None
                                                    else "") if x), layer.node))
         if new_bias is not None:
-            loaded.write_array(layer.bias, _scaled(new_bias, 1 / layer.bias_scale))
-        if detached:
-            dense[i] = None  # its data now lives in the proto again
-    if sequential and calibration is not None:
-        # one per layer, plus the learned allocation's pass over the dense model
-        calibration["passes"] = sum(calibratable(layer) for layer in layers) + bool(stats)
-    if fallback:
-        notes.append(f"{len(fallback)} tensors have no calibration statistics (inside subgraphs, "
-                     f"unresolved layout, shared by nodes that use it differently, or not a layer "
-                     f"weight) and were pruned by magnitude{', not refitted' if refit else ''}: "
-                     + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""))
-    return rows, notes
+            run.loaded.write_array(layer.bias, _scaled(new_bias, 1 / layer.bias_scale))
+        if run.detach:
+            run.dense[i] = None  # its data now lives in the proto again
+    if run.sequential:  # one pass per layer, plus the learned allocation's over the dense model
+        run.calibration["passes"] = sum(calibratable(layer) for layer in run.layers) + bool(run.stats)
+    if not fallback:
+        return rows, []
+    return rows, [f"{len(fallback)} tensors have no calibration statistics (inside subgraphs, "
+                  f"unresolved layout, shared by nodes that use it differently, or not a layer "
+                  f"weight) and were pruned by magnitude{', not refitted' if run.refit else ''}: "
+                  + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else "")]
 
 
-@dataclass(frozen=True)
-class CalibrationOptions:
-    batch_size: int
-    row_cap: int  # rows DC keeps per ReLU layer
-    max_positions: int | None  # im2col positions per sample
-    device: str
-    seed: int
-    progress: bool
+def _sequential_stats(run: _Run, layer):
+    """The layer's statistics from the model as pruned so far (earlier layers already written)."""
+    one, info = _collect(run, [layer], _row_caps([layer], run.method, run.options.row_cap))
+    run.calibration.update(provider=info["provider"],
+                           seconds=run.calibration.get("seconds", 0) + info["seconds"])
+    return one.get(layer.key)
 
 
-def _calibrate(loaded, layers, calib_set, method, allocation, sequential, options, max_memory):
-    """Statistics of every calibratable layer: one pass when they fit `max_memory`, else one
-    pass per group of layers that fits (collected as they are used); none up front with
-    --sequential, except for a learned (ltp) allocation, which needs every layer's at once.
-    Returns (stats: {layer key: LayerStats} or GroupedStatistics, report info)."""
-    caps = _row_caps(layers, method, options.row_cap)
-
-    def collect(group, session=None):
-        return collect_statistics(
-            loaded.model, group, calib_set.batches(options.batch_size), row_cap=caps,
-            max_positions=options.max_positions, device=options.device,
-            seed=options.seed, progress=options.progress,
-            session=session)
-
-    groups = calibration_groups(layers, caps, max_memory)
-    learned_allocation = method == "ltp" or allocation == "ltp"
-    if sequential and not learned_allocation:
-        stats, calibration = {}, {"samples": calib_set.size, "provider": None}
-    elif len(groups) <= 1:  # with --sequential, for the learned allocation (weights: per layer)
-        stats, calibration = collect(layers)
-    elif learned_allocation:
-        need = sum(accumulator_bytes(layer, caps.get(layer.key, 0)) for g in groups for layer in g)
-        raise OnnxPruneError(
-            f"ltp learns every layer at once and needs all their statistics together "
-            f"({budget.describe(need)}, over --max-memory {budget.describe(max_memory)}): raise "
-            "--max-memory, or use dc / --refit, which calibrate layer groups in several passes")
-    else:
-        # one session over the dense model: every pass sees it, not what is written later
-        session = open_session(loaded.model, layers, options.device)
-        stats = GroupedStatistics(groups, lambda group: collect(group, session))
-        calibration = stats.info
-        calibration["samples"] = calib_set.size
-    calibration["random"] = calib_set.random
-    if sequential:
-        calibration["sequential"] = True
-    return stats, calibration
+def _new_layer_weights(run: _Run, layer, array, n_zero, cut, stats):
+    """(new weights, refitted bias or None, note): the magnitude `cut` (refitted with --refit
+    where the layer has statistics), or without a cut the calibrated method's solve."""
+    if cut is not None:
+        new = solve.magnitude_layer(array, n_zero, cut)
+        if run.refit and stats is not None:
+            new = solve.refit_layer(layer, array, new, stats)
+        return new, None, ""
+    bias = run.biases.get(layer.key)
+    if run.method == "dc":
+        return *solve.dc_layer(layer, array, n_zero, stats, bias, seed=run.options.seed), ""
+    new, new_bias, learned_support = solve.ltp_layer(layer, array, n_zero, stats, bias, run.refit)
+    return new, new_bias, "learned support" if learned_support else "dense top-k support"
 
 
-def _finish(loaded, source, layers, report, output, storage_format, force, verify, dims, device,
-            copy, max_memory=budget.DEFAULT) -> onnx.ModelProto:
+def _level_report(run: _Run, level: _Level, rows, notes, timings) -> PruneReport:
+    """The level's report: its rows, the run's notes and calibration, what LTP learned."""
+    if run.calib_set is not None and run.calib_set.note:
+        notes.append(run.calib_set.note)
+    cuda_note = device_note(run.options.device)
+    if cuda_note and (run.verify or run.calibration is not None):
+        notes.append(cuda_note)
+    report = PruneReport(method=run.method, target_sparsity=level.sparsity, storage=run.storage_format,
+                         layers=rows, skipped=[vars(x) for x in run.skipped], timings=timings,
+                         calibration=run.calibration, notes=notes)
+    if level.ltp is not None:
+        report.ltp = _ltp_summary(level.ltp, rows, level.mt_counts, level.sparsity)
+    return report
+
+
+def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelProto:
     """Storage format, atomic write with verification, file sizes; returns the pruned model."""
     clock = time.perf_counter()
+    loaded, source, layers = run.loaded, run.source, run.layers
     pruned = loaded.model
-    if copy or storage_format == "sparse":
+    if (run.trail and output is None) or run.storage_format == "sparse":
         pruned = onnx.ModelProto()
         pruned.CopyFrom(loaded.model)  # later levels rewrite the tensors of loaded.model
     if output is None:
@@ -313,8 +383,8 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
                           len(source) if isinstance(source, bytes) else
                           source.ByteSize() + sum(modelio.tensor_nbytes(t) for t in modelio.iter_tensors(source)
                                                   if modelio.is_external(t)))
-    if storage_format == "sparse":
-        cap = min(max_memory, modelio.PROTOBUF_LIMIT - (64 << 20)) if loaded.external_data else None
+    if run.storage_format == "sparse":
+        cap = min(run.max_memory, modelio.PROTOBUF_LIMIT - (64 << 20)) if loaded.external_data else None
         converted, over = storage.to_sparse_initializers(pruned, {layer.key for layer in layers}, cap)
         report.notes.append(f"{len(converted)} of {len(layers)} pruned tensors stored sparse "
                             "(the others are smaller dense or are not initializers)")
@@ -322,34 +392,35 @@ def _finish(loaded, source, layers, report, output, storage_format, force, verif
             report.notes.append(f"{len(over)} tensors stay dense: sparse tensors are stored inline "
                                 f"and the inline limit of {budget.describe(cap)} was reached")
     reference = loaded.path if loaded.path else _as_bytes(source)
-    too_big = (budget.verification_note(modelio.data_nbytes(loaded.model), max_memory)
+    too_big = (budget.verification_note(modelio.data_nbytes(loaded.model), run.max_memory)
                if loaded.external_data else None)  # onnxruntime would hold every weight
 
     def check(candidate):
-        if verify and isinstance(candidate, Path):  # the checker by path: the only way over 2 GB
+        if run.verify and isinstance(candidate, Path):  # the checker by path: the only way over 2 GB
             report.notes.extend(filter(None, [modelio.check_by_path(candidate, reference)]))
-        if verify and too_big:
+        if run.verify and too_big:
             report.notes.append(too_big)
-        elif verify:
-            report.verification = compare_models(reference, candidate, dims=dims, device=device)
+        elif run.verify:
+            report.verification = compare_models(reference, candidate, dims=run.dims,
+                                                 device=run.options.device)
 
     if output is not None:
         written = modelio.save_model(pruned, output, external_data=loaded.external_data,
-                                     force=force, protect=tuple(loaded.files), check=check,
+                                     force=run.force, protect=tuple(loaded.files), check=check,
                                      stage=loaded.stage, replacements=loaded.pending)
         loaded.flush_pending()  # the returned model holds the new values too
         report.output_files = [str(p) for p in written]
         report.output_bytes = sum(p.stat().st_size for p in written)
-    elif verify and modelio.data_nbytes(pruned) > modelio.PROTOBUF_LIMIT:
+    elif run.verify and modelio.data_nbytes(pruned) > modelio.PROTOBUF_LIMIT:
         report.notes.append("not verified: models over 2 GB are verified only when written")
     else:
         serialized = pruned.SerializeToString()
         report.output_bytes = len(serialized)
-        if verify:
+        if run.verify:
             check(serialized)
     # what --storage sparse gives (or gave): measured when written sparse, else estimated
     report.sparse_output_bytes = report.output_bytes - (
-        0 if storage_format == "sparse" else _sparse_saving(layers, report.layers))
+        0 if run.storage_format == "sparse" else _sparse_saving(layers, report.layers))
     report.timings["write_verify"] = time.perf_counter() - clock
     return pruned
 
