@@ -21,7 +21,7 @@ from .calibration.collect import (GroupedStatistics, accumulator_bytes, calibrat
 from .calibration.source import CalibrationSet, load_calibration
 from .errors import OnnxPruneError
 from .methods import magnitude
-from .report import LayerRow, PruneReport
+from .report import LayerRow, PruneReport, progress_bar
 from .runtime import check_device, device_note
 from .verify import compare_models
 
@@ -40,16 +40,18 @@ class PruneResult:
 
 
 def default_output(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
-    return path.with_name(stem + ".pruned.onnx")
+    """model.onnx -> model.pruned.onnx."""
+    return _with_suffix(Path(path), ".pruned")
 
 
 def level_output(output: str | os.PathLike, sparsity: float) -> Path:
     """out.onnx -> out.s0.9.onnx: one file per level of a trail."""
-    output = Path(output)
-    stem = output.name[:-5] if output.name.endswith(".onnx") else output.name
-    return output.with_name(f"{stem}.s{sparsity:g}.onnx")
+    return _with_suffix(Path(output), f".s{sparsity:g}")
+
+
+def _with_suffix(path: Path, suffix: str) -> Path:
+    stem = path.name.removesuffix(".onnx")
+    return path.with_name(f"{stem}{suffix}.onnx")
 
 
 def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt", output=None,
@@ -293,7 +295,7 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
     """Write this level's weights (and refitted biases) into the loaded model's tensors.
     Returns the report rows and notes."""
     rows, fallback = [], []
-    for i, (layer, n_zero) in enumerate(zip(_progress(run.layers, run.options.progress, "pruning"),
+    for i, (layer, n_zero) in enumerate(zip(progress_bar(run.layers, run.options.progress, "pruning", "tensor"),
                                             level.counts)):
         array = run.dense[i]
         stats = (_sequential_stats(run, layer) if run.sequential and calibratable(layer)
@@ -543,11 +545,3 @@ def _sparse_saving(layers, rows) -> int:
 
 def _as_bytes(source) -> bytes:
     return source if isinstance(source, bytes) else source.SerializeToString()
-
-
-def _progress(items, enabled: bool, label: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=label, unit="tensor", leave=False, delay=1.0)  # only for slow steps

@@ -134,3 +134,13 @@ def _label(row: LayerRow) -> str:
     says nothing; the JSON keeps both)."""
     name = row.node if (row.name.startswith("onnx::") or not row.name) and row.node else row.name
     return name if not row.graph else f"{row.graph}/{name}"
+
+
+def progress_bar(items, enabled: bool, label: str, unit: str):
+    """`items`, with a progress bar on stderr when enabled (it appears only for steps that take
+    over a second)."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, unit=unit, leave=False, delay=1.0)

@@ -16,6 +16,7 @@ from .. import data, layout
 from ..errors import OnnxPruneError
 from ..external_session import session_for
 from ..graph import Layer
+from ..report import progress_bar
 from ..runtime import provider_name, run
 from .accumulators import LayerStats
 
@@ -48,7 +49,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
     rngs = {layer.name: np.random.default_rng([seed, zlib.crc32(layer.name.encode())])
             for layer in layers}
     samples = n_batches = 0
-    for feeds in _progress(batches, progress):
+    for feeds in progress_bar(batches, progress, "calibrating", "batch"):
         probes = [probe_name(n) for n in wanted]
         values = dict(zip(wanted, run(session, probes, feeds))) if wanted else {}
         values.update(feeds)
@@ -155,11 +156,3 @@ def _session_with_outputs(model: onnx.ModelProto, names: list[str], device: str)
 def probe_name(name: str) -> str:
     """The extra graph output that copies the value `name` (see _session_with_outputs)."""
     return f"{name}::onnxprune_probe"
-
-
-def _progress(batches, enabled):
-    if not enabled:
-        return batches
-    from tqdm import tqdm
-
-    return tqdm(batches, desc="calibrating", unit="batch", leave=False, delay=1.0)
