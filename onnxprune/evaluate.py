@@ -130,12 +130,16 @@ class _Model:
         if output is not None and output not in names:
             raise OnnxPruneError(f"{what}the model has no output '{output}' (its outputs: "
                                  f"{', '.join(names)})")
+        measured = output or names[0]
+        if next(o.type for o in session.get_outputs() if o.name == measured) == "tensor(bfloat16)":
+            raise OnnxPruneError(f"{what}output '{measured}' is bfloat16, which onnxruntime's "
+                                 "Python API cannot return: eval cannot measure it")
         try:
             inputs = session_inputs(session)
             samples = check_against_model(raw, inputs)
         except OnnxPruneError as e:
             raise OnnxPruneError(f"{what}{e}") from None
-        return cls(session, output or names[0], samples, fixed_batch(inputs))
+        return cls(session, measured, samples, fixed_batch(inputs))
 
     def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """The measured output for a batch; a fixed batch size is met by cutting the batch and
@@ -267,6 +271,7 @@ class _Fidelity:
         self.cosine_sum = 0.0
         self.top1_agree = 0
         self.max_abs_diff = 0.0
+        self.finite_values = 0  # (model, reference) output pairs both finite
         self.nonfinite_samples = 0
         self.count = 0
         self.is_2d = False
@@ -287,6 +292,7 @@ class _Fidelity:
         with np.errstate(invalid="ignore", over="ignore"):
             self.cosine_sum += float(np.sum(np.nan_to_num(_row_cosine(a, b), nan=0.0)))
             both = np.isfinite(a) & np.isfinite(b)
+            self.finite_values += int(np.count_nonzero(both))
             self.max_abs_diff = max(self.max_abs_diff, float(np.abs(a - b)[both].max(initial=0.0)))
         self.is_2d = out.ndim == 2
         if self.is_2d:
@@ -298,7 +304,10 @@ class _Fidelity:
 
     def metrics(self) -> dict:
         n = max(self.count, 1)
-        result = {"mean_cosine": self.cosine_sum / n, "max_abs_diff": self.max_abs_diff,
+        # no finite value to compare: no largest change to report (0 would read as identical)
+        no_change = self.nonfinite_samples and not self.finite_values
+        result = {"mean_cosine": self.cosine_sum / n,
+                  "max_abs_diff": None if no_change else self.max_abs_diff,
                   "nonfinite_samples": self.nonfinite_samples}
         if self.is_2d:
             result["top1_agreement"] = self.top1_agree / n

@@ -65,7 +65,9 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     """Prune a model (a path, bytes or a ModelProto; never modified).
 
     `sparsity` is one level, or a list of levels (a trail: one load and one calibration pass,
-    one model per level; with `output`, level s goes to `<output stem>.s<s>.onnx`).
+    one model per level; with `output`, level s goes to `<output stem>.s<s>.onnx`). A level of a
+    trail equals a single run at that level, except with ltp (one optimisation path: its
+    per-layer counts may differ slightly).
     With `output`, each model is written atomically after it was verified in onnxruntime
     (unless verify=False). Returns a PruneResult, or a list of them for a trail.
 
@@ -301,7 +303,7 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
         stats = (_sequential_stats(run, layer) if run.sequential and calibratable(layer)
                  else run.stats.get(layer.key))
         if stats is None and (run.method in CALIBRATED_METHODS or run.refit):
-            fallback.append(layer.name)
+            fallback.append(layer.key)
         cut = None  # a magnitude cut, unless the calibrated method solves the layer
         if run.method not in CALIBRATED_METHODS or stats is None:
             cut = (level.ranking and level.ranking.cut(i, n_zero, array)) or magnitude.layer_cut(array, n_zero)
@@ -440,7 +442,8 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
     if not calibrated:
         raise OnnxPruneError("ltp: no layer has calibration statistics (layers inside subgraphs, "
                              "with unresolved layouts or shared by nodes that use them "
-                             "differently cannot be calibrated)")
+                             "differently cannot be calibrated); dc and --refit prune such "
+                             "layers by magnitude, as do the data-free methods")
     targets = [sum(counts) - sum(counts[i] for i in others) for counts in mt_counts_per_level]
     if len(set(targets)) != len(targets):
         raise OnnxPruneError("ltp: two sparsity levels give the same number of zeros")

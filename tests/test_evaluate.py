@@ -207,3 +207,13 @@ def test_strict_json_has_no_nan_literals():
     assert json.loads(to_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": {"d": 2},
                                "e": np.float32(1.5), "f": np.float32("nan"), "g": np.int64(3)})) == \
         {"a": None, "b": [None, 1.5], "c": {"d": 2}, "e": 1.5, "f": None, "g": 3}
+
+
+def test_no_finite_output_has_no_largest_change():
+    from onnxprune.evaluate import _Fidelity
+
+    fidelity = _Fidelity(keep_embeddings=False, output="y")
+    fidelity.add(np.full((2, 3), np.nan, np.float32), np.ones((2, 3), np.float32))
+    metrics = fidelity.metrics()
+    assert metrics["max_abs_diff"] is None and metrics["nonfinite_samples"] == 2
+    assert "max abs diff" not in format_metrics(metrics)
