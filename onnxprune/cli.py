@@ -12,7 +12,7 @@ import click
 
 from . import __version__, budget
 from .errors import OnnxPruneError
-from .modelio import output_files
+from .writer import output_files
 from .runtime import DEVICES
 from .prune import (ALLOCATIONS, METHODS, MT_VARIANTS, STORAGES, default_output, level_output,
                     prune)

@@ -95,7 +95,7 @@ def _inline_subgraph_tensors(model: onnx.ModelProto, inlined: list) -> None:
 
 def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:
     """The model and its weights written to a temporary folder and loaded from there."""
-    from .modelio import save_model
+    from .writer import save_model
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # save_model re-points the tensors it writes

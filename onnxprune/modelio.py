@@ -5,9 +5,7 @@ Nothing here does pruning math; tensors are edited by the caller and written bac
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from . import mapped, wire
-from .parallel import map_in_threads, read_chunk, scratch
-from .errors import OnnxPruneError, one_line
+from .errors import OnnxPruneError
 from .wire import TENSOR_DATA_FIELDS
 
 PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised in one piece
@@ -30,12 +27,6 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path | None  # None when the model was given in memory
     data_files: list[Path]  # external data files of the input
-    stage: object | None = None  # staging.OutputStage of the output being written, if any
-    # With defer_writes, new values of inline tensors wait here ({id: (tensor, array)}) and go
-    # straight from the arrays into the written file: replacing raw_data in the proto first
-    # would leave the old bytes in protobuf's arena, which frees nothing until the model goes.
-    defer_writes: bool = False
-    pending: dict = dataclass_field(default_factory=dict)
 
     @property
     def external_data(self) -> bool:
@@ -44,59 +35,6 @@ class LoadedModel:
     @property
     def files(self) -> list[Path]:
         return ([self.path] if self.path else []) + self.data_files
-
-    def flush_pending(self) -> None:
-        """Put the deferred values into the proto (after the file was written)."""
-        while self.pending:
-            _, (tensor, array) = self.pending.popitem()
-            write_array(tensor, array)
-
-    def stage_output(self, output) -> None:
-        """Write external tensors straight into the data file of `output` from now on (models
-        with external data; None: back to writing them into the proto)."""
-        from .staging import OutputStage
-
-        if self.stage is not None:
-            self.stage.close()
-        self.stage = OutputStage(self.model, output) if output and self.external_data else None
-
-    def streams(self, tensor: onnx.TensorProto) -> bool:
-        """Whether the tensor's new value can go straight into the staged output's data file."""
-        return self.stage is not None and self.stage.covers(tensor)
-
-    def rewrite(self, tensor: onnx.TensorProto, values: np.ndarray, fn, chunk_size: int) -> list:
-        """Replace a streamed tensor's values chunk by chunk, never holding it whole:
-        fn(chunk, start, out) returns (the new flat chunk, *info) for the chunk of `values` (the
-        input's, usually a memory map: not what an earlier level of a trail wrote) at flat index
-        `start` (`out`: a buffer it may write it into); each new chunk is written at its place.
-        Returns every chunk's info, in order."""
-        flat = values.reshape(-1)
-
-        def one(start):
-            n = min(chunk_size, flat.size - start)
-            chunk = read_chunk(flat, start, start + n, "in")
-            new, *info = fn(chunk, start, scratch("out", n, flat.dtype))
-            new = np.ascontiguousarray(new, dtype=flat.dtype)
-            self.stage.write_part(tensor, start * flat.dtype.itemsize, memoryview(new.view(np.uint8)))
-            return info
-
-        infos = map_in_threads(one, range(0, flat.size, chunk_size))
-        self.stage.written(tensor)
-        return infos
-
-    def write_array(self, tensor: onnx.TensorProto, array: np.ndarray) -> None:
-        """Replace a tensor's values: at its place in the staged output's data file when there is
-        one, else in the proto (`write_array`)."""
-        if self.stage is None or not self.stage.covers(tensor):
-            if self.defer_writes:
-                self.pending[id(tensor)] = (tensor, _little_endian(tensor, array))
-            else:
-                write_array(tensor, array)
-            return
-        source = {e.key: e.value for e in tensor.external_data}
-        self.stage.write(tensor, memoryview(_little_endian(tensor, array).reshape(-1).view(np.uint8)))
-        # the tensor just written may still be read by the caller; the pages of the others go
-        mapped.drop_resident_pages(keep=(source["location"], int(source.get("offset", 0))))
 
 
 def iter_graphs(graph: onnx.GraphProto):
@@ -292,7 +230,7 @@ def take_array(tensor: onnx.TensorProto) -> np.ndarray:
 def write_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     """Replace a tensor's values in the proto, keeping its name, dtype and dims (raw
     little-endian bytes; an external tensor becomes inline)."""
-    array = _little_endian(tensor, array)
+    array = little_endian(tensor, array)
     for name in TENSOR_DATA_FIELDS:  # raw_data is set just below
         tensor.ClearField(name)
     make_inline(tensor, array.tobytes())
@@ -321,7 +259,7 @@ def point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> 
     refer_to(tensor, (("location", location), ("offset", str(offset)), ("length", str(length))))
 
 
-def _little_endian(tensor: onnx.TensorProto, array: np.ndarray) -> np.ndarray:
+def little_endian(tensor: onnx.TensorProto, array: np.ndarray) -> np.ndarray:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     array = np.asarray(array, dtype=dtype, order="C")  # ascontiguousarray makes a scalar 1-d
     assert tuple(array.shape) == tuple(tensor.dims), (array.shape, tensor.dims)
@@ -333,90 +271,6 @@ def resolve_external(model: onnx.ModelProto) -> None:
     for tensor in iter_tensors(model):
         if is_external(tensor):
             write_array(tensor, np.asarray(tensor_to_array(tensor)))
-
-
-def output_files(path, external_data: bool) -> list[Path]:
-    """The model file, then its data file when tensors are stored externally."""
-    path = Path(path)
-    return [path] + ([path.with_name(path.name + ".data")] if external_data else [])
-
-
-def check_targets(targets: list[Path], force: bool, protect=()) -> None:
-    protected = {Path(p).resolve() for p in protect}
-    for target in targets:
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.is_dir():
-            raise OnnxPruneError(f"{folder}: output folder does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise OnnxPruneError(f"{folder}: output folder is not writable")
-        if target.resolve() in protected:
-            raise OnnxPruneError(f"{target}: refusing to overwrite the input model or its data")
-        if target.is_dir():
-            raise OnnxPruneError(f"{target}: is a directory")
-        if target.exists() and not force:
-            raise OnnxPruneError(f"{target}: already exists (use --force to overwrite)")
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
-               force: bool = False, protect: tuple[Path, ...] = (), check=None,
-               stage=None, replacements: dict | None = None) -> list[Path]:
-    """Write atomically: into a temporary folder beside the target, then renamed into place.
-
-    With external data (a model with external tensors, external_data=True, or over 2 GB),
-    tensors go to `<name>.data` next to the model: external tensors at their offsets (through
-    `stage`, the staging.OutputStage that pruned tensors were already written to, or a new one),
-    inline tensors of 1 KiB or more after them. `check(path)` runs on the finished temporary copy
-    before anything is moved into place: if it raises, no output appears. Returns the files
-    written. `protect` lists paths never to overwrite, even with force (the input and its data).
-    After the move, the model's external tensors refer to the written data file.
-    """
-    from .staging import OutputStage, make_temp_folder
-
-    path = Path(path)
-    external_data = (external_data or stage is not None or _has_external(model)
-                     or _inline_nbytes(model) > PROTOBUF_LIMIT - (64 << 20))
-    targets = output_files(path, external_data)
-    check_targets(targets, force, protect)
-    parent = path.parent if str(path.parent) else Path(".")
-    if external_data and stage is None:
-        stage = OutputStage(model, path)
-    tmp = stage.tmp if stage is not None else make_temp_folder(parent)
-    try:
-        if stage is not None:
-            stage.finish(model, tmp / path.name)
-        else:
-            write_streamed(model, tmp / path.name, replacements)
-        if check is not None:
-            check(tmp / path.name)
-        for target in reversed(targets):  # the model file appears last
-            os.replace(tmp / target.name, target)
-        if stage is not None:
-            stage.settle(model, targets[-1])
-    except OSError as e:
-        raise OnnxPruneError(f"{path}: cannot write output ({e.strerror})") from None
-    finally:
-        if stage is not None:
-            stage.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return targets
-
-
-def check_by_path(candidate: Path, reference=None) -> str | None:
-    """The ONNX checker on a written model, by path (the only way it takes models over 2 GB).
-
-    Raises OnnxPruneError when the candidate fails and the reference (the input: a path or
-    bytes) passes; returns a note when both fail, else None."""
-    try:
-        onnx.checker.check_model(str(candidate))
-        return None
-    except Exception as e:  # ValidationError, or errors of the C++ loader
-        problem = one_line(e)
-    try:
-        if reference is not None:
-            onnx.checker.check_model(reference if isinstance(reference, bytes) else str(reference))
-    except Exception:
-        return f"the ONNX checker rejects the input model too: {problem}"
-    raise OnnxPruneError(f"the pruned model fails the ONNX checker: {problem}")
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
@@ -432,11 +286,11 @@ def data_nbytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in iter_tensors(model))
 
 
-def _has_external(model: onnx.ModelProto) -> bool:
+def has_external(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in iter_tensors(model))
 
 
-def _inline_nbytes(model: onnx.ModelProto) -> int:
+def inline_nbytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in iter_tensors(model) if not is_external(t))
 
 

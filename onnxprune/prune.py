@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import budget, graph, modelio, solve, storage
+from . import budget, graph, modelio, solve, storage, writer
 from .calibration.collect import (GroupedStatistics, accumulator_bytes, calibratable,
                                   calibration_groups, collect_statistics, open_session)
 from .calibration.source import CalibrationSet, load_calibration
@@ -91,7 +91,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     timings: dict[str, float] = {}
     with _timed(timings, "load"):
         loaded, layers, skipped, biases = _load(model, include, exclude, dims)
-    run = _Run(model, loaded, layers, skipped, biases, method=method, allocation=allocation,
+    run = _Run(model, loaded, writer.ModelWriter(loaded), layers, skipped, biases, method=method,
+               allocation=allocation,
                refit=refit, sequential=sequential, trail=trail, storage_format=storage_format,
                force=force, verify=verify, dims=dims, max_memory=max_memory,
                options=CalibrationOptions(batch_size, row_cap, max_positions, device, seed, progress))
@@ -115,7 +116,7 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
             # a written level of a trail lives in its file: later levels rewrite loaded.model
             results.append(PruneResult(None if trail and level.output is not None else pruned, report))
     finally:  # a stage not saved (an error, Ctrl-C, SIGTERM) goes now, not at exit
-        loaded.stage_output(None)
+        run.writer.stage_output(None)
     return results if trail else results[0]
 
 
@@ -134,6 +135,7 @@ class _Run:
     """What the stages of one run share: the model, its layers, the settings, the statistics."""
     source: object  # prune()'s model argument (never modified)
     loaded: modelio.LoadedModel
+    writer: writer.ModelWriter  # where new values go: the proto, a staged data file, or later
     layers: list[graph.Layer]
     skipped: list[graph.Skipped]
     biases: dict[str, np.ndarray]  # dense biases by layer key, scaled
@@ -188,7 +190,7 @@ def _plan_outputs(model, output, levels, trail, force) -> list[Path | None]:
     outputs = [level_output(output, s) if trail else Path(output) for s in levels]
     inputs = (model,) if isinstance(model, (str, os.PathLike)) else ()
     for out in outputs:
-        modelio.check_targets(modelio.output_files(out, False), force, protect=inputs)
+        writer.check_targets(writer.output_files(out, False), force, protect=inputs)
     return outputs
 
 
@@ -280,16 +282,16 @@ def _allocate_levels(run: _Run, levels, outputs, min_keep, mt_variant) -> list[_
 
 def _start_level(run: _Run, level: _Level, first: bool) -> None:
     """Where this level's tensors go, and the dense weights back for a later sequential level."""
-    run.loaded.stage_output(level.output)  # external data: pruned tensors go straight to the output's data file
+    run.writer.stage_output(level.output)  # external data: pruned tensors go straight to the output's data file
     if run.sequential and run.trail and not first and any(layer.shared_inputs for layer in run.layers):
         # a shared weight's other uses see it and the layers after it: dense again, as in a
         # single level, or this level's statistics would depend on the level before
         for layer, values in zip(run.layers, run.dense):
-            run.loaded.write_array(layer.tensor, values)
+            run.writer.write_array(layer.tensor, values)
             if layer.key in run.biases:  # a refitted bias too
-                run.loaded.write_array(layer.bias, _scaled(run.biases[layer.key], 1 / layer.bias_scale))
+                run.writer.write_array(layer.bias, _scaled(run.biases[layer.key], 1 / layer.bias_scale))
     # one written level of dense storage: new inline values go from arrays to the file
-    run.loaded.defer_writes = (level.output is not None and not run.trail and run.storage_format == "dense"
+    run.writer.defer = (level.output is not None and not run.trail and run.storage_format == "dense"
                                and not run.sequential and not run.loaded.external_data)
 
 
@@ -308,21 +310,21 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
         if run.method not in CALIBRATED_METHODS or stats is None:
             cut = (level.ranking and level.ranking.cut(i, n_zero, array)) or magnitude.layer_cut(array, n_zero)
         new_bias, note = None, ""
-        if cut is not None and not (run.refit and stats is not None) and run.loaded.streams(layer.tensor):
+        if cut is not None and not (run.refit and stats is not None) and run.writer.streams(layer.tensor):
             # a mask alone: straight from the input's data file into the output's, in chunks
-            parts = run.loaded.rewrite(layer.tensor, array, lambda chunk, start, out:
+            parts = run.writer.rewrite(layer.tensor, array, lambda chunk, start, out:
                                        magnitude.apply_cut(chunk, cut, start, out), magnitude.CHUNK)
             zeros_before, zeros_after = (sum(p[i] for p in parts) for i in (0, 1))
         else:
             new, new_bias, note = _new_layer_weights(run, layer, array, n_zero, cut, stats)
             zeros_before, zeros_after = int(np.count_nonzero(array == 0)), int(np.count_nonzero(new == 0))
-            run.loaded.write_array(layer.tensor, new)
+            run.writer.write_array(layer.tensor, new)
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              zeros_before, zeros_after, layer.graph,
                              "; ".join(x for x in (note, "bias refitted" if new_bias is not None
                                                    else "") if x), layer.node))
         if new_bias is not None:
-            run.loaded.write_array(layer.bias, _scaled(new_bias, 1 / layer.bias_scale))
+            run.writer.write_array(layer.bias, _scaled(new_bias, 1 / layer.bias_scale))
         if run.detach:
             run.dense[i] = None  # its data now lives in the proto again
     if run.sequential:  # one pass per layer, plus the learned allocation's over the dense model
@@ -401,7 +403,7 @@ def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelPr
 
     def check(candidate):
         if run.verify and isinstance(candidate, Path):  # the checker by path: the only way over 2 GB
-            report.notes.extend(filter(None, [modelio.check_by_path(candidate, reference)]))
+            report.notes.extend(filter(None, [writer.check_by_path(candidate, reference)]))
         if run.verify and too_big:
             report.notes.append(too_big)
         elif run.verify:
@@ -409,10 +411,10 @@ def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelPr
                                                  device=run.options.device)
 
     if output is not None:
-        written = modelio.save_model(pruned, output, external_data=loaded.external_data,
-                                     force=run.force, protect=tuple(loaded.files), check=check,
-                                     stage=loaded.stage, replacements=loaded.pending)
-        loaded.flush_pending()  # the returned model holds the new values too
+        written = writer.save_model(pruned, output, external_data=loaded.external_data,
+                                    force=run.force, protect=tuple(loaded.files), check=check,
+                                    stage=run.writer.stage, replacements=run.writer.pending)
+        run.writer.flush_pending()  # the returned model holds the new values too
         report.output_files = [str(p) for p in written]
         report.output_bytes = sum(p.stat().st_size for p in written)
     elif run.verify and modelio.data_nbytes(pruned) > modelio.PROTOBUF_LIMIT:

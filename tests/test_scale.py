@@ -263,7 +263,7 @@ def test_a_failed_check_leaves_no_output(tmp_path, monkeypatch):
 
 
 def test_checker_by_path_blames_the_output_only_when_the_input_passes(tmp_path):
-    from onnxprune.modelio import check_by_path
+    from onnxprune.writer import check_by_path
 
     good = save_external(stack(n_layers=1), tmp_path / "good.onnx", location="good.bin")
     broken = stack(n_layers=1)
