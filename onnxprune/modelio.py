@@ -1,6 +1,7 @@
-"""Reading and writing ONNX files: clear errors for bad input, atomic writes, external data.
+"""Reading ONNX files and their tensors: clear errors for bad input, external data read where it
+is, a tensor's values replaced in the proto. Writing outputs is writer.py's.
 
-Nothing here does pruning math; tensors are edited by the caller and written back as they are.
+Nothing here does pruning math.
 """
 from __future__ import annotations
 

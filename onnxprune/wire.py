@@ -30,7 +30,7 @@ _SPARSE_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["sparse_initializer"].
 def read_model(path: Path) -> onnx.ModelProto:
     """Parse a model file (sparse) initializer by initializer, so memory never holds the file's bytes
     and the parsed model at once (onnx.load needs both: twice the file size). Raises protobuf's
-    DecodeError, ValueError or EOFError for what is not a whole ModelProto."""
+    DecodeError, RuntimeError, ValueError or EOFError for what is not a whole ModelProto."""
     model = onnx.ModelProto()
     size = path.stat().st_size
     with open(path, "rb") as f:
