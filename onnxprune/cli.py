@@ -93,7 +93,7 @@ def _parse_dims(values) -> dict[str, int]:
                    "--refit).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the pruned model.  [default: MODEL.pruned.onnx beside MODEL]")
-@click.option("--min-keep", type=float, default=0.05, show_default=True,
+@click.option("--min-keep", type=click.FloatRange(0, 100, max_open=True), default=0.05, show_default=True,
               help="global-mt: every layer keeps at least this PERCENT of ALL prunable weights "
                    "(a count, the same for every layer; 0.05 = 0.05%).")
 @click.option("--mt-variant", type=click.Choice(MT_VARIANTS), default=MT_VARIANTS[0],
@@ -134,7 +134,7 @@ def _parse_dims(values) -> dict[str, int]:
                    "layers already pruned (dc, ltp or --refit; one calibration pass per layer: "
                    "slower, and on the README's reference models not more accurate). "
                    "Default: all statistics from the dense model in one pass.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Seed for calibration subsampling and stochastic solvers.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input).")
 @click.option("--no-verify", is_flag=True,
@@ -154,7 +154,8 @@ def _parse_dims(values) -> dict[str, int]:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the report as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="ltp: save a PNG of the learned-threshold objective per optimisation step.")
+              help="ltp: save a PNG of the learned-threshold objective per optimisation step "
+                   "(needs matplotlib: pip install \".[plot]\").")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, include, exclude,
                   calib, calib_samples, batch_size, allocation, refit, sequential, seed,
@@ -169,6 +170,7 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
     levels: list[float] = []
     try:
         levels = _parse_sparsity(sparsity_text)
+        _check_unused_options(click.get_current_context(), method, refit)
         if plot_path is not None and method != "ltp":
             raise OnnxPruneError("--plot shows the LTP objective: use it with --method ltp")
         if plot_path is not None:
@@ -213,7 +215,8 @@ def _parse_sparsity(text: str) -> list[float]:
     return levels  # prune() checks their range and order
 
 
-@main.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@main.command("eval", context_settings={"help_option_names": ["-h", "--help"]},
+              short_help="Accuracy or fidelity of a model on a data set.")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", required=True, metavar="PATH",
               help="An .npz keyed by model input name (first axis = samples), with integer class "
@@ -275,6 +278,21 @@ def to_json(data) -> str:
             return {k: finite(v) for k, v in x.items()}
         return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
     return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
+
+
+def _check_unused_options(ctx: click.Context, method: str, refit: bool) -> None:
+    """Options given on the command line that this method would ignore (the library takes
+    them silently, so that one call can loop over methods)."""
+    given = {name for name in ("calib", "min_keep", "mt_variant")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if "calib" in given and method not in ("dc", "ltp") and not refit:
+        raise OnnxPruneError(f"--calib is used by dc, ltp and --refit; method '{method}' uses "
+                             "no calibration data")
+    for name in sorted(given & {"min_keep", "mt_variant"}):
+        if method in ("layer", "global"):
+            raise OnnxPruneError(f"--{name.replace('_', '-')} sets the Minimum Threshold of "
+                                 f"global-mt (and of dc's and ltp's allocations); method "
+                                 f"'{method}' has none")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -119,8 +119,8 @@ def find_layers(model: onnx.ModelProto, include: str | None = None,
         elif layer.role == "embedding":
             skipped.append(Skipped(layer.name, layer.op, "embedding table (use --include)"))
         elif layer.role == "recurrent":
-            skipped.append(Skipped(layer.name, layer.op, f"{layer.op} weight: not a Conv / Gemm / "
-                                   "MatMul layer (--include its name to prune it by magnitude)"))
+            skipped.append(Skipped(layer.name, layer.op, f"{layer.op} weight, not a Conv / Gemm / "
+                                   "MatMul layer: --include its name to prune it by magnitude"))
     return layers, skipped
 
 

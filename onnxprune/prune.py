@@ -392,8 +392,10 @@ def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelPr
     if run.storage_format == "sparse":
         cap = min(run.max_memory, modelio.PROTOBUF_LIMIT - (64 << 20)) if loaded.external_data else None
         converted, over = storage.to_sparse_initializers(pruned, {layer.key for layer in layers}, cap)
-        report.notes.append(f"{len(converted)} of {len(layers)} pruned tensors stored sparse "
-                            "(the others are smaller dense or are not initializers)")
+        dense = [layer.key for layer in layers if layer.key not in set(converted)]
+        report.notes.append(f"{len(converted)} of {len(layers)} pruned tensors stored sparse"
+                            + (f"; dense (smaller so, or not an initializer): {', '.join(dense[:5])}"
+                               + (" ..." if len(dense) > 5 else "") if dense else ""))
         if over:
             report.notes.append(f"{len(over)} tensors stay dense: sparse tensors are stored inline "
                                 f"and the inline limit of {budget.describe(cap)} was reached")

@@ -83,7 +83,7 @@ class PruneReport:
         lines.append("")
         lines.append(f"method {self.method}: {self.zeros:,} of {self.params:,} prunable weights are "
                      f"zero, sparsity {_pct(self.sparsity, 2)} (target {_pct(self.target_sparsity, 2)}), "
-                     f"{len(self.layers)} tensors")
+                     f"{len(self.layers)} tensor{'s' if len(self.layers) != 1 else ''}")
         by_reason: dict[str, list[str]] = {}
         for s in self.skipped:
             by_reason.setdefault(s["reason"], []).append(s["name"])
@@ -129,10 +129,15 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
+RECURRENT_LABELS = ("LSTM", "GRU", "RNN")  # one node, several tensors: the name tells them apart
+
+
 def _label(row: LayerRow) -> str:
     """The tensor's name; its node's where an exporter generated the tensor's (onnx::MatMul_733
     says nothing; the JSON keeps both)."""
-    name = row.node if (row.name.startswith("onnx::") or not row.name) and row.node else row.name
+    name = row.name
+    if (row.name.startswith("onnx::") or not row.name) and row.node:
+        name = f"{row.node} ({row.name})" if row.op in RECURRENT_LABELS else row.node
     return name if not row.graph else f"{row.graph}/{name}"
 
 

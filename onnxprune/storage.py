@@ -51,14 +51,14 @@ def to_sparse_initializers(model: onnx.ModelProto, keys: set[str],
                         sparse = candidate
                         room = None if room is None else room - nbytes
                     elif nbytes < dense:
-                        over.append(tensor.name)
+                        over.append(tensor_key(path, tensor.name))
                     del candidate
                 del array  # a mapped tensor's pages go with it
             if sparse is None:
                 keep.append(tensor)
             else:
                 graph.sparse_initializer.append(sparse)
-                converted.append(tensor.name)
+                converted.append(tensor_key(path, tensor.name))
         if len(keep) != len(graph.initializer):
             del graph.initializer[:]
             graph.initializer.extend(keep)

@@ -232,3 +232,12 @@ def test_the_command_runs_outside_the_main_thread(model_path):
     worker.start()
     worker.join()
     assert results[0].exit_code == 0, results[0].output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calib", "random"], "--calib is used by dc, ltp and --refit"),
+    (["-m", "global", "--mt-variant", "waterfill"], "--mt-variant sets the Minimum Threshold"),
+    (["-m", "layer", "--min-keep", "1"], "--min-keep sets the Minimum Threshold"),
+])
+def test_options_the_method_would_ignore_are_errors(model_path, args, message):
+    assert_one_line_error(run(model_path, "-s", "0.5", *args), message)
