@@ -313,8 +313,10 @@ def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3,
     theta_eff /= np.where(rms > 0, rms, 1.0).astype(np.float32)
     del pre
     fit = _ReluFit(X, Y, theta_eff, has_bias)
-    if _constant_inputs(fit.var, np.mean(np.square(X, dtype=np.float64), axis=0)):
-        return _by_magnitude(W, b, n_keep, X.mean(axis=0, dtype=np.float64))
+    # per column: the variance and the raw second moment (no second pass over X); without a
+    # bias the fit does not centre, and _by_magnitude needs no mean
+    if _constant_inputs(fit.var, fit.var + fit.mean ** 2):
+        return _by_magnitude(W, b, n_keep, fit.mean)
     if l1_reweight:
         fit.l1_weight = (fit.l1_weight * _reweight(W, l1_reweight)).astype(np.float32)
     V, c = fit.to_scaled(Uw, None if b is None else np.asarray(b, dtype=np.float64))
@@ -347,7 +349,7 @@ def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3,
     # a kept weight refitted to exactly 0 carries no calibration signal: keep its dense value
     new_w = np.where(mask & (new_w == 0), W, new_w)
     return _finite_or_magnitude(new_w, None if b is None else new_b.astype(np.asarray(b).dtype),
-                                W, b, n_keep, X.mean(axis=0, dtype=np.float64))
+                                W, b, n_keep, fit.mean)
 
 
 # --- blocks without ReLU: L1 least squares on the Gram matrix -----------------------------------
