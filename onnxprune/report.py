@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .graph import RECURRENT_OPS
+
 
 @dataclass
 class LayerRow:
@@ -129,15 +131,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
-RECURRENT_LABELS = ("LSTM", "GRU", "RNN")  # one node, several tensors: the name tells them apart
-
-
 def _label(row: LayerRow) -> str:
     """The tensor's name; its node's where an exporter generated the tensor's (onnx::MatMul_733
     says nothing; the JSON keeps both)."""
     name = row.name
     if (row.name.startswith("onnx::") or not row.name) and row.node:
-        name = f"{row.node} ({row.name})" if row.op in RECURRENT_LABELS else row.node
+        name = f"{row.node} ({row.name})" if row.op in RECURRENT_OPS else row.node  # W, R, B of one node
     return name if not row.graph else f"{row.graph}/{name}"
 
 
