@@ -90,9 +90,10 @@ def fixed_batch(inputs: Sequence[ModelInput]) -> int | None:
     return fixed.pop() if len(fixed) == 1 else None
 
 
-def check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise OnnxPruneError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
+def check_count(name: str, value, lowest: int = 1) -> None:
+    """A whole-number setting given to the library (True is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
+        raise OnnxPruneError(f"{name} must be a whole number of at least {lowest}, got {value!r}")
 
 
 def batch_rows(batch: Mapping[str, np.ndarray]) -> int:
@@ -114,7 +115,7 @@ def iter_batches(
     memory here, one batch at a time. Scalar inputs go whole into every batch, after the
     per-sample arrays (so the first value of a batch has its rows).
     """
-    check_batch_size(batch_size)
+    check_count("batch size", batch_size)
     if limit is not None and limit < 0:
         raise OnnxPruneError(f"sample limit must not be negative, got {limit}")
     per_sample = {k: v for k, v in samples.items() if k != LABELS_KEY and np.ndim(v)}

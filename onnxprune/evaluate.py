@@ -24,7 +24,7 @@ from onnxprune.data import (
     LABELS_KEY,
     batch_rows,
     check_against_model,
-    check_batch_size,
+    check_count,
     fixed_batch,
     iter_batches,
     load_samples,
@@ -41,6 +41,7 @@ from onnxprune.runtime import (
     run,
     session_inputs,
 )
+from onnxprune.verify import output_change
 
 # Rows of the similarity matrix computed at once when finding nearest neighbours.
 _NEIGHBOUR_BLOCK = 512
@@ -66,7 +67,7 @@ def evaluate(
     ``retrieval_agreement`` for unlabelled 2-D float outputs) need a ``reference`` model.
     """
     check_device(device)
-    check_batch_size(batch_size)
+    check_count("batch size", batch_size)
     raw = dict(data) if isinstance(data, Mapping) else load_samples(data)
     measured = _Model.open(model, device, output, raw, "")
     ref = None
@@ -287,13 +288,12 @@ class _Fidelity:
         b = ref.reshape(len(ref), -1).astype(np.float64)
         # NaN / inf where the reference is finite: the pruned model broke on that sample. Such
         # rows count as orthogonal, and the largest change is taken over the finite values.
-        broken = np.any(np.isfinite(b) & ~np.isfinite(a), axis=1)
-        self.nonfinite_samples += int(np.count_nonzero(broken))
+        broken, largest, finite_values = output_change(b, a)
+        self.nonfinite_samples += int(np.count_nonzero(broken.any(axis=1)))
+        self.finite_values += finite_values
+        self.max_abs_diff = max(self.max_abs_diff, largest)
         with np.errstate(invalid="ignore", over="ignore"):
             self.cosine_sum += float(np.sum(np.nan_to_num(_row_cosine(a, b), nan=0.0)))
-            both = np.isfinite(a) & np.isfinite(b)
-            self.finite_values += int(np.count_nonzero(both))
-            self.max_abs_diff = max(self.max_abs_diff, float(np.abs(a - b)[both].max(initial=0.0)))
         self.is_2d = out.ndim == 2
         if self.is_2d:
             self.top1_agree += int(np.sum(np.argmax(out, axis=1) == np.argmax(ref, axis=1)))

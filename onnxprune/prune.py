@@ -19,6 +19,7 @@ from . import budget, graph, modelio, solve, storage, writer
 from .calibration.collect import (GroupedStatistics, accumulator_bytes, calibratable,
                                   calibration_groups, collect_statistics, open_session)
 from .calibration.source import CalibrationSet, load_calibration
+from .data import check_count
 from .errors import OnnxPruneError
 from .methods import magnitude
 from .report import LayerRow, PruneReport, progress_bar
@@ -530,9 +531,9 @@ def _check_settings(model, device, include, exclude, dims, **counts) -> None:
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise OnnxPruneError(f"--dim {name}: a size must be a positive integer, got {size!r}")
     lowest = {"seed": 0, "calib_samples": 1, "batch_size": 1, "row_cap": 0, "max_positions": 1}
-    for name, value in counts.items():  # None: no limit
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < lowest[name]):
-            raise OnnxPruneError(f"{name} must be an integer of at least {lowest[name]}, got {value!r}")
+    for name, value in counts.items():
+        if value is not None:  # None: no limit
+            check_count(name, value, lowest[name])
 
 
 def _row_caps(layers, method, cap) -> dict[str, int]:

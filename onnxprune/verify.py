@@ -55,16 +55,27 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     for name, ref, out in zip(names, ref_outputs, outputs):
         ref, out = np.asarray(ref), np.asarray(out)
         if np.issubdtype(ref.dtype, np.number) and ref.shape == out.shape and ref.size:
-            ref, out = ref.astype(np.float64), out.astype(np.float64)
-            finite = np.isfinite(ref)
-            lost = int(np.count_nonzero(finite & ~np.isfinite(out)))
-            if lost:  # the pruning broke the model: not a result to write
+            broken, largest, _ = output_change(ref, out)
+            if broken.any():  # the pruning broke the model: not a result to write
                 raise OnnxPruneError(
-                    f"the pruned model's output '{name}' has {lost} NaN or infinite values where "
-                    "the input model's are finite (--no-verify, verify=False in the API, skips this check)")
-            both = finite & np.isfinite(out)
-            result["max_abs_diff"][name] = float(np.abs(ref - out)[both].max(initial=0.0))
+                    f"the pruned model's output '{name}' has {int(broken.sum())} NaN or infinite values "
+                    "where the input model's are finite (--no-verify, verify=False in the API, skips this check)")
+            result["max_abs_diff"][name] = largest
     return result
+
+
+def output_change(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """How far a pruned model's output moved from the reference's, finite values only.
+
+    (where out is NaN / inf but ref is finite, the largest |ref - out| over values finite in both,
+    how many values are finite in both). Verification and eval both measure this way.
+    """
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    ref_finite, out_finite = np.isfinite(ref), np.isfinite(out)
+    both = ref_finite & out_finite
+    with np.errstate(invalid="ignore", over="ignore"):
+        largest = float(np.abs(ref - out)[both].max(initial=0.0))
+    return ref_finite & ~out_finite, largest, int(np.count_nonzero(both))
 
 
 def _run(model, device, dims, feeds=None):

@@ -260,6 +260,7 @@ def test_exporter_generated_tensor_names_show_and_select_by_node_name():
     (dict(min_keep="abc"), "min-keep"),
     (dict(mt_variant="fill"), "unknown Minimum Threshold variant"),
     (dict(method="dc", calib="random", seed="x"), "seed"),
+    (dict(method="dc", calib="random", batch_size=True), "batch_size must be a whole number"),
     (dict(method="dc", calib="random", refit=True), "would change nothing"),
     (dict(method="ltp", calib="random", allocation="uniform"), "allocation"),
     (dict(sequential=True), "uses no calibration data"),
