@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 
 from . import budget, graph, modelio, solve, storage, writer
-from .calibration.collect import (GroupedStatistics, accumulator_bytes, calibratable,
-                                  calibration_groups, collect_statistics, open_session)
+from .calibration.collect import (GroupedStatistics, calibratable, calibration_groups,
+                                  collect_statistics, open_session, statistics_bytes)
 from .calibration.source import CalibrationSet, load_calibration
 from .data import check_count
 from .errors import OnnxPruneError
@@ -235,13 +235,13 @@ def _calibrate(run: _Run, calib, calib_samples) -> None:
     calib_set = run.calib_set = load_calibration(calib, run.loaded.model, calib_samples,
                                                  run.options.seed)
     caps = _row_caps(run.layers, run.method, run.options.row_cap)
-    groups = calibration_groups(run.layers, caps, run.max_memory)
+    groups = calibration_groups(run.layers, caps, run.max_memory, run.options.max_positions)
     if run.sequential and not run.learned_allocation:
         stats, calibration = {}, {"samples": calib_set.size, "provider": None}
     elif len(groups) <= 1:  # with --sequential, for the learned allocation (weights: per layer)
         stats, calibration = _collect(run, run.layers, caps, progress=run.options.progress)
     elif run.learned_allocation:
-        need = sum(accumulator_bytes(layer, caps.get(layer.key, 0)) for g in groups for layer in g)
+        need = statistics_bytes(run.layers, caps, run.options.max_positions)
         raise OnnxPruneError(
             f"ltp learns every layer at once and needs all their statistics together "
             f"({budget.describe(need)}, over --max-memory {budget.describe(run.max_memory)}): "

@@ -152,7 +152,12 @@ def ltp_allocation(layers: list[Layer], dense: list[np.ndarray], stats: dict[str
     """
     weights = [array.reshape(-1)[block_index(layer)] for layer, array in zip(layers, dense)]
     # one large inverse per layer: all BLAS threads
-    grams = [ltp.obs_gram(stats[layer.key].gram, rank=stats[layer.key].low_rank()) for layer in layers]
+    obs = {}  # layers with the same inputs share their LayerStats: one inverse for them all
+    for layer in layers:
+        shared = stats[layer.key]
+        if id(shared) not in obs:
+            obs[id(shared)] = ltp.obs_gram(shared.gram, rank=shared.low_rank())
+    grams = [obs[id(stats[layer.key])] for layer in layers]
     with threadpool_limits(limits=1, user_api="blas"):  # many small products: see dc_layer
         result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed, l0="total",
                                       loss="nsr", trail=targets if len(targets) > 1 else None)

@@ -10,7 +10,7 @@ import pytest
 
 import builders
 from onnxprune import OnnxPruneError, prune
-from onnxprune.calibration.collect import collect_statistics
+from onnxprune.calibration.collect import accumulator_bytes, calibration_groups, collect_statistics
 from onnxprune.calibration.source import load_calibration
 from onnxprune.graph import find_layers
 from onnxprune.runtime import make_session, providers_for
@@ -163,6 +163,44 @@ def test_statistics_over_the_budget_are_collected_in_groups_with_the_same_result
     assert whole.report.calibration.get("groups") is None
     with pytest.raises(OnnxPruneError, match="ltp learns every layer at once"):
         prune(model, 0.8, method="ltp", calib=data, max_memory=20_000)
+
+
+def _qkv(through_identity: bool) -> onnx.ModelProto:
+    """Three projections of one input (a transformer's Q, K, V) each followed by ReLU, plus one
+    of another tensor; with through_identity each projection reads its own Identity copy of x."""
+    rng = np.random.default_rng(21)
+    helper = onnx.helper
+    nodes, heads = [], []
+    for name in "qkv":
+        source = f"x_{name}" if through_identity else "x"
+        if through_identity:
+            nodes.append(helper.make_node("Identity", ["x"], [source]))
+        nodes += [helper.make_node("MatMul", [source, f"w{name}"], [name]),
+                  helper.make_node("Relu", [name], [f"{name}_relu"])]  # dc: the sampled rows
+        heads.append(f"{name}_relu")
+    nodes += [helper.make_node("Sum", heads, ["s"]), helper.make_node("MatMul", ["s", "wo"], ["y"])]
+    weights = [onnx.numpy_helper.from_array(builders.rand(rng, 12, 12), f"w{n}") for n in "qkvo"]
+    return builders.make_model(nodes, [builders.vinfo("x", ["n", 12])], [builders.vinfo("y", ["n", 12])],
+                               weights)
+
+
+def test_layers_reading_the_same_input_share_one_statistics_with_the_same_result():
+    model, apart = _qkv(False), _qkv(True)
+    x = np.random.default_rng(2).standard_normal((48, 12)).astype(np.float32)
+    layers, _ = find_layers(model)
+    stats, _ = collect_statistics(model, layers, [{"x": x}])
+    assert stats["wq"] is stats["wk"] is stats["wv"] and stats["wo"] is not stats["wq"]
+    assert calibration_groups(layers, {}, 10 ** 9) == [layers]
+    # a budget of one statistics: q, k, v together in one pass, o in the next
+    one = accumulator_bytes(layers[0])
+    assert [len(g) for g in calibration_groups(layers, {}, one)] == [3, 1]
+    for method, refit in (("dc", False), ("ltp", False), ("global-mt", True)):
+        shared = prune(model, [0.5, 0.8], method=method, refit=refit, calib={"x": x}, verify=False)
+        alone = prune(apart, [0.5, 0.8], method=method, refit=refit, calib={"x": x}, verify=False)
+        for a, b in zip(shared, alone):
+            for name in ("wq", "wk", "wv", "wo"):
+                np.testing.assert_array_equal(*(onnx.numpy_helper.to_array(
+                    next(t for t in r.model.graph.initializer if t.name == name)) for r in (a, b)))
 
 
 def test_a_sample_limit_takes_a_seeded_random_subset_not_a_prefix():

@@ -48,12 +48,15 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
     # keyed by name, so a layer sees the same positions whichever group it is collected in
     rngs = {layer.name: np.random.default_rng([seed, zlib.crc32(layer.name.encode())])
             for layer in layers}
+    owner = _owners(layers, row_cap or {}, max_positions)
     samples = n_batches = 0
     for feeds in progress_bar(batches, progress, "calibrating", "batch"):
         probes = [probe_name(n) for n in wanted]
         values = dict(zip(wanted, run(session, probes, feeds))) if wanted else {}
         values.update(feeds)
         for layer in layers:
+            if owner[layer.key] != layer.key:
+                continue  # its rows are another layer's: one LayerStats for both
             for name in (layer.input_name, *layer.shared_inputs):  # a shared weight: all its uses
                 rows = layout.input_rows(values[name], layer.op, layer.attrs,
                                          shapes[layer.name], layer.weight_side,
@@ -71,6 +74,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
     provider = provider_name(session)
     if samples == 0:
         raise OnnxPruneError("the calibration data holds no samples")
+    stats.update({key: stats[first] for key, first in owner.items() if key != first})
     info = {"samples": samples, "batches": n_batches, "provider": provider,
             "seconds": time.perf_counter() - start}
     return stats, info
@@ -90,23 +94,56 @@ def _wanted(model: onnx.ModelProto, layers: list[Layer]) -> list[str]:
                               if name not in graph_inputs))
 
 
+def _rows_key(layer: Layer, row_cap: int, max_positions: int | None):
+    """What a layer's input rows are computed from: layers with equal keys (a transformer's
+    Q, K and V projections read one tensor) get the same rows. None where the rows are drawn
+    at random per layer (im2col positions capped by max_positions)."""
+    if layer.op in ("Conv", "ConvTranspose") and max_positions is not None:
+        return None
+    return (layer.input_name, tuple(layer.shared_inputs), layer.op, layer.weight_side,
+            layer.operand_shape, repr(sorted(layer.attrs.items())), row_cap)
+
+
+def _owners(layers: list[Layer], row_cap: dict[str, int], max_positions: int | None) -> dict[str, str]:
+    """{layer key: the key of the first layer with the same rows}, among calibratable `layers`."""
+    first: dict = {}
+    owner = {}
+    for layer in filter(calibratable, layers):
+        rows = _rows_key(layer, row_cap.get(layer.key, 0), max_positions)
+        owner[layer.key] = layer.key if rows is None else first.setdefault(rows, layer.key)
+    return owner
+
+
 def accumulator_bytes(layer: Layer, row_cap: int = 0) -> int:
     """Memory the statistics of a calibratable layer will hold."""
     k, _, d_in = layout.block_shape(layer.operand_shape, layer.op, layer.attrs, layer.weight_side)
     return LayerStats.nbytes(k, d_in, row_cap=row_cap)
 
 
-def calibration_groups(layers: list[Layer], row_cap: dict[str, int], budget: int) -> list[list[Layer]]:
+def statistics_bytes(layers: list[Layer], row_cap: dict[str, int], max_positions: int | None) -> int:
+    """Memory the statistics of `layers` hold together (layers with the same rows share theirs)."""
+    owner = _owners(layers, row_cap, max_positions)
+    return sum(accumulator_bytes(layer, row_cap.get(layer.key, 0))
+               for layer in layers if owner.get(layer.key) == layer.key)
+
+
+def calibration_groups(layers: list[Layer], row_cap: dict[str, int], budget: int,
+                       max_positions: int | None = None) -> list[list[Layer]]:
     """The calibratable layers, in order, cut into runs whose statistics fit `budget` together
-    (one pass over the calibration data each; a layer over the budget alone is a run)."""
-    groups, used = [], 0
+    (one pass over the calibration data each; a layer over the budget alone is a run). A layer
+    whose rows another layer of its run already collects costs nothing more."""
+    groups, used, collected = [], 0, set()
     for layer in filter(calibratable, layers):
-        need = accumulator_bytes(layer, row_cap.get(layer.key, 0))
+        cap = row_cap.get(layer.key, 0)
+        rows = _rows_key(layer, cap, max_positions)
+        need = 0 if rows is not None and rows in collected else accumulator_bytes(layer, cap)
         if not groups or used + need > budget:
             groups.append([])
-            used = 0
+            used, collected = 0, set()
+            need = accumulator_bytes(layer, cap)
         groups[-1].append(layer)
         used += need
+        collected.add(rows)
     return groups
 
 
