@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -31,7 +32,14 @@ class _DefaultToPrune(click.Group):
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            if args[0].isidentifier() and not Path(args[0]).exists():  # `onnxprune help`
+                raise click.UsageError(f"'{args[0]}' is neither a command ({', '.join(self.commands)}) "
+                                       "nor a model file", ctx)
             args = ["prune", *args]
+        if args and args[0] in self.commands:
+            repeated = _repeated_option(self.commands[args[0]], args[1:])
+            if repeated:
+                raise click.UsageError(f"option {repeated} given more than once (it takes one value)", ctx)
         return super().parse_args(ctx, args)
 
     def main(self, *args, **kwargs):
@@ -53,6 +61,24 @@ class _DefaultToPrune(click.Group):
         except click.Abort:
             click.echo("onnxprune: error: interrupted", err=True)
             sys.exit(1)
+
+
+def _repeated_option(command: click.Command, args: list[str]) -> str | None:
+    """The first one-value option given twice (click would silently keep the last one)."""
+    seen = set()
+    for arg in args:
+        if arg == "--":
+            break
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.multiple or param.is_flag:
+                continue
+            if any(arg == opt or arg.startswith(opt + "=")
+                   or (len(opt) == 2 and arg.startswith(opt) and not arg.startswith("--"))
+                   for opt in param.opts):
+                if param.name in seen:
+                    return "/".join(param.opts)
+                seen.add(param.name)
+    return None
 
 
 @click.group(cls=_DefaultToPrune, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,12 +127,14 @@ def _parse_dims(values) -> dict[str, int]:
               help="global-mt: 'rescale' is the authors' allocation (rescale every layer's "
                    "sparsity, clamp, repeat); 'waterfill' keeps clamped layers at the minimum "
                    "and one global threshold for the rest.")
-@click.option("--include", metavar="REGEX", default=None,
+@click.option("--include", metavar="REGEX", multiple=True,
               help="Also prune tensors whose name, consumer node name or consumer op type "
-                   "matches (e.g. 'Gather' for embedding tables, 'bias', 'LayerNormalization').")
-@click.option("--exclude", metavar="REGEX", default=None,
+                   "matches (e.g. 'Gather' for embedding tables, 'bias', 'LayerNormalization'). "
+                   "Repeatable: any of them matches. A pattern matching nothing is an error.")
+@click.option("--exclude", metavar="REGEX", multiple=True,
               help="Do not prune tensors whose name, consumer node name or consumer op type "
-                   "matches (e.g. 'classifier|head', 'attention', 'ConvTranspose').")
+                   "matches (e.g. 'classifier|head', 'attention', 'ConvTranspose'). "
+                   "Repeatable: any of them matches. A pattern matching nothing is an error.")
 @click.option("--storage", type=click.Choice(STORAGES), default=STORAGES[0], show_default=True,
               help="dense: zeros stored in place (same layout, compresses well). sparse: ONNX "
                    "sparse_initializer (values + INT64 indices) where smaller. onnxruntime "
@@ -146,13 +174,14 @@ def _parse_dims(values) -> dict[str, int]:
               help="onnxruntime execution provider: cuda when onnxruntime-gpu and a GPU are "
                    "present (auto), else cpu; the report says which ran.")
 @click.option("--max-memory", default="1G", show_default=True, metavar="SIZE",
-              help="Memory budget (e.g. 512M, 4G). Data-free methods stream weights stored as "
+              help="Memory budget (e.g. 512M, 4G; K, M, G are binary: 1G = 1 GiB). Data-free methods stream weights stored as "
                    "external data in small chunks whatever this is; the output is "
                    "run in onnxruntime only if its weights fit, sparse tensors (stored inline) "
                    "are limited to it, and calibration statistics larger than it are collected "
                    "in several passes, one group of layers at a time.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="Also write the report as JSON to this file.")
+              help="Also write the report as JSON to this file (for a list of levels: "
+                   "{\"levels\": [one report per level]}).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="ltp: save a PNG of the learned-threshold objective per optimisation step "
                    "(needs matplotlib: pip install \".[plot]\").")
@@ -168,6 +197,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     levels: list[float] = []
+    outputs: list[Path] = []
+    stamps: dict[Path, int | None] = {}  # the outputs' modification times before the run
     try:
         levels = _parse_sparsity(sparsity_text)
         _check_unused_options(click.get_current_context(), method, refit)
@@ -179,11 +210,12 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
         output = output or default_output(model)
         outputs = [level_output(output, s) for s in levels] if len(levels) > 1 else [output]
         _check_side_outputs(report_path, plot_path, model, outputs)
+        stamps = {out: _stamp(out) for out in outputs}
         results = prune(model, levels if len(levels) > 1 else levels[0], method=method,
-                        output=output, min_keep=min_keep, mt_variant=mt_variant, include=include,
-                        exclude=exclude, calib=calib, calib_samples=calib_samples,
-                        batch_size=batch_size, allocation=allocation, refit=refit,
-                        sequential=sequential, seed=seed, storage_format=storage, force=force,
+                        output=output, min_keep=min_keep, mt_variant=mt_variant,
+                        include=list(include), exclude=list(exclude), calib=calib,
+                        calib_samples=calib_samples, batch_size=batch_size, allocation=allocation,
+                        refit=refit, sequential=sequential, seed=seed, storage_format=storage, force=force,
                         verify=not no_verify, dims=_parse_dims(dims), device=device,
                         progress=not quiet, max_memory=max_memory)
         results = results if isinstance(results, list) else [results]
@@ -197,9 +229,10 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
     except OnnxPruneError as e:
         _fail(e)
     except KeyboardInterrupt as e:
-        _fail(f"{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; "
-              "no partial output was left" + (" (levels already written are complete)"
-                                              if len(levels) > 1 else ""))
+        done = [str(out) for out in outputs if _stamp(out) not in (None, stamps.get(out))]
+        _fail(f"{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; no partial "
+              "output was left" + (f"; levels written and complete: {', '.join(done)}" if done else ""),
+              143 if isinstance(e, _Terminated) else 130)
     finally:
         if previous is not None:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
@@ -246,7 +279,7 @@ def eval_command(model, data_path, reference, batch_size, output_name, device, a
     except OnnxPruneError as e:
         _fail(e)
     except KeyboardInterrupt:
-        _fail("interrupted")
+        _fail("interrupted", 130)
     click.echo(to_json(metrics) if as_json else format_metrics(metrics))
 
 
@@ -259,10 +292,15 @@ def _check_side_outputs(report: Path | None, plot: Path | None, model: Path, out
     for path, what in ((report, "report"), (plot, "plot")):
         if path is None:
             continue
-        if not path.resolve().parent.is_dir():
+        folder = path.resolve().parent
+        if not folder.is_dir():
             raise OnnxPruneError(f"{path}: folder of the {what} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OnnxPruneError(f"{path}: folder of the {what} is not writable")
         if path.is_dir():
             raise OnnxPruneError(f"{path}: is a folder; the {what} needs a file name")
+        if path.exists() and not path.is_file():  # /dev/null would be renamed over
+            raise OnnxPruneError(f"{path}: not a regular file; the {what} needs a file path")
         if path.resolve() in models:
             raise OnnxPruneError(f"{path}: the {what} would overwrite a model or its data")
 
@@ -312,9 +350,17 @@ def _terminate(signum, frame):
     raise _Terminated
 
 
-def _fail(error) -> None:
+def _stamp(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _fail(error, code: int = 1) -> None:
+    """One line on stderr. Exit code 1; 130 / 143 after Ctrl-C / SIGTERM, as shells report them."""
     click.echo(f"onnxprune: error: {error}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

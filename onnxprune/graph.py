@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import ChainMap, Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,23 +95,41 @@ class Skipped:
     reason: str
 
 
-def find_layers(model: onnx.ModelProto, include: str | None = None,
-                exclude: str | None = None) -> tuple[list[Layer], list[Skipped]]:
+def name_pattern(patterns: str | Sequence[str] | None, option: str) -> re.Pattern | None:
+    """One regex for --include / --exclude given once or several times (any of them matches)."""
+    if patterns is None or isinstance(patterns, str):
+        patterns = [patterns] if patterns else []
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise OnnxPruneError(f"--{option} '{pattern}' is not a regular expression: {e}") from None
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = None,
+                exclude: str | Sequence[str] | None = None) -> tuple[list[Layer], list[Skipped]]:
     """All float constants that feed a node; those to prune have .role 'weight' by default.
 
     include / exclude are regexes matched (re.search) against the tensor name, the name of the
     node that uses it (exporters often name tensors `onnx::MatMul_733` and nodes by module
     path) and the op type of its consumers: include adds biases, norm parameters, embedding
-    tables or any other float constant; exclude removes tensors. Returns (layers to prune,
-    skipped tensors).
+    tables or any other float constant; exclude removes tensors. Each may be a list of regexes.
+    A pattern that matches no tensor is an error (a misspelt --exclude would prune what the
+    user meant to keep). Returns (layers to prune, skipped tensors).
     """
     finder = _Finder()
     finder.walk(model.graph, ChainMap(), "")
-    inc = re.compile(include) if include else None
-    exc = re.compile(exclude) if exclude else None
+    inc, exc = name_pattern(include, "include"), name_pattern(exclude, "exclude")
     layers, skipped = [], list(finder.skipped)
+    keys_of = {id(layer): [layer.name, layer.node, *layer.consumers] for layer in finder.layers.values()}
+    for option, given in (("include", include), ("exclude", exclude)):
+        for pattern in [given] if isinstance(given, str) else given or []:
+            if pattern and not any(re.search(pattern, k) for keys in keys_of.values() for k in keys):
+                raise OnnxPruneError(f"--{option} '{pattern}' matches no tensor name, node name or "
+                                     "op type of this model's weights")
     for layer in finder.layers.values():
-        keys = [layer.name, layer.node, *layer.consumers]
+        keys = keys_of[id(layer)]
         chosen = layer.role == "weight" or (inc is not None and any(inc.search(k) for k in keys))
         if exc is not None and any(exc.search(k) for k in keys):
             skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude"))

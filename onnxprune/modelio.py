@@ -118,6 +118,17 @@ def _constants_as_tensors(model: onnx.ModelProto) -> None:
                 "value", numpy_helper.from_array(values, node.output[0] if node.output else "")))
 
 
+def check_model_file(path: Path, what: str = "") -> None:
+    """One line for a model path that is not a readable file (`what`: which model, if several)."""
+    label = f"{what} {path}" if what else str(path)
+    if not path.exists():
+        raise OnnxPruneError(f"{label}: no such file")
+    if path.is_dir():
+        raise OnnxPruneError(f"{label}: is a directory, not an ONNX file")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise OnnxPruneError(f"{label}: not a regular file")
+
+
 def _load(source) -> LoadedModel:
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -126,10 +137,7 @@ def _load(source) -> LoadedModel:
     if isinstance(source, bytes):
         return LoadedModel(no_relative_data(_parse(source, "<bytes>"), "<bytes>"), None, [])
     path = Path(source)
-    if not path.exists():
-        raise OnnxPruneError(f"{path}: no such file")
-    if path.is_dir():
-        raise OnnxPruneError(f"{path}: is a directory, not an ONNX file")
+    check_model_file(path)
     try:
         model = _checked(wire.read_model(path), str(path))
     except OSError as e:

@@ -358,3 +358,13 @@ def test_which_gemm_biases_are_refitted(side, c_shape, refitted):
     assert new_c.shape == c.shape
     assert (not np.array_equal(new_c, c)) == refitted
     assert ("bias refitted" in result.report.layers[0].note) == refitted
+
+
+def test_a_layer_fitted_to_few_calibration_rows_gets_a_note():
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    with np.load(MODELS / "digits_calib.npz") as z:
+        x = z["input"]
+    one = prune(model, 0.8, method="dc", calib={"input": x[:1]}, verify=False)
+    assert any("few calibration rows" in n and "fc.weight (1 for 512 inputs)" in n for n in one.report.notes)
+    enough = prune(model, 0.8, method="dc", calib={"input": x[:64]}, verify=False)
+    assert not any("few calibration rows" in n for n in enough.report.notes)

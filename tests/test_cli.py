@@ -23,8 +23,8 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, *fragments, code=1):
+    assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("onnxprune: error: "), result.output
     assert "Traceback" not in result.output
@@ -220,7 +220,7 @@ def test_sigterm_mid_run_leaves_no_staged_output(tmp_path, monkeypatch):
     previous = signal.getsignal(signal.SIGTERM)
     result = run(path, "-s", "0.5", "-o", tmp_path / "out.onnx")
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler was for that run only
-    assert_one_line_error(result, "terminated; no partial output was left")
+    assert_one_line_error(result, "terminated; no partial output was left", code=143)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "w.bin"]
 
 
@@ -241,3 +241,52 @@ def test_the_command_runs_outside_the_main_thread(model_path):
 ])
 def test_options_the_method_would_ignore_are_errors(model_path, args, message):
     assert_one_line_error(run(model_path, "-s", "0.5", *args), message)
+
+
+def test_an_interrupted_trail_names_the_levels_it_wrote(model_path, tmp_path, monkeypatch):
+    import importlib
+
+    prune_module = importlib.import_module("onnxprune.prune")
+    finish, calls = prune_module._finish, []
+
+    def interrupted_at_the_second_level(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "_finish", interrupted_at_the_second_level)
+    result = run(model_path, "-s", "0.5,0.7,0.9", "-o", tmp_path / "t.onnx")
+    first = tmp_path / "t.s0.5.onnx"
+    assert_one_line_error(result, "interrupted; no partial output was left",
+                          f"levels written and complete: {first}", code=130)
+    assert sorted(p.name for p in tmp_path.glob("t*")) == ["t.s0.5.onnx"]
+
+
+def test_special_files_are_never_replaced_or_read(model_path, tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for args in (["-o", fifo, "--force"], ["--report", fifo]):
+        assert_one_line_error(run(model_path, "-s", "0.5", *args), str(fifo), "not a regular file")
+        assert fifo.is_fifo()
+    assert_one_line_error(run(fifo, "-s", "0.5"), "not a regular file")  # would block reading
+
+
+def test_include_and_exclude_repeat_and_must_match(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    result = run(model_path, "-s", "0.5", "-o", out, "--exclude", r"^0\.weight", "--exclude",
+                 r"^2\.weight", "--include", "bias", "--report", tmp_path / "r.json")
+    pruned = [row["name"] for row in json.loads((tmp_path / "r.json").read_text())["layers"]]
+    assert result.exit_code == 0 and pruned == ["0.bias", "2.bias"], result.output
+    assert_one_line_error(run(model_path, "-s", "0.5", "-o", tmp_path / "p.onnx", "--exclude", "classifer"),
+                          "--exclude 'classifer' matches no tensor")
+
+
+def test_repeated_options_and_unknown_commands_are_usage_errors(model_path):
+    for args in (["-s", "0.5", "-s", "0.6"], ["-s0.5", "--sparsity=0.6"]):
+        result = run(model_path, *args)
+        assert result.exit_code == 2 and "-s/--sparsity given more than once" in result.output
+    result = run("help")
+    assert result.exit_code == 2 and "'help' is neither a command (prune, eval) nor a model file" in result.output
