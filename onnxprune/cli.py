@@ -98,7 +98,7 @@ def _parse_dims(values) -> dict[str, int]:
 
 
 @main.command("prune", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("model", type=click.Path(readable=False, path_type=Path))  # errors: modelio
 @click.option("-s", "--sparsity", "sparsity_text", required=True, metavar="S[,S...]",
               help="Fraction of prunable weights to set to zero, in [0, 1). Weights that are "
                    "already zero count. 0.9 keeps 10% (a 10x compression ratio). A list "
@@ -250,7 +250,7 @@ def _parse_sparsity(text: str) -> list[float]:
 
 @main.command("eval", context_settings={"help_option_names": ["-h", "--help"]},
               short_help="Accuracy or fidelity of a model on a data set.")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(readable=False, path_type=Path))
 @click.option("--data", "data_path", required=True, metavar="PATH",
               help="An .npz keyed by model input name (first axis = samples), with integer class "
                    "labels under 'labels' for accuracy; or a folder / glob of .npz / <input>.npy files.")

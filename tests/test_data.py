@@ -180,3 +180,10 @@ def test_iter_batches_limit_and_bad_batch_size():
     assert list(iter_batches(samples, 4, limit=0)) == []
     with pytest.raises(OnnxPruneError, match="at least 1"):
         list(iter_batches(samples, 0))
+
+
+def test_a_file_that_is_not_an_npz_is_one_clear_error(tmp_path):
+    bad = tmp_path / "d.npz"
+    bad.write_bytes(b"not a zip at all")
+    with pytest.raises(OnnxPruneError, match=r"d.npz: not an .npz file \(a zip of .npy arrays"):
+        load_samples(bad)
