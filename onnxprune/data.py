@@ -23,7 +23,7 @@ from onnxprune.errors import OnnxPruneError, one_line
 LABELS_KEY = "labels"
 
 # (input name, numpy element dtype, shape with None/str for symbolic dimensions)
-ModelInput = tuple[str, np.dtype, Sequence[int | str | None]]
+ModelInput = tuple[str, np.dtype, Sequence[int | str | None] | None]  # shape None: any rank
 
 
 def load_samples(path_or_glob: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -86,7 +86,7 @@ def fixed_batch(inputs: Sequence[ModelInput]) -> int | None:
     Scalar inputs have no batch axis; inputs that fix different sizes fix none that fits all.
     """
     fixed = {int(shape[0]) for _, _, shape in inputs
-             if len(shape) and isinstance(shape[0], (int, np.integer)) and shape[0] > 0}
+             if shape and isinstance(shape[0], (int, np.integer)) and shape[0] > 0}
     return fixed.pop() if len(fixed) == 1 else None
 
 
@@ -200,7 +200,9 @@ def _as_array(name: str, value) -> np.ndarray:
     return arr
 
 
-def _check_shape(name: str, actual: tuple[int, ...], expected: Sequence) -> None:
+def _check_shape(name: str, actual: tuple[int, ...], expected: Sequence | None) -> None:
+    if expected is None:  # the model declares no shape: any rank
+        return
     if not len(expected) and len(actual):
         raise OnnxPruneError(
             f"input '{name}' is a scalar (rank 0): give one value of shape (), fed with every "

@@ -17,7 +17,7 @@ import onnx
 from . import budget, graph, modelio, solve, storage, writer
 from .calibration.collect import (GroupedStatistics, calibratable, calibration_groups,
                                   collect_statistics, open_session, statistics_bytes)
-from .calibration.source import CalibrationSet, load_calibration
+from .calibration.source import CalibrationSet, load_calibration, model_inputs
 from .data import check_count
 from .errors import OnnxPruneError
 from .methods import magnitude
@@ -417,11 +417,17 @@ def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelPr
     too_big = (budget.verification_note(modelio.data_nbytes(loaded.model), run.max_memory)
                if loaded.external_data else None)  # onnxruntime would hold every weight
 
+    unshaped = [name for name, _, dims in model_inputs(loaded.model) if dims is None]
+
     def check(candidate):
         if run.verify and isinstance(candidate, Path):  # the checker by path: the only way over 2 GB
             report.notes.extend(filter(None, [writer.check_by_path(candidate, reference)]))
         if run.verify and too_big:
             report.notes.append(too_big)
+        elif run.verify and unshaped:  # onnxruntime shows them as scalars: nothing to synthesise
+            report.verification = {"provider": None, "max_abs_diff": {}, "note": (
+                f"not run in onnxruntime: input {', '.join(map(repr, unshaped))} declares no "
+                "shape, so no synthetic input can be made for it")}
         elif run.verify:
             report.verification = compare_models(reference, candidate, dims=run.dims,
                                                  device=run.options.device)

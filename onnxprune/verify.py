@@ -52,16 +52,45 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
     except Exception as e:  # the input model itself does not run on synthetic data
         result["note"] = f"the input model did not run on synthetic inputs: {one_line(e)}"
         return result
+    remarks = []
     for name, ref, out in zip(names, ref_outputs, outputs):
-        ref, out = np.asarray(ref), np.asarray(out)
-        if np.issubdtype(ref.dtype, np.number) and ref.shape == out.shape and ref.size:
+        ref, out = comparable(ref), comparable(out)
+        if ref is None or out is None or ref.shape != out.shape:
+            remarks.append(f"output '{name}' not compared (not a numeric tensor)")
+        elif not np.issubdtype(ref.dtype, np.floating):  # labels, indices: a count, not a size
+            changed = int(np.count_nonzero(ref != out))
+            remarks.append(f"output '{name}': {changed} of {ref.size} values changed")
+        elif ref.size:
             broken, largest, _ = output_change(ref, out)
             if broken.any():  # the pruning broke the model: not a result to write
                 raise OnnxPruneError(
                     f"the pruned model's output '{name}' has {int(broken.sum())} NaN or infinite values "
                     "where the input model's are finite (--no-verify, verify=False in the API, skips this check)")
             result["max_abs_diff"][name] = largest
+    result["note"] = "; ".join(remarks) or None
     return result
+
+
+def comparable(value) -> np.ndarray | None:
+    """An output as one numeric array, or None: a tensor as it is, a sequence of maps (a
+    classifier's per-class scores, as skl2onnx's ZipMap writes them) as rows in key order,
+    a sequence of tensors flattened end to end."""
+    if isinstance(value, np.ndarray):
+        return value if value.dtype.kind in "biuf" else None
+    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        keys = sorted(value[0])
+        if any(sorted(row) != keys for row in value):
+            return None
+        try:
+            return np.array([[row[k] for k in keys] for row in value], dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(value, list) and all(isinstance(part, np.ndarray) for part in value):
+        parts = [part.reshape(-1) for part in value]
+        if not parts or any(part.dtype.kind not in "biuf" for part in parts):
+            return None
+        return np.concatenate(parts)
+    return None
 
 
 def output_change(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float, int]:

@@ -1,6 +1,8 @@
 """End-to-end pruning of exported-model shapes: exact sparsity, runs in onnxruntime, rest untouched."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -286,3 +288,47 @@ def test_trail_results_hold_their_own_level(tmp_path):
     for level, result in zip(written, in_memory):
         on_disk = onnx.load(level.report.output_files[0])
         assert zeros(on_disk) == zeros(result.model) == level.report.zeros
+
+
+def _classifier_with_non_tensor_outputs() -> onnx.ModelProto:
+    """A skl2onnx-style classifier: int64 labels, per-class scores as a sequence of maps
+    (ZipMap), and a sequence of differently shaped tensors."""
+    rng = np.random.default_rng(31)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=1),
+             helper.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0),
+             helper.make_node("ZipMap", ["p"], ["scores"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+             helper.make_node("SequenceConstruct", ["x", "p"], ["parts"])]
+    outputs = [helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["n"]),
+               helper.make_value_info("scores", helper.make_sequence_type_proto(helper.make_map_type_proto(
+                   onnx.TensorProto.INT64, helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [])))),
+               helper.make_value_info("parts", helper.make_sequence_type_proto(
+                   helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None)))]
+    graph = helper.make_graph(nodes, "g", [builders.vinfo("x", ["n", 8])], outputs,
+                              [numpy_helper.from_array(builders.rand(rng, 8, 3), "w")])
+    return helper.make_model(graph, ir_version=builders.IR, opset_imports=[
+        helper.make_opsetid("", builders.OPSET), helper.make_opsetid("ai.onnx.ml", 3)])
+
+
+def test_verification_compares_maps_and_counts_changed_labels():
+    result = prune(_classifier_with_non_tensor_outputs(), 0.9, method="layer", dims={"n": 64})
+    verification = result.report.verification
+    assert set(verification["max_abs_diff"]) == {"scores", "parts"}  # maps as rows, sequence flattened
+    assert verification["max_abs_diff"]["scores"] > 0
+    assert re.search(r"output 'label': \d+ of 64 values changed", verification["note"])
+    assert "max abs output change vs input model: scores" in result.report.format()
+
+
+def test_an_input_without_a_declared_shape_takes_data_of_any_rank():
+    rng = np.random.default_rng(32)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)  # no shape: onnxruntime
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x],  # runs it,
+                              [builders.vinfo("y", ["n", 4])],  # onnx.checker would not
+                              [numpy_helper.from_array(builders.rand(rng, 8, 4), "w")])
+    model = helper.make_model(graph, ir_version=builders.IR, opset_imports=[helper.make_opsetid("", builders.OPSET)])
+    data = {"x": rng.standard_normal((16, 8)).astype(np.float32)}
+    result = prune(model, 0.5, method="dc", calib=data)
+    assert result.report.zeros == 16
+    assert "input 'x' declares no shape" in result.report.verification["note"]
+    with pytest.raises(OnnxPruneError, match="declares no shape, so random inputs cannot be made"):
+        prune(model, 0.5, method="dc", calib="random")

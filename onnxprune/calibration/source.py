@@ -49,8 +49,8 @@ def model_inputs(model: onnx.ModelProto) -> list[data.ModelInput]:
         tensor = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise OnnxPruneError(f"input '{value.name}' is not a tensor; calibration needs tensors")
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in tensor.shape.dim]
+        dims = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in tensor.shape.dim] if tensor.HasField("shape") else None)  # None: any rank
         inputs.append((value.name, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims))
     return inputs
 
@@ -154,6 +154,9 @@ def _random_samples(inputs, n, seed) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     samples = {}
     for name, dtype, dims in inputs:
+        if dims is None:
+            raise OnnxPruneError(f"input '{name}' declares no shape, so random inputs cannot be "
+                                 "made for it: give calibration data")
         if not dims:  # a scalar (a scale, a flag): the neutral 1 rather than a random sign
             samples[name] = np.ones((), dtype=dtype)
             continue
