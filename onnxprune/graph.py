@@ -21,6 +21,12 @@ from .modelio import body_label, node_label, tensor_key, tensor_to_array
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
+# Float matrices used by these are masks, position tables, offsets: no weight to name as skipped
+NOT_WEIGHT_USES = ("Add", "Sub", "Where", "Expand", "Equal", "Less", "Greater", "Max", "Min")
+# A weight cut into parts before its layers (torch's dynamo export splits a cross-attention
+# in_proj_weight into q, k, v): traced as a weight, but one layer per tensor cannot describe
+# the parts' layouts, so it is pruned by magnitude, without calibration statistics.
+SLICING = ("Split", "Slice", "SplitToSequence", "SequenceAt")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # their W and R: skipped by default, named in the report
 # integer layers and the inputs that hold their (constant) weights
 QUANTIZED_WEIGHT_SLOTS = {"ConvInteger": (1,), "MatMulInteger": (0, 1), "QLinearConv": (3,),
@@ -60,6 +66,8 @@ class Layer:
     # statistics add up: the objective is the sum of their errors), or uses_differ
     shared_inputs: list[str] = field(default_factory=list)
     uses_differ: bool = False
+    other_uses: list[str] = field(default_factory=list)  # nodes using it as no layer does
+    notes: list[str] = field(default_factory=list)  # for the report's row
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -118,8 +126,10 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     A pattern that matches no tensor is an error (a misspelt --exclude would prune what the
     user meant to keep). Returns (layers to prune, skipped tensors).
     """
-    finder = _Finder()
+    finder = _Finder({f.name for f in model.functions})
     finder.walk(model.graph, ChainMap(), "")
+    finder.skip_function_constants(model.functions)
+    _unshare_biases(finder.layers.values())
     inc, exc = name_pattern(include, "include"), name_pattern(exclude, "exclude")
     layers, skipped = [], list(finder.skipped)
     keys_of = {id(layer): [layer.name, layer.node, *layer.consumers] for layer in finder.layers.values()}
@@ -128,6 +138,7 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
             if pattern and not any(re.search(pattern, k) for keys in keys_of.values() for k in keys):
                 raise OnnxPruneError(f"--{option} '{pattern}' matches no tensor name, node name or "
                                      "op type of this model's weights")
+    named = {s.name for s in skipped}  # skipped already, with a better reason (quantized)
     for layer in finder.layers.values():
         keys = keys_of[id(layer)]
         chosen = layer.role == "weight" or (inc is not None and any(inc.search(k) for k in keys))
@@ -136,15 +147,39 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
         elif chosen:
             layers.append(layer)
         elif layer.role == "embedding":
-            skipped.append(Skipped(layer.name, layer.op, "embedding table (use --include)"))
+            skipped.append(Skipped(layer.name, layer.op, (
+                f"embedding table, also the weight of {', '.join(layer.other_uses)} (a tied output "
+                "layer): --include prunes both uses" if layer.other_uses else
+                "embedding table: --include prunes it")))
         elif layer.role == "recurrent":
             skipped.append(Skipped(layer.name, layer.op, f"{layer.op} weight, not a Conv / Gemm / "
                                    "MatMul layer: --include its name to prune it by magnitude"))
+        elif (layer.role == "other" and sum(d > 1 for d in layer.shape) >= 2  # a matrix: say why
+              and layer.name not in named and layer.op not in NOT_WEIGHT_USES):
+            used = (f"input of model-local function '{layer.op}'" if layer.op in finder.functions
+                    else f"used by {layer.op} ({layer.node})")
+            skipped.append(Skipped(layer.name, layer.op, f"{used}, not as a Conv / Gemm / MatMul "
+                                   "weight: --include prunes it by magnitude"))
+    for layer in layers:
+        if layer.other_uses and layer.role == "weight":
+            layer.notes.append(f"also used by {', '.join(layer.other_uses)}, which sees the pruned values")
     return layers, skipped
 
 
+def _unshare_biases(layers) -> None:
+    """A bias several layers add (exporters merge equal initializers) is fitted to none of them:
+    a refit for one would be wrong for the others. Each then keeps it as it is; the solvers see
+    no bias, which is exact for a fixed one, except inside DC's ReLU objective (so not that)."""
+    users = Counter(id(layer.bias) for layer in layers if layer.role == "weight" and layer.bias is not None)
+    for layer in layers:
+        if layer.role == "weight" and layer.bias is not None and users[id(layer.bias)] > 1:
+            layer.bias, layer.relu = None, False
+            layer.notes.append("bias shared with another layer: kept as it is")
+
+
 class _Finder:
-    def __init__(self):
+    def __init__(self, functions: set[str] = frozenset()):
+        self.functions = functions  # the model-local functions' names (their call nodes' op_type)
         self.layers: dict[int, Layer] = {}  # keyed by id(TensorProto): a shared tensor once
         self.skipped: list[Skipped] = []
         self._skipped_ids: set[int] = set()
@@ -182,6 +217,17 @@ class _Finder:
                 sub = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for i, g in enumerate(sub):
                     self.walk(g, scope, body_label(path, node, attr.name, i, len(sub)))
+
+    def skip_function_constants(self, functions) -> None:
+        """Weights inside model-local functions are not looked into: named, not pruned."""
+        for function in functions:
+            for node in function.node:
+                for attr in node.attribute:
+                    t = attr.t if node.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR else None
+                    if t is not None and t.data_type in FLOAT_TYPES and sum(d > 1 for d in t.dims) >= 2:
+                        self.skipped.append(Skipped(f"{function.name}/{node.output[0]}", "Constant",
+                                                    f"inside model-local function '{function.name}', "
+                                                    "which onnxprune does not look into"))
 
     def _trace(self, name, scope, producers):
         """(constant tensor, chain of pass-through nodes, its name), ("quantized", the
@@ -221,7 +267,12 @@ class _Finder:
         known = self.layers.get(key)
         if known is not None:
             known.consumers.append(node.op_type)
+            if (known.role == "weight" and role not in ("weight", "embedding")
+                    or known.role == "embedding" and role == "weight"):
+                _add_use(known.other_uses, node.op_type, node_label(node))
             if role == "embedding" or (role == "weight" and known.role not in ("weight", "embedding")):
+                if role == "embedding" and known.role == "weight" or known.role == "other":
+                    _add_use(known.other_uses, known.op, known.node)
                 self._fill(known, node, slot, chain, role, scope, producers, consumers)
             elif role == "weight" and known.role == "weight":
                 self._another_use(known, node, slot, chain, scope, producers, consumers, path)
@@ -261,6 +312,8 @@ class _Finder:
         layer.attrs = {a.name: _attr_value(a) for a in node.attribute}
         layer.weight_side = "left" if slot == 0 else "right"
         try:
+            if any(n.op_type in SLICING for n in chain):
+                raise ValueError("a part of the tensor")
             layer.index = _index_map(layer.shape, chain, scope)
         except (KeyError, ValueError):  # e.g. a Reshape whose shape is computed at run time
             layer.index, layer.layout_known = None, False
@@ -289,6 +342,12 @@ class _Finder:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
 
 
+def _add_use(uses: list[str], op: str, label: str) -> None:
+    use = label if label.startswith(f"{op}:") else f"{op} {label}"  # unnamed nodes: Mul:out
+    if use not in uses:
+        uses.append(use)
+
+
 def _role(node, slot, scope, producers) -> str | None:
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
@@ -315,7 +374,7 @@ def _role(node, slot, scope, producers) -> str | None:
     return "other"
 
 
-def _walk_back(name, scope, producers, through=PASS_THROUGH):
+def _walk_back(name, scope, producers, through=PASS_THROUGH + SLICING):
     """Follow `through` ops back from the value `name`: (the constant reached or None, the node
     that stopped the walk or None, the nodes passed, the last name)."""
     chain = []

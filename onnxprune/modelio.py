@@ -67,6 +67,13 @@ def body_label(path: str, node: onnx.NodeProto, attr_name: str, i: int, n: int) 
 
 
 def node_label(node: onnx.NodeProto) -> str:
+    """The node's name, or the module path torch's dynamo exporter records (its node names,
+    node_MatMul_81, say nothing): /blocks.0/attn/qkv/linear, like the TorchScript exporter's."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
+            if any(scopes):
+                return "/" + "/".join(s for s in scopes if s)
     return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
 
 

@@ -326,7 +326,7 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              zeros_before, zeros_after, layer.graph,
                              "; ".join(x for x in (note, "bias refitted" if new_bias is not None
-                                                   else "") if x), layer.node))
+                                                   else "", *layer.notes) if x), layer.node))
         if new_bias is not None:
             run.writer.write_array(layer.bias, _scaled(new_bias, 1 / layer.bias_scale))
         if run.detach:

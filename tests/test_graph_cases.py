@@ -248,3 +248,79 @@ def test_fake_quantized_float_weights_are_named():
     layers, skipped = find_layers(model)
     assert layers == [] and [s.name for s in skipped] == ["W"] and "--include" in skipped[0].reason
     assert [layer.name for layer in find_layers(model, include="^W$")[0]] == ["W"]
+
+
+def test_a_weight_split_into_parts_is_pruned_by_magnitude():
+    # torch's dynamo export of cross-attention: in_proj_weight -> Split -> Transpose -> q / k MatMuls
+    rng = np.random.default_rng(40)
+    nodes = [helper.make_node("Split", ["in_proj", "sizes"], ["wq", "wk"], axis=0),
+             helper.make_node("Transpose", ["wq"], ["wq_t"], perm=[1, 0]),
+             helper.make_node("Transpose", ["wk"], ["wk_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wq_t"], ["q"]), helper.make_node("MatMul", ["m", "wk_t"], ["k"]),
+             helper.make_node("Add", ["q", "k"], ["y"])]
+    model = _model(nodes, [_value("x", ["N", 8]), _value("m", ["N", 8])], [_value("y", ["N", 8])],
+                   {"in_proj": rng.standard_normal((16, 8)).astype(np.float32),
+                    "sizes": np.array([8, 8], np.int64)})
+    layers, _ = find_layers(model)
+    assert [(layer.name, layer.layout_known) for layer in layers] == [("in_proj", False)]
+    result = prune(model, 0.5, method="dc", calib="random")
+    pruned = _tensor(result.model, "in_proj")
+    dense = _tensor(model, "in_proj")
+    assert result.report.zeros == 64 and np.array_equal(pruned != 0, np.abs(dense) >= np.median(np.abs(dense)))
+    assert any("no calibration statistics" in note for note in result.report.notes)
+
+
+def test_dynamo_module_paths_name_layers_and_select_them():
+    rng = np.random.default_rng(41)
+    nodes = [helper.make_node("MatMul", ["x", "val_7"], ["h"], name="node_MatMul_4"),
+             helper.make_node("MatMul", ["h", "val_9"], ["y"], name="node_MatMul_6")]
+    for node, scopes in zip(nodes, ("['', 'blocks.0', 'qkv', 'linear']", "['', 'head', 'linear_1']")):
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes)
+    model = _model(nodes, [_value("x", ["N", 8])], [_value("y", ["N", 8])],
+                   {"val_7": rng.standard_normal((8, 8)).astype(np.float32),
+                    "val_9": rng.standard_normal((8, 8)).astype(np.float32)})
+    layers, _ = find_layers(model, exclude="head")
+    assert [(layer.name, layer.node) for layer in layers] == [("val_7", "/blocks.0/qkv/linear")]
+
+
+def test_weights_used_otherwise_are_named_and_noted():
+    rng = np.random.default_rng(42)
+    function = helper.make_function(
+        "local", "Head", ["a"], ["b"],
+        [helper.make_node("Constant", [], ["wh"], value=numpy_helper.from_array(
+            rng.standard_normal((8, 8)).astype(np.float32))), helper.make_node("MatMul", ["a", "wh"], ["b"])],
+        [helper.make_opsetid("", 13)])
+    nodes = [helper.make_node("Einsum", ["x", "we"], ["e"], equation="ni,io->no"),
+             helper.make_node("Head", ["e"], ["f"], domain="local"),
+             helper.make_node("MatMul", ["f", "w"], ["g"]), helper.make_node("Mul", ["w", "w"], ["w2"]),
+             helper.make_node("Gather", ["table", "ids"], ["t"]), helper.make_node("MatMul", ["g", "table_t"], ["o"]),
+             helper.make_node("Transpose", ["table"], ["table_t"])]
+    graph = helper.make_graph(nodes, "g", [_value("x", ["N", 8]), helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [_value("o", ["N", 5]), _value("w2", [8, 8]), _value("t", [3, 8])],
+                              [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+                               for n, s in (("we", (8, 8)), ("w", (8, 8)), ("table", (5, 8)))])
+    model = helper.make_model(graph, functions=[function], ir_version=8, opset_imports=[
+        helper.make_opsetid("", 13), helper.make_opsetid("local", 1)])
+    layers, skipped = find_layers(model)
+    reasons = {s.name: s.reason for s in skipped}
+    assert [layer.name for layer in layers] == ["w"]
+    assert layers[0].notes == ["also used by Mul:w2, which sees the pruned values"]
+    assert reasons["we"].startswith("used by Einsum")
+    assert reasons["Head/wh"] == "inside model-local function 'Head', which onnxprune does not look into"
+    assert "also the weight of MatMul" in reasons["table"]  # a tied output layer
+
+
+def test_a_bias_two_layers_share_is_kept_as_it_is():
+    # exporters merge equal initializers: fc2 and fc3 both read fc2.bias
+    rng = np.random.default_rng(43)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b"], ["y"], transB=1)]
+    model = _model(nodes, [_value("x", ["N", 8])], [_value("y", ["N", 8])],
+                   {"w1": rng.standard_normal((8, 8)).astype(np.float32),
+                    "w2": rng.standard_normal((8, 8)).astype(np.float32),
+                    "b": rng.standard_normal(8).astype(np.float32)})
+    for method in ("dc", "ltp"):
+        result = prune(model, 0.5, method=method, calib="random")
+        assert np.array_equal(_tensor(result.model, "b"), _tensor(model, "b"))
+        assert all(row.note.endswith("bias shared with another layer: kept as it is") for row in result.report.layers)
