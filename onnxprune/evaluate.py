@@ -10,15 +10,14 @@ types, in batches of its own fixed batch size where its inputs fix one.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from onnxprune.data import (
     LABELS_KEY,
@@ -32,7 +31,8 @@ from onnxprune.data import (
 )
 from onnxprune.errors import OnnxPruneError
 from onnxprune.external_session import session_for
-from onnxprune.modelio import no_relative_data
+from onnxprune.modelio import check_model_file, no_relative_data
+from onnxprune.report import plural, progress_counter
 from onnxprune.runtime import (
     check_device,
     device_note,
@@ -68,15 +68,18 @@ def evaluate(
     """
     check_device(device)
     check_count("batch size", batch_size)
+    _check_file(model, "model")  # before the data is read: a typo in a path fails at once
+    if reference is not None:
+        _check_file(reference, "reference model")
     raw = dict(data) if isinstance(data, Mapping) else load_samples(data)
-    measured = _Model.open(model, device, output, raw, "")
+    measured = _Model.open(model, device, output, raw, "model")
     ref = None
     if reference is not None:
-        ref = _Model.open(reference, device, output, raw, "reference model: ")
+        ref = _Model.open(reference, device, output, raw, "reference model")
     samples = measured.samples
     if ref is not None and num_samples(ref.samples) != num_samples(samples):
         raise OnnxPruneError(
-            f"the data holds {num_samples(samples)} samples for the model's inputs but "
+            f"the data holds {plural(num_samples(samples), 'sample')} for the model's inputs but "
             f"{num_samples(ref.samples)} for the reference's"
         )
     labels = samples.get(LABELS_KEY)
@@ -124,9 +127,13 @@ class _Model:
     fixed_batch: int | None
 
     @classmethod
-    def open(cls, model, device: str, output: str | None, raw: Mapping, what: str) -> _Model:
-        """`what` starts its error messages ("reference model: ")."""
-        session = _session(model, device)
+    def open(cls, model, device: str, output: str | None, raw: Mapping, which: str) -> _Model:
+        """`which`: "model" or "reference model", named in errors where both could be meant."""
+        what = "" if which == "model" else f"{which}: "
+        try:
+            session = _session(model, device)
+        except OnnxPruneError as e:
+            raise OnnxPruneError(f"{which}: {e}") from None
         names = [o.name for o in session.get_outputs()]
         if output is not None and output not in names:
             raise OnnxPruneError(f"{what}the model has no output '{output}' (its outputs: "
@@ -173,8 +180,9 @@ def format_metrics(d: Mapping) -> str:
             rows.append((key.replace("_", " "), f"{d[key]:.6g}" if key == "max_abs_diff"
                          else f"{d[key]:.4f}"))
     if d.get("nonfinite_samples"):
-        rows.append(("WARNING", f"{d['nonfinite_samples']} samples have NaN or infinite outputs "
-                                "where the reference's are finite"))
+        n = d["nonfinite_samples"]
+        rows.append(("WARNING", f"{plural(n, 'sample')} {'has' if n == 1 else 'have'} NaN or "
+                                "infinite outputs where the reference's are finite"))
     rows.append(("samples", str(d.get("samples"))))
     if d.get("output") is not None:
         rows.append(("output", str(d["output"])))
@@ -200,8 +208,8 @@ class _OutputStats:
     def add(self, batch_out: np.ndarray, rows: int) -> None:
         if batch_out.ndim == 0 or batch_out.shape[0] != rows:
             raise OnnxPruneError(
-                f"output '{self.output}' has shape {batch_out.shape} for a batch of {rows} "
-                "samples; it must have one row per sample"
+                f"output '{self.output}' has shape {batch_out.shape} for a batch of "
+                f"{plural(rows, 'sample')}; it must have one row per sample"
             )
         if self.example_shape is None:
             self.example_shape = batch_out.shape
@@ -232,8 +240,7 @@ def _run_all(model: _Model, ref: _Model | None, batch_size, progress, keep_embed
     ref_stats = _OutputStats(labels, ref.output) if ref else None
     fidelity = _Fidelity(keep_embeddings, model.output) if ref else None
     ref_batches = iter_batches(ref.samples, batch_size) if ref else None
-    with tqdm(total=num_samples(model.samples), unit="sample", file=sys.stderr,
-              disable=not progress, desc="evaluate", delay=1.0) as bar:
+    with progress_counter(progress, "evaluate", "sample", num_samples(model.samples)) as bar:
         for batch in iter_batches(model.samples, batch_size):
             rows = batch_rows(batch)
             out = model.run(batch)
@@ -244,6 +251,13 @@ def _run_all(model: _Model, ref: _Model | None, batch_size, progress, keep_embed
                 fidelity.add(out, ref_out)
             bar.update(rows)
     return stats, ref_stats, fidelity
+
+
+def _check_file(model, which: str) -> None:
+    """A model path that is missing, a folder or not a regular file fails in prune's words,
+    naming which model, not with onnxruntime's NO_SUCHFILE / INVALID_PROTOBUF."""
+    if isinstance(model, (str, os.PathLike)):
+        check_model_file(Path(model), which)
 
 
 def _session(model, device: str) -> ort.InferenceSession:

@@ -222,8 +222,8 @@ class _Finder:
         """Weights inside model-local functions are not looked into: named, not pruned."""
         for function in functions:
             for node in function.node:
-                for attr in node.attribute:
-                    t = attr.t if node.op_type == "Constant" and attr.type == onnx.AttributeProto.TENSOR else None
+                for attr in node.attribute if node.op_type == "Constant" else ():
+                    t = attr.t if attr.type == onnx.AttributeProto.TENSOR else None
                     if t is not None and t.data_type in FLOAT_TYPES and sum(d > 1 for d in t.dims) >= 2:
                         self.skipped.append(Skipped(f"{function.name}/{node.output[0]}", "Constant",
                                                     f"inside model-local function '{function.name}', "

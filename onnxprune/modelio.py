@@ -127,7 +127,7 @@ def _constants_as_tensors(model: onnx.ModelProto) -> None:
 
 def check_model_file(path: Path, what: str = "") -> None:
     """One line for a model path that is not a readable file (`what`: which model, if several)."""
-    label = f"{what} {path}" if what else str(path)
+    label = f"{what}: {path}" if what else str(path)
     if not path.exists():
         raise OnnxPruneError(f"{label}: no such file")
     if path.is_dir():

@@ -21,7 +21,7 @@ from .calibration.source import CalibrationSet, load_calibration, model_inputs
 from .data import check_count
 from .errors import OnnxPruneError
 from .methods import magnitude
-from .report import LayerRow, PruneReport, progress_bar
+from .report import LayerRow, PruneReport, plural, progress_bar
 from .runtime import check_device, device_note
 from .verify import compare_models
 
@@ -264,7 +264,8 @@ def _collect(run: _Run, layers, caps, progress=False, session=None):
     return collect_statistics(
         run.loaded.model, layers, run.calib_set.batches(run.options.batch_size), row_cap=caps,
         max_positions=run.options.max_positions, device=run.options.device,
-        seed=run.options.seed, progress=progress, session=session)
+        seed=run.options.seed, progress=progress, session=session,
+        total=run.calib_set.batch_count(run.options.batch_size))
 
 
 def _allocate_levels(run: _Run, levels, outputs, min_keep, mt_variant) -> list[_Level]:
@@ -335,9 +336,9 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
         run.calibration["passes"] = sum(calibratable(layer) for layer in run.layers) + bool(run.stats)
     notes = []
     if fallback:
-        notes.append(f"{len(fallback)} tensors have no calibration statistics (inside subgraphs, "
+        notes.append(f"{plural(len(fallback), 'tensor')} without calibration statistics (inside subgraphs, "
                      f"unresolved layout, shared by nodes that use it differently, or not a layer "
-                     f"weight) and were pruned by magnitude{', not refitted' if run.refit else ''}: "
+                     f"weight), pruned by magnitude{', not refitted' if run.refit else ''}: "
                      + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""))
     if thin:
         notes.append("few calibration rows, so these layers' fits are poorly determined (use more "
@@ -381,7 +382,8 @@ def _level_report(run: _Run, level: _Level, rows, notes, timings) -> PruneReport
     cuda_note = device_note(run.options.device)
     if cuda_note and (run.verify or run.calibration is not None):
         notes.append(cuda_note)
-    report = PruneReport(method=run.method, target_sparsity=level.sparsity, storage=run.storage_format,
+    report = PruneReport(method=run.method, target_sparsity=level.sparsity, refit=run.refit,
+                         storage=run.storage_format,
                          layers=rows, skipped=[vars(x) for x in run.skipped], timings=timings,
                          calibration=run.calibration, notes=notes)
     if level.ltp is not None:
@@ -408,11 +410,11 @@ def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelPr
         converted, over = storage.to_sparse_initializers(pruned, {layer.key for layer in layers}, cap)
         dense = [layer.key for layer in layers if layer.key not in set(converted)]
         report.notes.append(f"{len(converted)} of {len(layers)} pruned tensors stored sparse"
-                            + (f"; dense (smaller so, or not an initializer): {', '.join(dense[:5])}"
-                               + (" ..." if len(dense) > 5 else "") if dense else ""))
+                            + (f"; kept dense, being smaller so or not an initializer: "
+                               f"{', '.join(dense[:5])}" + (" ..." if len(dense) > 5 else "") if dense else ""))
         if over:
-            report.notes.append(f"{len(over)} tensors stay dense: sparse tensors are stored inline "
-                                f"and the inline limit of {budget.describe(cap)} was reached")
+            report.notes.append(f"{plural(len(over), 'tensor')} stay dense: sparse tensors are stored "
+                                f"inline and the inline limit of {budget.describe(cap)} was reached")
     reference = loaded.path if loaded.path else _as_bytes(source)
     too_big = (budget.verification_note(modelio.data_nbytes(loaded.model), run.max_memory)
                if loaded.external_data else None)  # onnxruntime would hold every weight

@@ -1,6 +1,7 @@
 """The per-layer report: a table for people, a dict / JSON for machines."""
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 
 from .graph import RECURRENT_OPS
@@ -32,6 +33,7 @@ class LayerRow:
 class PruneReport:
     method: str
     target_sparsity: float
+    refit: bool = False  # --refit: kept weights re-solved on the calibration data
     layers: list[LayerRow] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     input_bytes: int = 0
@@ -76,29 +78,34 @@ class PruneReport:
             hidden = len(rows) - max_rows
             rows = (rows[:max_rows // 2] + [("...", f"{hidden} more") + ("",) * (len(head) - 2)]
                     + rows[-(max_rows - max_rows // 2):])
-        widths = [min(max(len(str(x)) for x in col), 60) for col in zip(head, *rows)]
-        right, last = {3, 4, 5}, len(head) - 1  # the last column is not padded (notes run long)
+        # names are cut at 60 characters; the note column, the last, runs as long as its notes
+        widths = [max(len(str(x)) for x in col) if i == _NOTE else min(max(len(str(x)) for x in col), 60)
+                  for i, col in enumerate(zip(head, *rows))]
         fmt = lambda row: "  ".join(  # noqa: E731
-            (str(c).rjust(w) if i in right else _clip(str(c), w).ljust(w)) if i < last else str(c)
+            str(c).rjust(w) if i in _RIGHT else str(c) if i == _NOTE else _clip(str(c), w).ljust(w)
             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        # one label over the two sparsity columns keeps them narrow
+        span = widths[_BEFORE] + 2 + widths[_BEFORE + 1]
+        over = (" " * (sum(widths[:_BEFORE]) + 2 * _BEFORE) + "sparsity".center(span)).rstrip()
+        lines = [over, fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
         lines.append("")
-        lines.append(f"method {self.method}: {self.zeros:,} of {self.params:,} prunable weights are "
-                     f"zero, sparsity {_pct(self.sparsity, 2)} (target {_pct(self.target_sparsity, 2)}), "
-                     f"{len(self.layers)} tensor{'s' if len(self.layers) != 1 else ''}")
+        lines.append(f"method {self._method_label()}: {self.zeros:,} of {self.params:,} prunable weights "
+                     f"are zero, sparsity {_pct(self.sparsity, 2)} (target {_pct(self.target_sparsity, 2)}), "
+                     f"{plural(len(self.layers), 'tensor')}")
         by_reason: dict[str, list[str]] = {}
         for s in self.skipped:
             by_reason.setdefault(s["reason"], []).append(s["name"])
-        for reason, names in by_reason.items():
-            lines.append(f"skipped ({reason}): " + ", ".join(names[:6])
-                         + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
+        for reason, names in by_reason.items():  # a reason may hold brackets and colons: it goes last
+            lines.append("skipped " + ", ".join(names[:6])
+                         + (f" and {len(names) - 6} more" if len(names) > 6 else "") + f": {reason}")
         sizes = f"file size: input {_mb(self.input_bytes)}, output {_mb(self.output_bytes)} ({self.storage})"
         if self.storage == "dense" and self.sparse_output_bytes:
             sizes += f", about {_mb(self.sparse_output_bytes)} with --storage sparse"
         lines.append(sizes)
         if self.calibration:
             c = self.calibration
-            lines.append(f"calibration: {c.get('samples')} samples{' (RANDOM, as asked)' if c.get('random') else ''} "
+            lines.append(f"calibration: {plural(c.get('samples'), 'sample')}"
+                         f"{' (RANDOM, as asked)' if c.get('random') else ''} "
                          f"on {c.get('provider')}, {c.get('seconds', 0):.1f} s"
                          + (f" in {c['passes']} passes (layer groups within --max-memory)"
                             if c.get("groups", 1) > 1 else ""))
@@ -117,6 +124,18 @@ class PruneReport:
         if self.output_files:
             lines.append("wrote " + ", ".join(self.output_files))
         return "\n".join(lines)
+
+    def _method_label(self) -> str:
+        sequential = bool(self.calibration and self.calibration.get("sequential"))
+        return self.method + (" + refit" if self.refit else "") + (", sequential" if sequential else "")
+
+
+_BEFORE, _RIGHT, _NOTE = 4, {3, 4, 5}, 6  # table columns: sparsity before, right-aligned, note
+
+
+def plural(n, noun: str) -> str:
+    """`n noun`, with an s unless n is 1."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _pct(x: float, digits: int = 1) -> str:
@@ -140,11 +159,25 @@ def _label(row: LayerRow) -> str:
     return name if not row.graph else f"{row.graph}/{name}"
 
 
-def progress_bar(items, enabled: bool, label: str, unit: str):
-    """`items`, with a progress bar on stderr when enabled (it appears only for steps that take
-    over a second)."""
+def progress_bar(items, enabled: bool, label: str, unit: str, total: int | None = None):
+    """`items`, with a progress bar on stderr when enabled and stderr is a terminal; `total`:
+    how many items there are, where `items` cannot tell (a generator)."""
     if not enabled:
         return items
+    # every finished step drawn at once (mininterval 0): a stale count would sit on screen through
+    # the next step, which may be the one that takes a minute
+    return _bar(items, label, unit, total, mininterval=0)
+
+
+def progress_counter(enabled: bool, label: str, unit: str, total: int | None = None):
+    """A bar advanced by `.update(n)` (use it as a context manager), shown as progress_bar's is."""
+    return _bar(None, label, unit, total, disable=not enabled)
+
+
+def _bar(items, label: str, unit: str, total: int | None, disable: bool = False, **kwargs):
+    """Drawn at once, at 0 of total, so a slow first step shows; not at all where stderr is
+    redirected to a file (disable=None), which redraws and cursor moves would fill."""
     from tqdm import tqdm
 
-    return tqdm(items, desc=label, unit=unit, leave=False, delay=1.0)
+    return tqdm(items, total=total, desc=label, unit=unit, leave=False, file=sys.stderr,
+                disable=True if disable else None, **kwargs)

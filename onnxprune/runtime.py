@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import ml_dtypes  # onnx depends on it: the numpy types of bfloat16 and float8
 import numpy as np
@@ -54,7 +55,30 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto", light: 
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types; keep one line
-        raise OnnxPruneError(f"onnxruntime cannot load the model: {one_line(e)}") from None
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {load_error(e)}") from None
+
+
+_IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+_OPSET_TOO_NEW = re.compile(r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)")
+_SOURCE_LINE = re.compile(r"/onnxruntime_src/\S+:\d+ ")  # then the throwing function's C++ signature
+
+
+def load_error(e: BaseException) -> str:
+    """onnxruntime's load error in words: a too-new IR version or opset said plainly, else its
+    text without the source line and C++ signature it embeds."""
+    text = " ".join(str(e).split())
+    if m := _IR_TOO_NEW.search(text):
+        return f"unsupported model IR version {m[1]} (this onnxruntime reads at most {m[2]})"
+    if m := _OPSET_TOO_NEW.search(text):
+        return f"opset {m[1]} of domain {m[2]} is newer than this onnxruntime supports (at most {m[3]})"
+    if m := _SOURCE_LINE.search(text):
+        depth = 0
+        for i in range(m.end(), len(text)):  # the signature ends where its parameter list closes
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if text[i] == ")" and depth == 0:
+                text = f"{text[:m.start()]} {text[i + 1:].lstrip()}"
+                break
+    return one_line(text)
 
 
 def run(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict) -> list:

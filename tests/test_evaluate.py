@@ -1,6 +1,8 @@
 """evaluate(): accuracy and fidelity metrics on tiny Gemm models whose numbers are known by hand."""
 
 import json
+import os
+import threading
 
 import numpy as np
 import onnx
@@ -16,7 +18,7 @@ IDENTITY = np.eye(2, dtype=np.float32)
 FLIP = np.diag([1.0, -1.0]).astype(np.float32)  # mirror the second coordinate
 
 
-def save_gemm(path, weight, batch="N", unsqueeze_output=False, external=False):
+def save_gemm(path, weight, batch="N", unsqueeze_output=False, external=False, ir_version=10):
     """Save y = x @ weight.T (optionally reshaped to (N, d, 1)) as an IR 10 / opset 17 model."""
     d_out, d_in = weight.shape
     nodes = [helper.make_node("Gemm", ["x", "W"], ["y" if not unsqueeze_output else "g"],
@@ -34,7 +36,7 @@ def save_gemm(path, weight, batch="N", unsqueeze_output=False, external=False):
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
+    model.ir_version = ir_version
     onnx.checker.check_model(model)
     onnx.save_model(model, str(path), save_as_external_data=external,
                     all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
@@ -217,3 +219,69 @@ def test_no_finite_output_has_no_largest_change():
     metrics = fidelity.metrics()
     assert metrics["max_abs_diff"] is None and metrics["nonfinite_samples"] == 2
     assert "max abs diff" not in format_metrics(metrics)
+
+
+@pytest.mark.parametrize("bad_one", ["model", "reference model"])
+def test_a_missing_or_folder_path_fails_in_words_naming_which_model(tmp_path, bad_one):
+    good = save_gemm(tmp_path / "m.onnx", IDENTITY)
+    (tmp_path / "folder.onnx").mkdir()
+    for bad, problem in ((tmp_path / "missing.onnx", "no such file"),
+                         (tmp_path / "folder.onnx", "is a directory, not an ONNX file")):
+        model, reference = (bad, good) if bad_one == "model" else (good, bad)
+        with pytest.raises(OnnxPruneError) as error:
+            evaluate(model, {"x": X}, reference=reference, progress=False)
+        assert str(error.value) == f"{bad_one}: {bad}: {problem}"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    errors = []
+
+    def call():
+        try:
+            evaluate(fifo, {"x": X}, progress=False)
+        except Exception as e:  # noqa: BLE001 -- whatever it is, the assert below shows it
+            errors.append(e)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # blocked opening the FIFO for reading: an end of file frees it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=10)
+    assert [str(e) for e in errors] == [f"model: {fifo}: not a regular file"]
+
+
+def test_a_reference_onnxruntime_cannot_load_is_named(tmp_path):
+    model = save_gemm(tmp_path / "m.onnx", IDENTITY)
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(OnnxPruneError, match=r"^reference model: .*cannot load"):
+        evaluate(model, {"x": X}, reference=tmp_path / "bad.onnx", progress=False)
+
+
+def test_one_sample_is_singular():
+    text = format_metrics({"mean_cosine": 0.0, "nonfinite_samples": 1, "samples": 1,
+                           "provider": "CPU"})
+    assert "1 sample has NaN or infinite outputs" in text
+
+
+def test_no_progress_bar_on_a_redirected_stderr(tmp_path, monkeypatch, capsys):
+    import itertools
+
+    import tqdm.std
+
+    ticks = itertools.count(step=10.0)  # a slow clock: any delay or redraw interval has passed
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(ticks))
+    model = save_gemm(tmp_path / "m.onnx", IDENTITY)
+    evaluate(model, {"x": X, "labels": np.array([0, 1, 1, 0])}, batch_size=1, progress=True)
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+
+
+def test_a_too_new_ir_version_is_said_in_words(tmp_path):
+    model = save_gemm(tmp_path / "ir14.onnx", IDENTITY, ir_version=14)
+    with pytest.raises(OnnxPruneError) as error:
+        evaluate(model, {"x": X, "labels": np.array([0, 1, 1, 0])}, progress=False)
+    message = str(error.value)
+    assert "unsupported model IR version 14" in message and "onnxruntime::" not in message

@@ -29,12 +29,13 @@ def calibratable(layer: Layer) -> bool:
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
                        row_cap: dict[str, int] | None = None, max_positions: int | None = None,
-                       device: str = "auto", seed: int = 0,
-                       progress: bool = False, session=None) -> tuple[dict[str, LayerStats], dict]:
+                       device: str = "auto", seed: int = 0, progress: bool = False,
+                       session=None, total: int | None = None) -> tuple[dict[str, LayerStats], dict]:
     """Statistics of each calibratable layer's input; `batches` yields {input name: array}.
 
     row_cap: {layer key: rows to sample} for the layers whose method needs raw rows.
     session: one from open_session over these layers or more (else one is opened and closed).
+    total: how many batches there are (for the progress bar).
 
     Returns ({layer key: LayerStats}, {samples, batches, provider, seconds}).
     """
@@ -50,7 +51,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
             for layer in layers}
     owner = _owners(layers, row_cap or {}, max_positions)
     samples = n_batches = 0
-    for feeds in progress_bar(batches, progress, "calibrating", "batch"):
+    for feeds in progress_bar(batches, progress, "calibrating", "batch", total):
         probes = [probe_name(n) for n in wanted]
         values = dict(zip(wanted, run(session, probes, feeds))) if wanted else {}
         values.update(feeds)

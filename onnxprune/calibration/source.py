@@ -38,6 +38,10 @@ class CalibrationSet:
         """Batches of `batch_size` samples, or of the model's fixed batch size (all full)."""
         return data.iter_batches(self.samples, self.fixed_batch or batch_size)
 
+    def batch_count(self, batch_size: int) -> int:
+        """How many batches `batches(batch_size)` yields."""
+        return -(-self.size // (self.fixed_batch or batch_size))
+
 
 def model_inputs(model: onnx.ModelProto) -> list[data.ModelInput]:
     """The real inputs (initializers listed as inputs in old IR versions are not)."""

@@ -412,7 +412,8 @@ def min_threshold_zero_counts(weights: Sequence[np.ndarray], sparsity: float, *,
         n_bound = int(np.count_nonzero(sizes > m))
         best = math.floor(int(caps.sum()) / total * 1e4) / 1e4 if total else 0.0
         raise InfeasibleError(
-            f"sparsity {sparsity:g} is infeasible: {n_bound} layers must each keep at least "
+            f"sparsity {sparsity:g} is infeasible: {n_bound} layer{'s' if n_bound != 1 else ''} "
+            f"must each keep at least "
             f"m={m} weights (--min-keep {min_keep_percent:g} % of N={total}), so at most "
             f"{best:.4f} is reachable; lower --min-keep or the sparsity")
     if variant == "waterfill":
