@@ -276,8 +276,8 @@ def _allocate_levels(run: _Run, levels, outputs, min_keep, mt_variant) -> list[_
     plans = [_Level(s, out, counts, ranking, counts)
              for s, out, (counts, ranking) in zip(levels, outputs, allocations)]
     if run.learned_allocation:  # global-mt's allocation stays in the report for comparison
-        learned = _ltp_counts(run.layers, run.dense, run.stats, levels,
-                              [plan.mt_counts for plan in plans], min_keep, run.options.seed)
+        learned = _ltp_counts(run.layers, run.dense, run.stats, levels, [plan.mt_counts for plan in plans],
+                              min_keep, run.options.seed, run.options.progress)
         for plan in plans:
             plan.counts, plan.ltp = learned[plan.sparsity]
     return plans
@@ -455,7 +455,7 @@ def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelPr
     return pruned
 
 
-def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, seed) -> dict:
+def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, seed, progress) -> dict:
     """LTP allocation for every level along one optimisation path.
 
     Layers without statistics (subgraphs, unresolved layouts) keep their global-mt counts; the
@@ -474,7 +474,7 @@ def _ltp_counts(layers, dense, stats, levels, mt_counts_per_level, min_keep, see
     if len(set(targets)) != len(targets):
         raise OnnxPruneError("ltp: two sparsity levels give the same number of zeros")
     per_level = solve.ltp_allocation([layers[i] for i in calibrated], [dense[i] for i in calibrated],
-                                     stats, targets, seed)
+                                     stats, targets, seed, progress)
     learned = {}
     for level, counts, res in zip(levels, mt_counts_per_level, per_level):
         zeros = list(counts)

@@ -12,6 +12,7 @@ from . import layout
 from .calibration.accumulators import LayerStats
 from .graph import Layer
 from .methods import dc, ltp, ltp_weights, magnitude, refit
+from .report import progress_counter
 
 
 # (ours) adaptive-lasso weighting of DC's L1 term, (mean|W| / |W_ij|): on the reference CNN at
@@ -136,7 +137,7 @@ def _to_stored(stored: np.ndarray, idx: np.ndarray, blocks: np.ndarray) -> np.nd
 
 
 def ltp_allocation(layers: list[Layer], dense: list[np.ndarray], stats: dict[str, LayerStats],
-                   targets: list[int], seed: int = 0) -> list:
+                   targets: list[int], seed: int = 0, progress: bool = False) -> list:
     """LTP's thresholds for the calibrated `layers`, learned along one optimisation path through
     the increasing zero counts `targets`: one LTP result (with per-layer .zeros) per target.
 
@@ -158,7 +159,10 @@ def ltp_allocation(layers: list[Layer], dense: list[np.ndarray], stats: dict[str
         if id(shared) not in obs:
             obs[id(shared)] = ltp.obs_gram(shared.gram, rank=shared.low_rank())
     grams = [obs[id(stats[layer.key])] for layer in layers]
-    with threadpool_limits(limits=1, user_api="blas"):  # many small products: see dc_layer
+    # many small products: see dc_layer; the number of lambda probes is not known in advance
+    with threadpool_limits(limits=1, user_api="blas"), \
+            progress_counter(progress, "learning thresholds", " probes") as bar:
         result = ltp.learn_thresholds(weights, grams, targets[-1], seed=seed, l0="total",
-                                      loss="nsr", trail=targets if len(targets) > 1 else None)
+                                      loss="nsr", trail=targets if len(targets) > 1 else None,
+                                      on_probe=lambda probe: bar.update(1))
     return result.levels or [result]

@@ -239,7 +239,7 @@ def test_allocation_is_learned_from_the_gram():
 def test_history_records_each_probe():
     weights, grams = problem(12)
     history = []
-    res = learn_thresholds(weights, grams, sum(w.size for w in weights) // 2, steps=50, history=history)
+    res = learn_thresholds(weights, grams, sum(w.size for w in weights) // 2, steps=50, on_probe=history.append)
     assert len(history) == res.probes >= 1
     assert {"target", "lam", "hard_zeros", "objective"} <= set(history[0])
     assert any(h["lam"] == pytest.approx(res.lam) and h["hard_zeros"] == res.hard_zeros for h in history)

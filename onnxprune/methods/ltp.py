@@ -49,6 +49,7 @@ and one batched product per bucket of rows (the deep CNN's 5-level trail at 300 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -512,7 +513,7 @@ def _coarse_log_lam(layers, target, floor):
     return 0.5 * (a + b)
 
 
-def _search_lambda(layers, target, floor, steps, lr, history, offset=0):
+def _search_lambda(layers, target, floor, steps, lr, on_probe, offset=0):
     """Search log(lambda) so that the hard masks zero `target` weights; returns the best probe.
 
     Each probe is an Adam run of `steps` from the knot-grid minimiser for its lambda, so its
@@ -533,9 +534,9 @@ def _search_lambda(layers, target, floor, steps, lr, history, offset=0):
         p = {"log_lam": ll, "tau": tau, "zeros": zeros, "offset": zeros - grid, "objective": traj,
              "T": layers.T.copy()}
         probes.append(p)
-        if history is not None:
-            history.append({"target": int(target), "lam": math.exp(ll), "hard_zeros": zeros,
-                            "objective": traj[-1]})
+        if on_probe is not None:
+            on_probe({"target": int(target), "lam": math.exp(ll), "hard_zeros": zeros,
+                      "objective": traj[-1]})
         return p
 
     tol = int(_COUNT_TOLERANCE * layers.n.sum())
@@ -582,7 +583,7 @@ def learn_thresholds(
     lr: float = DEFAULT_LR,
     seed: int = 0,
     trail: list[int] | None = None,
-    history: list | None = None,
+    on_probe: Callable[[dict], None] | None = None,
     l0: str = "layer",
     loss: str = "sum",
 ) -> LTPResult:
@@ -594,8 +595,8 @@ def learn_thresholds(
     method interface and changes nothing. `trail`: increasing zero targets solved along one
     path (least sparse first; each level's thresholds start no lower than the previous level's,
     and per-layer counts never decrease); target_zeros is added to it if missing, the returned
-    result is its level, and `.levels` holds them all. `history`, if a list, receives one dict
-    per probe (target, lam, hard_zeros, objective = final R). `l0`: "layer" divides each
+    result is its level, and `.levels` holds them all. `on_probe`, if given, is called with one
+    dict per probe (target, lam, hard_zeros, objective = final R). `l0`: "layer" divides each
     layer's soft count by its size, as in ALGORITHMS.md; "total" (ours) by the number of all
     weights, so lambda prices every weight the same and the budget is a total count. `loss`:
     how a layer's relative error e enters R: "sum" (e, ALGORITHMS.md) or "nsr" (ours,
@@ -623,7 +624,7 @@ def learn_thresholds(
             raise InfeasibleError(f"cannot zero {t} of {total} prunable weights")
     floor, lower, results, offset = None, None, [], 0
     for t in levels:
-        final, probes = _search_lambda(layers, t, floor, steps, lr, history, offset)
+        final, probes = _search_lambda(layers, t, floor, steps, lr, on_probe, offset)
         layers.T = final["T"]
         zeros = layers.exact_zeros(final["tau"], t, lower)
         results.append(LTPResult(
