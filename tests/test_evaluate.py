@@ -285,3 +285,128 @@ def test_a_too_new_ir_version_is_said_in_words(tmp_path):
         evaluate(model, {"x": X, "labels": np.array([0, 1, 1, 0])}, progress=False)
     message = str(error.value)
     assert "unsupported model IR version 14" in message and "onnxruntime::" not in message
+
+
+# A skl2onnx-style classifier ------------------------------------------------------------------
+
+CLASSES = [3, 5, 7]  # class values, not column indices: labels are compared with these
+XC = np.random.default_rng(7).standard_normal((10, 4)).astype(np.float32)
+WC = np.random.default_rng(8).standard_normal((4, 3)).astype(np.float32)
+
+
+def save_classifier(path, weight, classes=CLASSES, batch="n"):
+    """Outputs: label (int64 class values, (n,)), scores (ZipMap: a sequence of {class: prob}),
+    parts (a sequence of tensors) and cube (the probabilities as (n, 3, 1))."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=1),
+             helper.make_node("ArgMax", ["p"], ["index"], axis=1, keepdims=0),
+             helper.make_node("Gather", ["classes", "index"], ["label"]),
+             helper.make_node("ZipMap", ["p"], ["scores"], domain="ai.onnx.ml",
+                              classlabels_int64s=classes),
+             helper.make_node("SequenceConstruct", ["x", "p"], ["parts"]),
+             helper.make_node("Unsqueeze", ["p", "axes"], ["cube"])]
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, [batch]),
+               helper.make_value_info("scores", helper.make_sequence_type_proto(
+                   helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(
+                       TensorProto.FLOAT, [])))),
+               helper.make_value_info("parts", helper.make_sequence_type_proto(
+                   helper.make_tensor_type_proto(TensorProto.FLOAT, None))),
+               helper.make_tensor_value_info("cube", TensorProto.FLOAT, [batch, 3, 1])]
+    graph = helper.make_graph(
+        nodes, "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        outputs, [numpy_helper.from_array(weight, "w"),
+                  numpy_helper.from_array(np.array(classes, np.int64), "classes"),
+                  numpy_helper.from_array(np.array([2], np.int64), "axes")])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_a_classifier_is_measured_on_its_labels_or_its_zipmap_scores(tmp_path):
+    model = save_classifier(tmp_path / "m.onnx", WC)
+    predicted = np.array(CLASSES)[np.argmax(XC @ WC, axis=1)]
+    labels = predicted.copy()
+    labels[:3] = np.where(predicted[:3] == 3, 5, 3)  # three wrong: accuracy 0.7
+    data = {"x": XC, "labels": labels}
+
+    for output in (None, "label", "scores"):  # the default is the first output, label
+        assert evaluate(model, data, output=output, progress=False)["accuracy"] == 0.7
+    fixed = save_classifier(tmp_path / "fixed.onnx", WC, batch=3)  # padded last batch of maps
+    assert evaluate(fixed, data, output="scores", progress=False)["accuracy"] == 0.7
+
+    ref_weight = WC + np.random.default_rng(9).standard_normal(WC.shape).astype(np.float32)
+    reference = save_classifier(tmp_path / "ref.onnx", ref_weight)
+    agreement = np.mean(np.argmax(XC @ WC, axis=1) == np.argmax(XC @ ref_weight, axis=1))
+    assert 0 < agreement < 1
+    on_labels = evaluate(model, data, reference=reference, batch_size=4, progress=False)
+    assert on_labels["accuracy"] == 0.7 and on_labels["label_agreement"] == agreement
+    assert "mean_cosine" not in on_labels and "max_abs_diff" not in on_labels  # of class numbers
+    assert format_metrics(on_labels).splitlines()[2].split() == ["label", "agreement",
+                                                                 f"{agreement:.4f}"]
+    on_scores = evaluate(model, data, reference=reference, output="scores", batch_size=4,
+                         progress=False)
+    p, q = _softmax(XC @ WC), _softmax(XC @ ref_weight)
+    cosine = np.sum(p * q, axis=1) / np.linalg.norm(p, axis=1) / np.linalg.norm(q, axis=1)
+    assert on_scores["mean_cosine"] == pytest.approx(cosine.mean(), abs=1e-6)
+    assert on_scores["max_abs_diff"] == pytest.approx(np.abs(p - q).max(), abs=1e-6)
+    assert on_scores["top1_agreement"] == agreement and on_scores["accuracy"] == 0.7
+    unlabelled = evaluate(model, {"x": XC}, reference=reference, output="scores", progress=False)
+    assert "retrieval_agreement" not in unlabelled  # a classifier's scores are no embeddings
+    json.dumps(on_scores)
+
+
+def test_labels_must_be_among_a_maps_integer_classes(tmp_path):
+    model = save_classifier(tmp_path / "m.onnx", WC)
+    data = {"x": XC, "labels": np.argmax(XC @ WC, axis=1)}  # column indices 0..2, not 3 / 5 / 7
+    with pytest.raises(OnnxPruneError, match=r"^labels range 0\.\.2 but output 'scores' has "
+                                             r"classes 3, 5, 7: labels must be among them$"):
+        evaluate(model, data, output="scores", progress=False)
+    other = save_classifier(tmp_path / "other.onnx", WC, classes=[3, 5, 8])
+    with pytest.raises(OnnxPruneError, match=r"^output 'scores' has classes 3, 5, 7 in the "
+                                             r"model but 3, 5, 8 in the reference$"):
+        evaluate(model, {"x": XC}, reference=other, output="scores", progress=False)
+
+
+def test_errors_name_only_outputs_that_would_work(tmp_path):
+    model = save_classifier(tmp_path / "m.onnx", WC)
+    data = {"x": XC, "labels": np.full(10, 3)}
+    with pytest.raises(OnnxPruneError) as error:
+        evaluate(model, data, output="cube", progress=False)
+    assert str(error.value) == (
+        "labels need a (samples, classes) output of scores or a (samples,) output of integer "
+        "labels, but 'cube' is float of shape ('n', 3, 1); give a reference model to measure "
+        "fidelity instead or choose another output (label, scores)")
+    with pytest.raises(OnnxPruneError) as error:
+        evaluate(model, data, reference=model, output="parts", progress=False)
+    assert str(error.value) == (
+        "eval cannot measure output 'parts' of type seq(tensor(float)): it measures tensors, "
+        "and sequences of maps (a classifier's per-class scores); choose another output "
+        "(label, scores, cube)")
+
+
+def save_unshaped_input(path, external=False):
+    """y = x @ W with x declared without a shape (onnxruntime reports [] for it, as for a
+    scalar); onnx.checker would refuse it, onnxruntime runs it."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "unshaped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(IDENTITY, "W")])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(path), save_as_external_data=external, location="w.bin",
+                    size_threshold=0)
+    return str(path)
+
+
+def test_an_input_declared_without_a_shape_takes_data_of_any_rank(tmp_path):
+    path = save_unshaped_input(tmp_path / "m.onnx", external=True)
+    data = {"x": X, "labels": np.array([0, 1, 1, 0])}
+    for model in (path, onnx.load(path), onnx.load(path).SerializeToString()):
+        result = evaluate(model, data, reference=path, batch_size=3, progress=False)
+        assert result["accuracy"] == 0.75 and result["max_abs_diff"] == 0.0
