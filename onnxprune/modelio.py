@@ -110,16 +110,17 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | bytes) -> LoadedMod
 
 
 def _constants_as_tensors(model: onnx.ModelProto) -> None:
-    """Constant nodes holding value_float / value_floats hold the same float32 values as a
-    `value` tensor instead: one place (a tensor) where weights are found and rewritten."""
+    """Constant nodes holding value_floats hold the same float32 values as a `value` tensor
+    instead: one place (a tensor) where weights are found and rewritten. A value_float is a
+    scalar, never a weight: it keeps its form (exporters write many)."""
     for graph in iter_graphs(model.graph):
         for node in graph.node:
             if node.op_type != "Constant" or len(node.attribute) != 1:
                 continue
             attr = node.attribute[0]
-            if attr.name not in ("value_float", "value_floats"):
+            if attr.name != "value_floats":
                 continue
-            values = np.array(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
+            values = np.array(list(attr.floats), np.float32)
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute(
                 "value", numpy_helper.from_array(values, node.output[0] if node.output else "")))

@@ -79,7 +79,9 @@ def test_constant_value_floats_weights_are_pruned():
     rng = np.random.default_rng(0)
     w = rng.standard_normal(8).astype(np.float32)
     model = _model([helper.make_node("Constant", [], ["w2"], value_floats=w.tolist()),
-                    helper.make_node("MatMul", ["x", "w2"], ["y"])],
+                    helper.make_node("MatMul", ["x", "w2"], ["y0"]),
+                    helper.make_node("Constant", [], ["scale"], value_float=0.5),  # no weight
+                    helper.make_node("Mul", ["y0", "scale"], ["y"])],
                    [_value("x", ["N", 8])], [_value("y", ["N"])], {})
     before = model.SerializeToString()
     result = prune(model, 0.5)
@@ -87,6 +89,7 @@ def test_constant_value_floats_weights_are_pruned():
     assert [row.name for row in result.report.layers] == ["w2"]
     value = result.model.graph.node[0].attribute[0]
     assert value.name == "value"
+    assert result.model.graph.node[2] == model.graph.node[2]  # left as it was written
     pruned = numpy_helper.to_array(value.t)
     assert np.count_nonzero(pruned == 0) == 4 and np.array_equal(pruned[pruned != 0], w[pruned != 0])
 
