@@ -33,8 +33,8 @@ class _DefaultToPrune(click.Group):
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             if args[0].isidentifier() and not Path(args[0]).exists():  # `onnxprune help`
-                raise click.UsageError(f"'{args[0]}' is neither a command ({', '.join(self.commands)}) "
-                                       "nor a model file", ctx)
+                raise click.ClickException(f"{args[0]}: no such file, nor a command "
+                                           f"({', '.join(self.commands)})")  # exit 1, as for a file
             args = ["prune", *args]
         if args and args[0] in self.commands:
             repeated = _repeated_option(self.commands[args[0]], args[1:])
@@ -58,23 +58,37 @@ class _DefaultToPrune(click.Group):
         except click.ClickException as e:
             click.echo(f"onnxprune: error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
-        except click.Abort:
+        except click.Abort:  # Ctrl-C outside a command's own handling
             click.echo("onnxprune: error: interrupted", err=True)
-            sys.exit(1)
+            sys.exit(130)
 
 
 def _repeated_option(command: click.Command, args: list[str]) -> str | None:
-    """The first one-value option given twice (click would silently keep the last one)."""
-    seen = set()
-    for arg in args:
+    """The first one-value option given twice (click would silently keep the last one).
+    Tokens are read as click reads them: an option's value is skipped, short flags bundle."""
+    options = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts}
+    seen, tokens = set(), iter(args)
+    for arg in tokens:
         if arg == "--":
             break
-        for param in command.params:
-            if not isinstance(param, click.Option) or param.multiple or param.is_flag:
+        if arg.startswith("--"):
+            name, attached, _ = arg.partition("=")
+            found = [(options.get(name), not attached)]
+        elif arg.startswith("-") and len(arg) > 1:  # -s 0.5, -s0.5, -qs 0.5
+            found = []
+            for i, letter in enumerate(arg[1:], 1):
+                param = options.get(f"-{letter}")
+                found.append((param, i == len(arg) - 1))
+                if param is None or not param.is_flag:
+                    break  # the rest of the token is the option's value
+        else:
+            continue
+        for param, value_follows in found:
+            if param is None or param.is_flag:
                 continue
-            if any(arg == opt or arg.startswith(opt + "=")
-                   or (len(opt) == 2 and arg.startswith(opt) and not arg.startswith("--"))
-                   for opt in param.opts):
+            if value_follows:
+                next(tokens, None)
+            if not param.multiple:
                 if param.name in seen:
                     return "/".join(param.opts)
                 seen.add(param.name)

@@ -67,6 +67,7 @@ class Layer:
     shared_inputs: list[str] = field(default_factory=list)
     uses_differ: bool = False
     other_uses: list[str] = field(default_factory=list)  # nodes using it as no layer does
+    tied_uses: list[str] = field(default_factory=list)  # an embedding's uses as a layer weight
     notes: list[str] = field(default_factory=list)  # for the report's row
 
     @property
@@ -77,6 +78,12 @@ class Layer:
     def key(self) -> str:
         """Unique among a model's layers (a subgraph may reuse an outer tensor name)."""
         return tensor_key(self.graph, self.name)
+
+    @property
+    def names(self) -> list[str]:
+        """What --include / --exclude match: the tensor's name, its node's (exporters name
+        tensors onnx::MatMul_733 and nodes by module path) and its consumers' op types."""
+        return [self.name, self.node, *self.consumers]
 
     @property
     def operand_shape(self) -> tuple[int, ...]:
@@ -103,67 +110,75 @@ class Skipped:
     reason: str
 
 
-def name_pattern(patterns: str | Sequence[str] | None, option: str) -> re.Pattern | None:
-    """One regex for --include / --exclude given once or several times (any of them matches)."""
+def name_patterns(patterns: str | Sequence[str] | None, option: str) -> list[re.Pattern]:
+    """--include / --exclude, given once or several times (any of them matches); empty
+    patterns are none (a script's empty "$VAR" must not match every tensor)."""
     if patterns is None or isinstance(patterns, str):
-        patterns = [patterns] if patterns else []
-    for pattern in patterns:
+        patterns = [patterns]
+    compiled = []
+    for pattern in filter(None, patterns):
         try:
-            re.compile(pattern)
+            compiled.append(re.compile(pattern))
         except (re.error, TypeError) as e:
             raise OnnxPruneError(f"--{option} '{pattern}' is not a regular expression: {e}") from None
-    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+    return compiled
 
 
 def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = None,
                 exclude: str | Sequence[str] | None = None) -> tuple[list[Layer], list[Skipped]]:
     """All float constants that feed a node; those to prune have .role 'weight' by default.
 
-    include / exclude are regexes matched (re.search) against the tensor name, the name of the
-    node that uses it (exporters often name tensors `onnx::MatMul_733` and nodes by module
-    path) and the op type of its consumers: include adds biases, norm parameters, embedding
-    tables or any other float constant; exclude removes tensors. Each may be a list of regexes.
-    A pattern that matches no tensor is an error (a misspelt --exclude would prune what the
-    user meant to keep). Returns (layers to prune, skipped tensors).
+    include / exclude are regexes (or lists of them) matched (re.search) against Layer.names:
+    include adds biases, norm parameters, embedding tables or any other float constant;
+    exclude removes tensors. A pattern that matches no tensor is an error (a misspelt
+    --exclude would prune what the user meant to keep). Returns (layers to prune, skipped).
     """
     finder = _Finder({f.name for f in model.functions})
     finder.walk(model.graph, ChainMap(), "")
     finder.skip_function_constants(model.functions)
     _unshare_biases(finder.layers.values())
-    inc, exc = name_pattern(include, "include"), name_pattern(exclude, "exclude")
+    found = list(finder.layers.values())
+    inc, exc = name_patterns(include, "include"), name_patterns(exclude, "exclude")
+    for option, patterns in (("include", inc), ("exclude", exc)):
+        for pattern in patterns:
+            if not any(_matches([pattern], layer) for layer in found):
+                raise OnnxPruneError(f"--{option} '{pattern.pattern}' matches no tensor name, node "
+                                     "name or op type of this model's weights")
     layers, skipped = [], list(finder.skipped)
-    keys_of = {id(layer): [layer.name, layer.node, *layer.consumers] for layer in finder.layers.values()}
-    for option, given in (("include", include), ("exclude", exclude)):
-        for pattern in [given] if isinstance(given, str) else given or []:
-            if pattern and not any(re.search(pattern, k) for keys in keys_of.values() for k in keys):
-                raise OnnxPruneError(f"--{option} '{pattern}' matches no tensor name, node name or "
-                                     "op type of this model's weights")
     named = {s.name for s in skipped}  # skipped already, with a better reason (quantized)
-    for layer in finder.layers.values():
-        keys = keys_of[id(layer)]
-        chosen = layer.role == "weight" or (inc is not None and any(inc.search(k) for k in keys))
-        if exc is not None and any(exc.search(k) for k in keys):
+    for layer in found:
+        if _matches(exc, layer):
             skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude"))
-        elif chosen:
+        elif layer.role == "weight" or _matches(inc, layer):
             layers.append(layer)
-        elif layer.role == "embedding":
-            skipped.append(Skipped(layer.name, layer.op, (
-                f"embedding table, also the weight of {', '.join(layer.other_uses)} (a tied output "
-                "layer): --include prunes both uses" if layer.other_uses else
-                "embedding table: --include prunes it")))
-        elif layer.role == "recurrent":
-            skipped.append(Skipped(layer.name, layer.op, f"{layer.op} weight, not a Conv / Gemm / "
-                                   "MatMul layer: --include its name to prune it by magnitude"))
-        elif (layer.role == "other" and sum(d > 1 for d in layer.shape) >= 2  # a matrix: say why
-              and layer.name not in named and layer.op not in NOT_WEIGHT_USES):
-            used = (f"input of model-local function '{layer.op}'" if layer.op in finder.functions
-                    else f"used by {layer.op} ({layer.node})")
-            skipped.append(Skipped(layer.name, layer.op, f"{used}, not as a Conv / Gemm / MatMul "
-                                   "weight: --include prunes it by magnitude"))
+        elif layer.name not in named and (reason := _skip_reason(layer, finder.functions)):
+            skipped.append(Skipped(layer.name, layer.op, reason))
     for layer in layers:
         if layer.other_uses and layer.role == "weight":
             layer.notes.append(f"also used by {', '.join(layer.other_uses)}, which sees the pruned values")
     return layers, skipped
+
+
+def _matches(patterns: list[re.Pattern], layer: Layer) -> bool:
+    return any(p.search(name) for p in patterns for name in layer.names)
+
+
+def _skip_reason(layer: Layer, functions: set[str]) -> str | None:
+    """Why a float constant that is not pruned by default is left alone, where the report
+    should say (embedding tables, recurrent weights, matrices used otherwise)."""
+    if layer.role == "embedding":
+        if layer.tied_uses:
+            return (f"embedding table, also the weight of {', '.join(layer.tied_uses)} (a tied output "
+                    "layer): --include prunes both uses")
+        return "embedding table: --include prunes it"
+    if layer.role == "recurrent":
+        return f"{layer.op} weight, not a Conv / Gemm / MatMul layer: --include prunes it by magnitude"
+    uses = [op for op in layer.consumers if op not in NOT_WEIGHT_USES]
+    if layer.role == "other" and uses and sum(d > 1 for d in layer.shape) >= 2:  # a matrix: say why
+        used = (f"input of model-local function '{uses[0]}'" if uses[0] in functions
+                else f"used by {uses[0]}")
+        return f"{used}, not as a Conv / Gemm / MatMul weight: --include prunes it by magnitude"
+    return None
 
 
 def _unshare_biases(layers) -> None:
@@ -208,8 +223,8 @@ class _Finder:
             if node.op_type == "Constant":
                 continue
             for slot, name in enumerate(node.input):
-                if not name:
-                    continue
+                if not name or (slot == 0 and node.op_type in PASS_THROUGH + SLICING):
+                    continue  # a value passing through: its consumers are visited with the chain
                 traced = self._trace(name, scope, producers)
                 if traced is not None:
                     self._visit(node, slot, traced, scope, producers, consumers, path)
@@ -267,21 +282,34 @@ class _Finder:
         known = self.layers.get(key)
         if known is not None:
             known.consumers.append(node.op_type)
-            if (known.role == "weight" and role not in ("weight", "embedding")
-                    or known.role == "embedding" and role == "weight"):
-                _add_use(known.other_uses, node.op_type, node_label(node))
-            if role == "embedding" or (role == "weight" and known.role not in ("weight", "embedding")):
-                if role == "embedding" and known.role == "weight" or known.role == "other":
-                    _add_use(known.other_uses, known.op, known.node)
-                self._fill(known, node, slot, chain, role, scope, producers, consumers)
-            elif role == "weight" and known.role == "weight":
-                self._another_use(known, node, slot, chain, scope, producers, consumers, path)
+            self._another_role(known, role, node, slot, chain, scope, producers, consumers, path)
             return
         layer = Layer(name=name, role=role, op=node.op_type, node=node_label(node),
                       tensor=tensor, graph=path, initializer=key in self._initializers,
                       consumers=[node.op_type])
         self._fill(layer, node, slot, chain, role, scope, producers, consumers)
         self.layers[key] = layer
+
+    def _another_role(self, known, role, node, slot, chain, scope, producers, consumers, path):
+        """A tensor met again, used as `role` by `node`: an embedding wins (a tied output layer
+        is noted), a weight use beats a plain use (which is noted), and a second weight use is
+        a shared weight."""
+        use = _use_label(node.op_type, node_label(node))
+        if known.role == "embedding":
+            if role == "weight":
+                _add_once(known.tied_uses, use)
+        elif role == "embedding":
+            if known.role == "weight":
+                _add_once(known.tied_uses, _use_label(known.op, known.node))
+            self._fill(known, node, slot, chain, role, scope, producers, consumers)
+        elif role == "weight" and known.role == "weight":
+            self._another_use(known, node, slot, chain, scope, producers, consumers, path)
+        elif role == "weight":
+            if known.role == "other":
+                _add_once(known.other_uses, _use_label(known.op, known.node))
+            self._fill(known, node, slot, chain, role, scope, producers, consumers)
+        elif known.role == "weight":
+            _add_once(known.other_uses, use)
 
     def _skip_quantized(self, key_object, name, op, reason=None):
         if id(key_object) not in self._skipped_ids:
@@ -342,8 +370,11 @@ class _Finder:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
 
 
-def _add_use(uses: list[str], op: str, label: str) -> None:
-    use = label if label.startswith(f"{op}:") else f"{op} {label}"  # unnamed nodes: Mul:out
+def _use_label(op: str, node: str) -> str:
+    return node if node.startswith(f"{op}:") else f"{op} {node}"  # an unnamed node is Mul:out
+
+
+def _add_once(uses: list[str], use: str) -> None:
     if use not in uses:
         uses.append(use)
 

@@ -63,18 +63,24 @@ def tensor_key(path: str, name: str) -> str:
 
 
 def body_label(path: str, node: onnx.NodeProto, attr_name: str, i: int, n: int) -> str:
-    return f"{path}/{node_label(node)}.{attr_name}{f'[{i}]' if n > 1 else ''}".lstrip("/")
+    return f"{path}/{node_name(node)}.{attr_name}{f'[{i}]' if n > 1 else ''}".lstrip("/")
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    """The node's name (unique in a valid graph), or its op and first output."""
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
 
 
 def node_label(node: onnx.NodeProto) -> str:
-    """The node's name, or the module path torch's dynamo exporter records (its node names,
-    node_MatMul_81, say nothing): /blocks.0/attn/qkv/linear, like the TorchScript exporter's."""
+    """For people and --include / --exclude: the module path torch's dynamo exporter records
+    (its node names, node_MatMul_81, say nothing), /blocks.0/attn/qkv/linear like the
+    TorchScript exporter's names; else node_name. Not unique: never a key."""
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
             if any(scopes):
                 return "/" + "/".join(s for s in scopes if s)
-    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+    return node_name(node)
 
 
 def iter_tensors(model: onnx.ModelProto, *, sparse: bool = True, dense: bool = True):

@@ -543,8 +543,8 @@ def _check_settings(model, device, include, exclude, dims, **counts) -> None:
     if not isinstance(model, (str, os.PathLike, bytes, onnx.ModelProto)):
         raise OnnxPruneError(f"model must be a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
     check_device(device)
-    graph.name_pattern(include, "include")
-    graph.name_pattern(exclude, "exclude")
+    graph.name_patterns(include, "include")
+    graph.name_patterns(exclude, "exclude")
     for name, size in (dims or {}).items():
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise OnnxPruneError(f"--dim {name}: a size must be a positive integer, got {size!r}")

@@ -53,10 +53,12 @@ def compare_models(reference, candidate, *, dims=None, device="auto") -> dict:
         result["note"] = f"the input model did not run on synthetic inputs: {one_line(e)}"
         return result
     remarks = []
-    for name, ref, out in zip(names, ref_outputs, outputs):
-        ref, out = comparable(ref), comparable(out)
-        if ref is None or out is None or ref.shape != out.shape:
+    for name, ref_value, out_value in zip(names, ref_outputs, outputs):
+        ref, out = comparable(ref_value), comparable(out_value)
+        if ref is None or out is None:
             remarks.append(f"output '{name}' not compared (not a numeric tensor)")
+        elif ref.shape != out.shape or _part_shapes(ref_value) != _part_shapes(out_value):
+            remarks.append(f"output '{name}' not compared (its shape changed)")
         elif not np.issubdtype(ref.dtype, np.floating):  # labels, indices: a count, not a size
             changed = int(np.count_nonzero(ref != out))
             remarks.append(f"output '{name}': {changed} of {ref.size} values changed")
@@ -86,11 +88,15 @@ def comparable(value) -> np.ndarray | None:
         except (TypeError, ValueError):
             return None
     if isinstance(value, list) and all(isinstance(part, np.ndarray) for part in value):
-        parts = [part.reshape(-1) for part in value]
-        if not parts or any(part.dtype.kind not in "biuf" for part in parts):
+        if any(part.dtype.kind not in "biuf" for part in value):
             return None
-        return np.concatenate(parts)
+        return np.concatenate([part.reshape(-1) for part in value]) if value else np.empty(0)
     return None
+
+
+def _part_shapes(value) -> list | None:
+    """The shapes of a sequence's tensors: parts of (2, 3) and (3, 2) are not the same output."""
+    return [np.shape(part) for part in value] if isinstance(value, list) else None
 
 
 def output_change(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float, int]:

@@ -194,6 +194,7 @@ def test_layers_reading_the_same_input_share_one_statistics_with_the_same_result
     # a budget of one statistics: q, k, v together in one pass, o in the next
     one = accumulator_bytes(layers[0])
     assert [len(g) for g in calibration_groups(layers, {}, one)] == [3, 1]
+    assert [len(g) for g in calibration_groups(layers, {}, one // 2)] == [3, 1]  # over alone
     for method, refit in (("dc", False), ("ltp", False), ("global-mt", True)):
         shared = prune(model, [0.5, 0.8], method=method, refit=refit, calib={"x": x}, verify=False)
         alone = prune(apart, [0.5, 0.8], method=method, refit=refit, calib={"x": x}, verify=False)

@@ -284,9 +284,11 @@ def test_include_and_exclude_repeat_and_must_match(model_path, tmp_path):
                           "--exclude 'classifer' matches no tensor")
 
 
-def test_repeated_options_and_unknown_commands_are_usage_errors(model_path):
-    for args in (["-s", "0.5", "-s", "0.6"], ["-s0.5", "--sparsity=0.6"]):
+def test_repeated_options_are_usage_errors_and_values_are_not_options(model_path, tmp_path):
+    for args in (["-s", "0.5", "-s", "0.6"], ["-s0.5", "--sparsity=0.6"], ["-qs", "0.5", "-s", "0.7"]):
         result = run(model_path, *args)
         assert result.exit_code == 2 and "-s/--sparsity given more than once" in result.output
-    result = run("help")
-    assert result.exit_code == 2 and "'help' is neither a command (prune, eval) nor a model file" in result.output
+    # values that look like options are values (click reads them so)
+    result = run(model_path, "-s", "0.5", "-o", tmp_path / "-s.onnx", "--exclude", "-s", "-q")
+    assert "given more than once" not in result.output and "--exclude '-s' matches no" in result.output
+    assert_one_line_error(run("help"), "help: no such file, nor a command (prune, eval)")

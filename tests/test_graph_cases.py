@@ -8,6 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune import prune
 from onnxprune.graph import find_layers
 
+import builders
+
 
 def _model(nodes, inputs, outputs, tensors, opset=13):
     graph = helper.make_graph(nodes, "g", inputs, outputs,
@@ -327,3 +329,30 @@ def test_a_bias_two_layers_share_is_kept_as_it_is():
         result = prune(model, 0.5, method=method, calib="random")
         assert np.array_equal(_tensor(result.model, "b"), _tensor(model, "b"))
         assert all(row.note.endswith("bias shared with another layer: kept as it is") for row in result.report.layers)
+
+
+def test_weights_behind_pass_through_ops_get_no_other_use_notes():
+    # Transpose(W) -> MatMul and a table used by Add and by Gather: no false "also used" / "tied"
+    rng = np.random.default_rng(44)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Wt"], ["h"]),
+             helper.make_node("Add", ["T", "pos"], ["tp"]),
+             helper.make_node("Gather", ["T", "ids"], ["g"])]
+    model = _model(nodes, [_value("x", ["N", 8]), _value("pos", [5, 8]),
+                           helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                   [_value("h", ["N", 8]), _value("tp", [5, 8]), _value("g", [3, 8])],
+                   {"W": rng.standard_normal((8, 8)).astype(np.float32),
+                    "T": rng.standard_normal((5, 8)).astype(np.float32)})
+    layers, skipped = find_layers(model)
+    assert [(layer.name, layer.notes) for layer in layers] == [("W", [])]
+    assert {s.name: s.reason for s in skipped} == {"T": "embedding table: --include prunes it"}
+
+
+def test_include_exclude_patterns_are_each_their_own_regex():
+    model = builders.mlp_gemm()  # 0.weight, 0.bias, 2.weight, 2.bias
+    def names(**kw):
+        return [layer.name for layer in find_layers(model, **kw)[0]]
+
+    assert names(exclude=["(?i)^0\\.WEIGHT"]) == ["2.weight"]  # inline flags in one of several
+    assert names(exclude=[""], include="") == ["0.weight", "2.weight"]  # empty: no pattern
+    assert names(exclude=["(a)\\1|^0\\.w", "(b)\\1|^2\\.w"], include=["bias"]) == ["0.bias", "2.bias"]

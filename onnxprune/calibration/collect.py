@@ -138,7 +138,7 @@ def calibration_groups(layers: list[Layer], row_cap: dict[str, int], budget: int
         cap = row_cap.get(layer.key, 0)
         rows = _rows_key(layer, cap, max_positions)
         need = 0 if rows is not None and rows in collected else accumulator_bytes(layer, cap)
-        if not groups or used + need > budget:
+        if not groups or (need and used + need > budget):  # rows collected already: free
             groups.append([])
             used, collected = 0, set()
             need = accumulator_bytes(layer, cap)
