@@ -203,11 +203,12 @@ def _load(model, include, exclude, dims):
     layers, skipped = graph.find_layers(loaded.model, include, exclude)
     if not layers:
         quantized = sum(s.reason == graph.QUANTIZED_REASON for s in skipped)
+        left = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
         raise OnnxPruneError(
             f"no float weights to prune: {quantized} quantized weights found; onnxprune prunes "
             "float weights, so prune the model before quantizing it" if quantized else
             "no prunable weights found (Conv, ConvTranspose, Gemm and MatMul with constant float "
-            "weights; see --include)")
+            "weights; see --include)" + (f"; left alone: {left}" if skipped else ""))
     biases = {layer.key: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
               for layer in layers if layer.bias is not None}
     return loaded, layers, skipped, biases

@@ -151,10 +151,13 @@ def _clip(text: str, width: int) -> str:
 
 
 def _label(row: LayerRow) -> str:
-    """The tensor's name; its node's where an exporter generated the tensor's (onnx::MatMul_733
-    says nothing; the JSON keeps both)."""
+    """The tensor's name; its node's where an exporter generated the tensor's (onnx::MatMul_733,
+    or dynamo's val_82 under a module path: torch names parameters by dotted module paths; the
+    JSON keeps both)."""
     name = row.name
-    if (row.name.startswith("onnx::") or not row.name) and row.node:
+    generated = (name.startswith("onnx::") or not name
+                 or (row.node.startswith("/") and "." not in name))
+    if generated and row.node:
         name = f"{row.node} ({row.name})" if row.op in RECURRENT_OPS else row.node  # W, R, B of one node
     return name if not row.graph else f"{row.graph}/{name}"
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import prune
-from onnxprune.graph import find_layers
-
 import builders
+from onnxprune import OnnxPruneError, prune
+from onnxprune.graph import find_layers
 
 
 def _model(nodes, inputs, outputs, tensors, opset=13):
@@ -286,6 +286,8 @@ def test_dynamo_module_paths_name_layers_and_select_them():
                     "val_9": rng.standard_normal((8, 8)).astype(np.float32)})
     layers, _ = find_layers(model, exclude="head")
     assert [(layer.name, layer.node) for layer in layers] == [("val_7", "/blocks.0/qkv/linear")]
+    table = prune(model, 0.5, verify=False).report.format()
+    assert "/blocks.0/qkv/linear " in table and "val_7" not in table  # generated names: the module's
 
 
 def test_weights_used_otherwise_are_named_and_noted():
@@ -356,3 +358,12 @@ def test_include_exclude_patterns_are_each_their_own_regex():
     assert names(exclude=["(?i)^0\\.WEIGHT"]) == ["2.weight"]  # inline flags in one of several
     assert names(exclude=[""], include="") == ["0.weight", "2.weight"]  # empty: no pattern
     assert names(exclude=["(a)\\1|^0\\.w", "(b)\\1|^2\\.w"], include=["bias"]) == ["0.bias", "2.bias"]
+
+
+def test_a_model_without_prunable_weights_names_what_it_left_alone():
+    rng = np.random.default_rng(45)
+    model = _model([helper.make_node("Einsum", ["x", "w"], ["y"], equation="ni,io->no")],
+                   [_value("x", ["N", 8])], [_value("y", ["N", 4])],
+                   {"w": rng.standard_normal((8, 4)).astype(np.float32)})
+    with pytest.raises(OnnxPruneError, match="no prunable weights found.*; left alone: w: used by Einsum"):
+        prune(model, 0.5)
