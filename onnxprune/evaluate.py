@@ -8,6 +8,9 @@ accuracy and fidelity count equal labels. Only running statistics are kept, exce
 models (2-D float tensor output, no labels), whose outputs are kept to compare nearest
 neighbours across the whole data set. Each model gets the data cast to its own input types, in
 batches of its own fixed batch size where its inputs fix one.
+
+This module opens the models, checks the data, runs onnxruntime batch by batch and assembles
+the result; the metrics themselves are onnxprune.metrics' accumulators (pure numpy).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from onnxprune.data import (
 from onnxprune.calibration.source import model_inputs
 from onnxprune.errors import OnnxPruneError
 from onnxprune.external_session import session_for
+from onnxprune.metrics import Fidelity, LabelAccuracy, classes_text
 from onnxprune.modelio import check_model_file, no_relative_data
 from onnxprune.report import plural, progress_counter
 from onnxprune.runtime import (
@@ -46,10 +50,7 @@ from onnxprune.runtime import (
     run,
     session_inputs,
 )
-from onnxprune.verify import comparable, output_change
-
-# Rows of the similarity matrix computed at once when finding nearest neighbours.
-_NEIGHBOUR_BLOCK = 512
+from onnxprune.verify import comparable
 
 
 def evaluate(
@@ -104,20 +105,19 @@ def evaluate(
     started = time.perf_counter()
     # nearest-neighbour agreement is for embedding models, not for a classifier's scores
     keep_embeddings = labels is None and not _is_map(measured.arg.type)
-    stats, ref_stats, fidelity = _run_all(measured, ref, batch_size, progress, keep_embeddings)
+    scored, ref_scored, fidelity = _run_all(measured, ref, batch_size, progress, keep_embeddings)
     result: dict = {
         "samples": num_samples(samples),
         "provider": provider_name(measured.session),
         "output": measured.output,
     }
-    if labels is not None:
-        if stats.role is not None:
-            result["accuracy"] = stats.correct / len(labels)
-            if ref_stats is not None and ref_stats.role is not None:
-                result["reference_accuracy"] = ref_stats.correct / len(labels)
+    if scored is not None:
+        if scored.accuracy is not None:
+            result["accuracy"] = scored.accuracy
+            if ref_scored is not None and ref_scored.accuracy is not None:
+                result["reference_accuracy"] = ref_scored.accuracy
         elif ref is None:
-            found = f"{stats.example_dtype} of shape {stats.example_shape}"
-            raise _not_a_classifier(measured, found)
+            raise _not_a_classifier(measured, f"{scored.first_dtype} of shape {scored.first_shape}")
     if fidelity is not None:
         result.update(fidelity.metrics())
     note = device_note(device)
@@ -184,6 +184,14 @@ class _Model:
             out = self._as_array(run(self.session, [self.output], _pad(piece, size))[0])
             parts.append(out[:min(size, rows - start)] if self.fixed_batch else out)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def check_rows(self, out: np.ndarray, rows: int) -> None:
+        """The metrics take an output as one row per sample of the batch it came from."""
+        if out.ndim == 0 or out.shape[0] != rows:
+            raise OnnxPruneError(
+                f"output '{self.output}' has shape {out.shape} for a batch of "
+                f"{plural(rows, 'sample')}; it must have one row per sample"
+            )
 
     def _as_array(self, value) -> np.ndarray:
         """A sequence of maps as a (samples, classes) array; its classes must stay the same
@@ -287,100 +295,36 @@ def format_metrics(d: Mapping) -> str:
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
-class _OutputStats:
-    """Running statistics of one model's measured output, fed batch by batch."""
-
-    def __init__(self, labels: np.ndarray | None, output: str):
-        self.labels = labels
-        self.output = output
-        self.correct = 0
-        self.seen = 0
-        self.example_shape: tuple[int, ...] | None = None
-        self.example_dtype: np.dtype | None = None
-        self.role: str | None = None  # "scores", "labels", or None: not a classifier's output
-
-    def add(self, batch_out: np.ndarray, rows: int, classes: list | None = None) -> None:
-        """`classes`: a map output's classes, in column order."""
-        if batch_out.ndim == 0 or batch_out.shape[0] != rows:
-            raise OnnxPruneError(
-                f"output '{self.output}' has shape {batch_out.shape} for a batch of "
-                f"{plural(rows, 'sample')}; it must have one row per sample"
-            )
-        if self.example_shape is None:
-            self.example_shape, self.example_dtype = batch_out.shape, batch_out.dtype
-            self.role = _role(batch_out)
-            if self.labels is not None and self.role == "scores":
-                self._check_label_range(batch_out.shape[1], classes)
-        if self.labels is None or self.role is None:
-            self.seen += rows
-            return
-        if self.role == "labels":
-            predicted = batch_out
-        else:
-            predicted = np.argmax(batch_out, axis=1)
-            if _class_values(classes):  # ZipMap's integer classes: compare labels with them
-                predicted = np.asarray(classes)[predicted]
-        self.correct += int(np.sum(predicted == self.labels[self.seen:self.seen + rows]))
-        self.seen += rows
-
-    def _check_label_range(self, columns: int, classes: list | None) -> None:
-        """Labels counted from 1, or -1 for 'unknown', would silently score as wrong."""
-        low, high = int(self.labels.min()), int(self.labels.max())
-        if _class_values(classes):
-            if not np.all(np.isin(self.labels, classes)):
-                raise OnnxPruneError(
-                    f"labels range {low}..{high} but output '{self.output}' has classes "
-                    f"{_classes_text(classes)}: labels must be among them"
-                )
-        elif low < 0 or high >= columns:
-            raise OnnxPruneError(
-                f"labels range {low}..{high} but output '{self.output}' has {columns} classes: "
-                f"labels must be class indices 0..{columns - 1}"
-            )
-
-
-def _role(out: np.ndarray) -> str | None:
-    """What a classifier's output holds: per-class "scores", predicted "labels", or neither."""
-    if out.ndim == 2:
-        return "scores"
-    return "labels" if out.ndim == 1 and out.dtype.kind in "biu" else None
-
-
-def _classes_text(classes: list) -> str:
-    shown = classes if len(classes) <= 10 else [*classes[:2], "...", classes[-1]]
-    return ", ".join(map(str, shown))
-
-
-def _class_values(classes: list | None) -> bool:
-    """A map output keyed by integer classes, whose labels are the class values (string
-    classes leave labels as indices into the sorted class names)."""
-    return bool(classes) and all(isinstance(c, (int, np.integer)) for c in classes)
-
-
 def _run_all(model: _Model, ref: _Model | None, batch_size, progress, keep_embeddings):
-    """Run the model (and reference) over all samples, feeding each batch's outputs to stats."""
+    """Run the model (and reference) over all samples, feeding each batch's outputs to the
+    accumulators: (model's accuracy, reference's accuracy, fidelity), each None where not
+    measured (no labels; no reference)."""
     labels = model.samples.get(LABELS_KEY)
     # a fixed batch dimension sets the batch size; a reference fixing another cuts it again
     batch_size = model.fixed_batch or (ref.fixed_batch if ref else None) or batch_size
-    stats = _OutputStats(labels, model.output)
-    ref_stats = _OutputStats(labels, ref.output) if ref else None
-    fidelity = _Fidelity(keep_embeddings, model.output) if ref else None
+    scored = LabelAccuracy(labels, model.output) if labels is not None else None
+    ref_scored = LabelAccuracy(labels, ref.output) if labels is not None and ref else None
+    fidelity = Fidelity(keep_embeddings, model.output) if ref else None
     ref_batches = iter_batches(ref.samples, batch_size) if ref else None
     with progress_counter(progress, "evaluate", "sample", num_samples(model.samples)) as bar:
         for batch in iter_batches(model.samples, batch_size):
             rows = batch_rows(batch)
             out = model.run(batch)
-            stats.add(out, rows, model.classes)
+            model.check_rows(out, rows)
+            if scored is not None:
+                scored.add(out, model.classes)
             if ref:
                 ref_out = ref.run(next(ref_batches))
                 if ref.classes != model.classes:
                     raise OnnxPruneError(
-                        f"output '{model.output}' has classes {_classes_text(model.classes or [])} "
-                        f"in the model but {_classes_text(ref.classes or [])} in the reference")
-                ref_stats.add(ref_out, rows, ref.classes)
+                        f"output '{model.output}' has classes {classes_text(model.classes or [])} "
+                        f"in the model but {classes_text(ref.classes or [])} in the reference")
+                ref.check_rows(ref_out, rows)
+                if ref_scored is not None:
+                    ref_scored.add(ref_out, ref.classes)
                 fidelity.add(out, ref_out)
             bar.update(rows)
-    return stats, ref_stats, fidelity
+    return scored, ref_scored, fidelity
 
 
 def _check_file(model, which: str) -> None:
@@ -405,91 +349,3 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     # Repeat the last sample; its outputs are cut off again after the run.
     return {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) if v.ndim else v
             for k, v in batch.items()}
-
-
-class _Fidelity:
-    """Per-sample agreement between model and reference outputs, accumulated over batches."""
-
-    def __init__(self, keep_embeddings: bool, output: str):
-        self.keep_embeddings = keep_embeddings
-        self.output = output
-        self.cosine_sum = 0.0
-        self.top1_agree = 0
-        self.max_abs_diff = 0.0
-        self.finite_values = 0  # (model, reference) output pairs both finite
-        self.nonfinite_samples = 0
-        self.count = 0
-        self.is_2d = False
-        self.label_agree = 0
-        self.is_labels = False
-        self.embeddings: list[np.ndarray] = []
-        self.ref_embeddings: list[np.ndarray] = []
-
-    def add(self, out: np.ndarray, ref: np.ndarray) -> None:
-        if out.shape != ref.shape:
-            raise OnnxPruneError(
-                f"output '{self.output}' shapes differ: model {out.shape}, reference {ref.shape}"
-            )
-        self.count += len(out)
-        if _role(out) == "labels" and _role(ref) == "labels":
-            # predicted labels: the same or not (a cosine of label numbers means nothing)
-            self.is_labels = True
-            self.label_agree += int(np.sum(out == ref))
-            return
-        a = out.reshape(len(out), -1).astype(np.float64)
-        b = ref.reshape(len(ref), -1).astype(np.float64)
-        # NaN / inf where the reference is finite: the pruned model broke on that sample. Such
-        # rows count as orthogonal, and the largest change is taken over the finite values.
-        broken, largest, finite_values = output_change(b, a)
-        self.nonfinite_samples += int(np.count_nonzero(broken.any(axis=1)))
-        self.finite_values += finite_values
-        self.max_abs_diff = max(self.max_abs_diff, largest)
-        with np.errstate(invalid="ignore", over="ignore"):
-            self.cosine_sum += float(np.sum(np.nan_to_num(_row_cosine(a, b), nan=0.0)))
-        self.is_2d = out.ndim == 2
-        if self.is_2d:
-            self.top1_agree += int(np.sum(np.argmax(out, axis=1) == np.argmax(ref, axis=1)))
-            if self.keep_embeddings and np.issubdtype(out.dtype, np.floating):
-                self.embeddings.append(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
-                self.ref_embeddings.append(b)
-
-    def metrics(self) -> dict:
-        n = max(self.count, 1)
-        if self.is_labels:
-            return {"label_agreement": self.label_agree / n}
-        # no finite value to compare: no largest change to report (0 would read as identical)
-        no_change = self.nonfinite_samples and not self.finite_values
-        result = {"mean_cosine": self.cosine_sum / n,
-                  "max_abs_diff": None if no_change else self.max_abs_diff,
-                  "nonfinite_samples": self.nonfinite_samples}
-        if self.is_2d:
-            result["top1_agreement"] = self.top1_agree / n
-            if self.embeddings and self.count >= 2:
-                same = (_nearest_neighbours(np.concatenate(self.embeddings))
-                        == _nearest_neighbours(np.concatenate(self.ref_embeddings)))
-                result["retrieval_agreement"] = float(np.mean(same))
-        return result
-
-
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity per row; two all-zero rows count as identical, one as orthogonal."""
-    na = np.linalg.norm(a, axis=1)
-    nb = np.linalg.norm(b, axis=1)
-    dot = np.sum(a * b, axis=1)
-    both_zero = (na == 0) & (nb == 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where(na * nb > 0, dot / (na * nb), 0.0)
-    return np.where(both_zero, 1.0, cos)
-
-
-def _nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
-    """Index of each row's most cosine-similar OTHER row (ties: lowest index)."""
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    unit = embeddings / np.where(norms > 0, norms, 1.0)
-    nearest = np.empty(len(unit), dtype=np.int64)
-    for start in range(0, len(unit), _NEIGHBOUR_BLOCK):
-        sim = unit[start:start + _NEIGHBOUR_BLOCK] @ unit.T
-        rows = np.arange(sim.shape[0])
-        sim[rows, start + rows] = -np.inf  # a sample is not its own neighbour
-        nearest[start:start + len(sim)] = np.argmax(sim, axis=1)
-    return nearest

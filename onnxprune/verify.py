@@ -6,6 +6,7 @@ import onnxruntime as ort
 
 from .data import random_array
 from .errors import OnnxPruneError, one_line
+from .metrics import output_change
 from .runtime import make_session, provider_name, run, session_inputs
 
 def synthetic_inputs(session: ort.InferenceSession, dims: dict[str, int] | None = None,
@@ -97,20 +98,6 @@ def comparable(value) -> np.ndarray | None:
 def _part_shapes(value) -> list | None:
     """The shapes of a sequence's tensors: parts of (2, 3) and (3, 2) are not the same output."""
     return [np.shape(part) for part in value] if isinstance(value, list) else None
-
-
-def output_change(ref: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """How far a pruned model's output moved from the reference's, finite values only.
-
-    (where out is NaN / inf but ref is finite, the largest |ref - out| over values finite in both,
-    how many values are finite in both). Verification and eval both measure this way.
-    """
-    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
-    ref_finite, out_finite = np.isfinite(ref), np.isfinite(out)
-    both = ref_finite & out_finite
-    with np.errstate(invalid="ignore", over="ignore"):
-        largest = float(np.abs(ref - out)[both].max(initial=0.0))
-    return ref_finite & ~out_finite, largest, int(np.count_nonzero(both))
 
 
 def _run(model, device, dims, feeds=None):

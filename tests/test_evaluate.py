@@ -212,9 +212,9 @@ def test_strict_json_has_no_nan_literals():
 
 
 def test_no_finite_output_has_no_largest_change():
-    from onnxprune.evaluate import _Fidelity
+    from onnxprune.metrics import Fidelity
 
-    fidelity = _Fidelity(keep_embeddings=False, output="y")
+    fidelity = Fidelity(keep_embeddings=False, output="y")
     fidelity.add(np.full((2, 3), np.nan, np.float32), np.ones((2, 3), np.float32))
     metrics = fidelity.metrics()
     assert metrics["max_abs_diff"] is None and metrics["nonfinite_samples"] == 2
