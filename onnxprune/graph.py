@@ -108,6 +108,7 @@ class Skipped:
     name: str
     op: str
     reason: str
+    node: str = ""  # its (first) node's label: the report shows it for generated tensor names
 
 
 def name_patterns(patterns: str | Sequence[str] | None, option: str) -> list[re.Pattern]:
@@ -147,12 +148,13 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     layers, skipped = [], list(finder.skipped)
     named = {s.name for s in skipped}  # skipped already, with a better reason (quantized)
     for layer in found:
-        if _matches(exc, layer):
-            skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude"))
-        elif layer.role == "weight" or _matches(inc, layer):
+        chosen = layer.role == "weight" or _matches(inc, layer)
+        if chosen and _matches(exc, layer):  # (a bias it matches was never to be pruned)
+            skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude", layer.node))
+        elif chosen:
             layers.append(layer)
         elif layer.name not in named and (reason := _skip_reason(layer, finder.functions)):
-            skipped.append(Skipped(layer.name, layer.op, reason))
+            skipped.append(Skipped(layer.name, layer.op, reason, layer.node))
     for layer in layers:
         if layer.other_uses and layer.role == "weight":
             layer.notes.append(f"also used by {', '.join(layer.other_uses)}, which sees the pruned values")

@@ -78,8 +78,10 @@ def node_label(node: onnx.NodeProto) -> str:
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
-            if any(scopes):
-                return "/" + "/".join(s for s in scopes if s)
+            # torch writes each module's full name (bert, bert.encoder, ...): keep the innermost
+            kept = [s for s, inner in zip(scopes, scopes[1:] + [""]) if s and not inner.startswith(s + ".")]
+            if kept:
+                return "/" + "/".join(kept)
     return node_name(node)
 
 

@@ -94,7 +94,7 @@ class PruneReport:
                      f"{plural(len(self.layers), 'tensor')}")
         by_reason: dict[str, list[str]] = {}
         for s in self.skipped:
-            by_reason.setdefault(s["reason"], []).append(s["name"])
+            by_reason.setdefault(s["reason"], []).append(_shown_name(s["name"], s.get("node", "")))
         for reason, names in by_reason.items():  # a reason may hold brackets and colons: it goes last
             lines.append("skipped " + ", ".join(names[:6])
                          + (f" and {len(names) - 6} more" if len(names) > 6 else "") + f": {reason}")
@@ -151,15 +151,18 @@ def _clip(text: str, width: int) -> str:
 
 
 def _label(row: LayerRow) -> str:
-    """The tensor's name; its node's where an exporter generated the tensor's (onnx::MatMul_733,
-    or dynamo's val_82 under a module path: torch names parameters by dotted module paths; the
-    JSON keeps both)."""
-    name = row.name
-    generated = (name.startswith("onnx::") or not name
-                 or (row.node.startswith("/") and "." not in name))
-    if generated and row.node:
-        name = f"{row.node} ({row.name})" if row.op in RECURRENT_OPS else row.node  # W, R, B of one node
+    """The tensor's name, or its node's (_shown_name); the JSON keeps both."""
+    name = _shown_name(row.name, row.node)
+    if name != row.name and row.op in RECURRENT_OPS:
+        name = f"{name} ({row.name})"  # W, R, B of one node
     return name if not row.graph else f"{row.graph}/{name}"
+
+
+def _shown_name(name: str, node: str) -> str:
+    """The node's label where an exporter generated the tensor's name (onnx::MatMul_733, or
+    dynamo's val_82 under a module path: torch names parameters by dotted module paths)."""
+    generated = name.startswith("onnx::") or not name or (node.startswith("/") and "." not in name)
+    return node if generated and node else name
 
 
 def progress_bar(items, enabled: bool, label: str, unit: str, total: int | None = None):

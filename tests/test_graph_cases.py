@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 import builders
 from onnxprune import OnnxPruneError, prune
 from onnxprune.graph import find_layers
+from onnxprune.modelio import node_label
 
 
 def _model(nodes, inputs, outputs, tensors, opset=13):
@@ -288,6 +289,11 @@ def test_dynamo_module_paths_name_layers_and_select_them():
     assert [(layer.name, layer.node) for layer in layers] == [("val_7", "/blocks.0/qkv/linear")]
     table = prune(model, 0.5, verify=False).report.format()
     assert "/blocks.0/qkv/linear " in table and "val_7" not in table  # generated names: the module's
+    # torch 2.13 writes every level's full name: the innermost module's is kept
+    nodes[0].metadata_props[0].value = "['', 'bert', 'bert.encoder', 'bert.encoder.layer.0', 'linear']"
+    assert node_label(nodes[0]) == "/bert.encoder.layer.0/linear"
+    excluded = prune(model, 0.5, exclude="head", verify=False).report.format()
+    assert "skipped /head/linear_1: excluded by --exclude" in excluded  # not val_9
 
 
 def test_weights_used_otherwise_are_named_and_noted():
