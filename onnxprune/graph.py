@@ -225,7 +225,8 @@ class _Finder:
             if node.op_type == "Constant":
                 continue
             for slot, name in enumerate(node.input):
-                if not name or (slot == 0 and node.op_type in PASS_THROUGH + SLICING):
+                if not name or (slot == 0 and node.op_type in PASS_THROUGH + SLICING
+                                and consumers.get(node.output[0])):
                     continue  # a value passing through: its consumers are visited with the chain
                 traced = self._trace(name, scope, producers)
                 if traced is not None:

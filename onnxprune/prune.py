@@ -21,7 +21,7 @@ from .calibration.source import CalibrationSet, load_calibration, model_inputs
 from .data import check_count
 from .errors import OnnxPruneError
 from .methods import magnitude
-from .report import LayerRow, PruneReport, plural, progress_bar
+from .report import LayerRow, PruneReport, plural, progress_bar, shown_name
 from .runtime import check_device, device_note
 from .verify import compare_models
 
@@ -203,7 +203,8 @@ def _load(model, include, exclude, dims):
     layers, skipped = graph.find_layers(loaded.model, include, exclude)
     if not layers:
         quantized = sum(s.reason == graph.QUANTIZED_REASON for s in skipped)
-        left = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        left = "; ".join(f"{shown_name(s.name, s.node, s.op)}: {s.reason}" for s in skipped[:3]) \
+            + (" ..." if len(skipped) > 3 else "")
         raise OnnxPruneError(
             f"no float weights to prune: {quantized} quantized weights found; onnxprune prunes "
             "float weights, so prune the model before quantizing it" if quantized else

@@ -1,6 +1,7 @@
 """The per-layer report: a table for people, a dict / JSON for machines."""
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -94,7 +95,7 @@ class PruneReport:
                      f"{plural(len(self.layers), 'tensor')}")
         by_reason: dict[str, list[str]] = {}
         for s in self.skipped:
-            by_reason.setdefault(s["reason"], []).append(_shown_name(s["name"], s.get("node", "")))
+            by_reason.setdefault(s["reason"], []).append(shown_name(s["name"], s.get("node", ""), s["op"]))
         for reason, names in by_reason.items():  # a reason may hold brackets and colons: it goes last
             lines.append("skipped " + ", ".join(names[:6])
                          + (f" and {len(names) - 6} more" if len(names) > 6 else "") + f": {reason}")
@@ -151,18 +152,18 @@ def _clip(text: str, width: int) -> str:
 
 
 def _label(row: LayerRow) -> str:
-    """The tensor's name, or its node's (_shown_name); the JSON keeps both."""
-    name = _shown_name(row.name, row.node)
-    if name != row.name and row.op in RECURRENT_OPS:
-        name = f"{name} ({row.name})"  # W, R, B of one node
-    return name if not row.graph else f"{row.graph}/{name}"
+    """The tensor's name, or its node's (shown_name), under its subgraph's path; the JSON
+    keeps both names."""
+    name = shown_name(row.name, row.node, row.op)
+    return name if not row.graph else f"{row.graph}/{name.lstrip('/')}"
 
 
-def _shown_name(name: str, node: str) -> str:
-    """The node's label where an exporter generated the tensor's name (onnx::MatMul_733, or
-    dynamo's val_82 under a module path: torch names parameters by dotted module paths)."""
-    generated = name.startswith("onnx::") or not name or (node.startswith("/") and "." not in name)
-    return node if generated and node else name
+def shown_name(name: str, node: str, op: str = "") -> str:
+    """The node's label where an exporter generated the tensor's name (onnx::MatMul_733,
+    dynamo's val_82), with the name too for a recurrent node's W, R and B."""
+    if not node or not (name.startswith("onnx::") or not name or re.fullmatch(r"val_\d+", name)):
+        return name
+    return f"{node} ({name})" if op in RECURRENT_OPS and name else node
 
 
 def progress_bar(items, enabled: bool, label: str, unit: str, total: int | None = None):

@@ -373,3 +373,18 @@ def test_a_model_without_prunable_weights_names_what_it_left_alone():
                    {"w": rng.standard_normal((8, 4)).astype(np.float32)})
     with pytest.raises(OnnxPruneError, match="no prunable weights found.*; left alone: w: used by Einsum"):
         prune(model, 0.5)
+
+
+def test_a_weight_passed_through_into_a_subgraph_can_still_be_included():
+    # W -> Transpose -> Wt, used only inside an If branch: the outer graph's walk cannot trace it
+    rng = np.random.default_rng(46)
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "Wt"], ["yb"])], "b", [],
+                               [_value("yb", ["N", 4])])
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)]
+    graph = helper.make_graph(nodes, "g", [_value("x", ["N", 8]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [_value("y", ["N", 4])], [numpy_helper.from_array(
+                                  rng.standard_normal((4, 8)).astype(np.float32), "W")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+    assert [s.name for s in find_layers(model)[1]] == ["W"]
+    assert [layer.name for layer in find_layers(model, include="^W$")[0]] == ["W"]

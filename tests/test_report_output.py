@@ -134,3 +134,13 @@ def test_a_too_new_ir_version_is_said_in_words(tmp_path):
     onnx.save(model, path)
     note = prune(path, 0.5, method="layer").report.verification["note"]
     assert "unsupported model IR version 14" in note and "onnxruntime::" not in note
+
+
+def test_generated_tensor_names_are_shown_by_their_node():
+    from onnxprune.report import shown_name
+
+    assert shown_name("onnx::MatMul_7", "/fc/MatMul", "MatMul") == "/fc/MatMul"
+    assert shown_name("val_82", "/bert.encoder.layer.0/linear", "MatMul") == "/bert.encoder.layer.0/linear"
+    assert shown_name("W", "/MatMul", "MatMul") == "W"  # a root module's parameter keeps its name
+    assert shown_name("onnx::LSTM_117", "/lstm/LSTM", "LSTM") == "/lstm/LSTM (onnx::LSTM_117)"
+    assert shown_name("onnx::MatMul_7", "", "MatMul") == "onnx::MatMul_7"
