@@ -36,7 +36,7 @@ class _DefaultToPrune(click.Group):
                 raise click.ClickException(f"{args[0]}: no such file, nor a command "
                                            f"({', '.join(self.commands)})")  # exit 1, as for a file
             args = ["prune", *args]
-        if args and args[0] in self.commands:
+        if args and args[0] in self.commands and not {"-h", "--help"} & set(args):  # help wins
             repeated = _repeated_option(self.commands[args[0]], args[1:])
             if repeated:
                 raise click.UsageError(f"option {repeated} given more than once (it takes one value)", ctx)

@@ -140,11 +140,13 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     _unshare_biases(finder.layers.values())
     found = list(finder.layers.values())
     inc, exc = name_patterns(include, "include"), name_patterns(exclude, "exclude")
-    for option, patterns in (("include", inc), ("exclude", exc)):
-        for pattern in patterns:
-            if not any(_matches([pattern], layer) for layer in found):
+    prunable = [layer for layer in found if layer.role == "weight" or _matches(inc, layer)]
+    for option, patterns, among in (("include", inc, found), ("exclude", exc, prunable)):
+        for pattern in patterns:  # an exclude must remove something that would be pruned
+            if not any(_matches([pattern], layer) for layer in among):
                 raise OnnxPruneError(f"--{option} '{pattern.pattern}' matches no tensor name, node "
-                                     "name or op type of this model's weights")
+                                     f"name or op type of this model's "
+                                     f"{'weights' if option == 'include' else 'pruned weights'}")
     layers, skipped = [], list(finder.skipped)
     named = {s.name for s in skipped}  # skipped already, with a better reason (quantized)
     for layer in found:

@@ -292,3 +292,7 @@ def test_repeated_options_are_usage_errors_and_values_are_not_options(model_path
     result = run(model_path, "-s", "0.5", "-o", tmp_path / "-s.onnx", "--exclude", "-s", "-q")
     assert "given more than once" not in result.output and "--exclude '-s' matches no" in result.output
     assert_one_line_error(run("help"), "help: no such file, nor a command (prune, eval)")
+    assert run(model_path, "-s", "0.5", "-h", "-s", "0.6").exit_code == 0  # help wins
+    assert_one_line_error(run(model_path, "-s", "0.5", "--exclude", "bias", "-o", tmp_path / "b.onnx"),
+                          "--exclude 'bias' matches no tensor name, node name or op type of this "
+                          "model's pruned weights")  # biases are not pruned: nothing to exclude
