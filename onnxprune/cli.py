@@ -148,7 +148,8 @@ def _parse_dims(values) -> dict[str, int]:
 @click.option("--exclude", metavar="REGEX", multiple=True,
               help="Do not prune tensors whose name, consumer node name or consumer op type "
                    "matches (e.g. 'classifier|head', 'attention', 'ConvTranspose'). "
-                   "Repeatable: any of them matches. A pattern matching nothing is an error.")
+                   "Repeatable: any of them matches. A pattern matching no tensor that would be "
+                   "pruned is an error.")
 @click.option("--storage", type=click.Choice(STORAGES), default=STORAGES[0], show_default=True,
               help="dense: zeros stored in place (same layout, compresses well). sparse: ONNX "
                    "sparse_initializer (values + INT64 indices) where smaller. onnxruntime "
@@ -188,8 +189,9 @@ def _parse_dims(values) -> dict[str, int]:
               help="onnxruntime execution provider: cuda when onnxruntime-gpu and a GPU are "
                    "present (auto), else cpu; the report says which ran.")
 @click.option("--max-memory", default="1G", show_default=True, metavar="SIZE",
-              help="Memory budget (e.g. 512M, 4G; K, M, G are binary: 1G = 1 GiB). Data-free methods stream weights stored as "
-                   "external data in small chunks whatever this is; the output is "
+              help="Memory budget (e.g. 512M, 4G; K, M, G are binary: 1G = 1 GiB). Data-free "
+                   "methods stream weights stored as external data in small chunks whatever "
+                   "this is; the output is "
                    "run in onnxruntime only if its weights fit, sparse tensors (stored inline) "
                    "are limited to it, and calibration statistics larger than it are collected "
                    "in several passes, one group of layers at a time.")

@@ -141,6 +141,7 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     found = list(finder.layers.values())
     inc, exc = name_patterns(include, "include"), name_patterns(exclude, "exclude")
     prunable = [layer for layer in found if layer.role == "weight" or _matches(inc, layer)]
+    chosen = {id(layer) for layer in prunable}
     for option, patterns, among in (("include", inc, found), ("exclude", exc, prunable)):
         for pattern in patterns:  # an exclude must remove something that would be pruned
             if not any(_matches([pattern], layer) for layer in among):
@@ -150,10 +151,9 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     layers, skipped = [], list(finder.skipped)
     named = {s.name for s in skipped}  # skipped already, with a better reason (quantized)
     for layer in found:
-        chosen = layer.role == "weight" or _matches(inc, layer)
-        if chosen and _matches(exc, layer):  # (a bias it matches was never to be pruned)
+        if id(layer) in chosen and _matches(exc, layer):  # (a bias was never to be pruned)
             skipped.append(Skipped(layer.name, layer.op, "excluded by --exclude", layer.node))
-        elif chosen:
+        elif id(layer) in chosen:
             layers.append(layer)
         elif layer.name not in named and (reason := _skip_reason(layer, finder.functions)):
             skipped.append(Skipped(layer.name, layer.op, reason, layer.node))
@@ -178,11 +178,16 @@ def _skip_reason(layer: Layer, functions: set[str]) -> str | None:
     if layer.role == "recurrent":
         return f"{layer.op} weight, not a Conv / Gemm / MatMul layer: --include prunes it by magnitude"
     uses = [op for op in layer.consumers if op not in NOT_WEIGHT_USES]
-    if layer.role == "other" and uses and sum(d > 1 for d in layer.shape) >= 2:  # a matrix: say why
+    if layer.role == "other" and uses and _is_matrix(layer.shape):
         used = (f"input of model-local function '{uses[0]}'" if uses[0] in functions
                 else f"used by {uses[0]}")
         return f"{used}, not as a Conv / Gemm / MatMul weight: --include prunes it by magnitude"
     return None
+
+
+def _is_matrix(dims) -> bool:
+    """Two axes or more longer than 1: what a weight looks like (scales, offsets do not)."""
+    return sum(d > 1 for d in dims) >= 2
 
 
 def _unshare_biases(layers) -> None:
@@ -244,7 +249,7 @@ class _Finder:
             for node in function.node:
                 for attr in node.attribute if node.op_type == "Constant" else ():
                     t = attr.t if attr.type == onnx.AttributeProto.TENSOR else None
-                    if t is not None and t.data_type in FLOAT_TYPES and sum(d > 1 for d in t.dims) >= 2:
+                    if t is not None and t.data_type in FLOAT_TYPES and _is_matrix(t.dims):
                         self.skipped.append(Skipped(f"{function.name}/{node.output[0]}", "Constant",
                                                     f"inside model-local function '{function.name}', "
                                                     "which onnxprune does not look into"))
@@ -344,12 +349,7 @@ class _Finder:
             return
         layer.attrs = {a.name: _attr_value(a) for a in node.attribute}
         layer.weight_side = "left" if slot == 0 else "right"
-        try:
-            if any(n.op_type in SLICING for n in chain):
-                raise ValueError("a part of the tensor")
-            layer.index = _index_map(layer.shape, chain, scope)
-        except (KeyError, ValueError):  # e.g. a Reshape whose shape is computed at run time
-            layer.index, layer.layout_known = None, False
+        layer.index, layer.layout_known = _operand_view(layer.shape, chain, scope)
         data_slot = 1 if slot == 0 else 0
         layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
         layer.output_name = node.output[0]
@@ -439,6 +439,17 @@ def _attr_value(attr):
     if isinstance(value, list):
         return list(value)
     return value
+
+
+def _operand_view(shape, chain, scope) -> tuple[np.ndarray | None, bool]:
+    """(the index map of the operand the node sees, whether it is known). Unknown for a part
+    of the tensor (Split / Slice) and for a Reshape whose shape is computed at run time."""
+    if any(node.op_type in SLICING for node in chain):
+        return None, False
+    try:
+        return _index_map(shape, chain, scope), True
+    except (KeyError, ValueError):
+        return None, False
 
 
 def _index_map(shape, chain, scope) -> np.ndarray | None:
