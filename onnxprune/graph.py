@@ -68,6 +68,7 @@ class Layer:
     uses_differ: bool = False
     other_uses: list[str] = field(default_factory=list)  # nodes using it as no layer does
     tied_uses: list[str] = field(default_factory=list)  # an embedding's uses as a layer weight
+    bias_adders: list = field(default_factory=list, repr=False)  # the nodes adding .bias as this layer's
     notes: list[str] = field(default_factory=list)  # for the report's row
 
     @property
@@ -137,7 +138,7 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     finder = _Finder({f.name for f in model.functions})
     finder.walk(model.graph, ChainMap(), "")
     finder.skip_function_constants(model.functions)
-    _unshare_biases(finder.layers.values())
+    _unshare_biases(finder.layers.values(), finder.constant_users)
     found = list(finder.layers.values())
     inc, exc = name_patterns(include, "include"), name_patterns(exclude, "exclude")
     prunable = [layer for layer in found if layer.role == "weight" or _matches(inc, layer)]
@@ -190,15 +191,23 @@ def _is_matrix(dims) -> bool:
     return sum(d > 1 for d in dims) >= 2
 
 
-def _unshare_biases(layers) -> None:
-    """A bias several layers add (exporters merge equal initializers) is fitted to none of them:
-    a refit for one would be wrong for the others. Each then keeps it as it is; the solvers see
-    no bias, which is exact for a fixed one, except inside DC's ReLU objective (so not that)."""
-    users = Counter(id(layer.bias) for layer in layers if layer.role == "weight" and layer.bias is not None)
+def _unshare_biases(layers, constant_users) -> None:
+    """A bias that another node also uses (exporters merge equal initializers, so two layers
+    may add one tensor) is fitted to no layer: a refit would change what the other node sees.
+    The layer keeps it as it is; the solvers see no bias, which is exact for a fixed one,
+    except inside DC's ReLU objective (so not that)."""
+    adder_of = {id(node): layer for layer in layers for node in layer.bias_adders}
     for layer in layers:
-        if layer.role == "weight" and layer.bias is not None and users[id(layer.bias)] > 1:
+        if layer.role != "weight" or layer.bias is None:
+            continue
+        own = {id(node) for node in layer.bias_adders}
+        other = next((n for n in constant_users.get(id(layer.bias), []) if id(n) not in own), None)
+        if other is not None:
+            user = adder_of.get(id(other))
+            label = (_use_label(user.op, user.node) if user is not None
+                     else _use_label(other.op_type, node_label(other)))
             layer.bias, layer.relu = None, False
-            layer.notes.append("bias shared with another layer: kept as it is")
+            layer.notes.append(f"bias also used by {label}: kept as it is")
 
 
 class _Finder:
@@ -208,6 +217,7 @@ class _Finder:
         self.skipped: list[Skipped] = []
         self._skipped_ids: set[int] = set()
         self._initializers: set[int] = set()
+        self.constant_users: dict[int, list[onnx.NodeProto]] = {}  # id(tensor) -> nodes using it
 
     def walk(self, graph: onnx.GraphProto, outer: ChainMap, path: str) -> None:
         local: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
@@ -276,6 +286,7 @@ class _Finder:
                 self._skip_quantized(fake, fake.input[0], node.op_type, FAKE_QUANTIZED_REASON)
             return
         tensor, chain, name = traced  # name: a Constant's tensor is often unnamed
+        self.constant_users.setdefault(id(tensor), []).append(node)
         role = _role(node, slot, scope, producers)
         if role == "quantized":
             self._skip_quantized(tensor, name, node.op_type)
@@ -340,6 +351,7 @@ class _Finder:
             if use.input_name != known.input_name and use.input_name not in known.shared_inputs:
                 known.shared_inputs.append(use.input_name)  # the same input twice: one use
             known.relu = known.relu and use.relu  # DC's ReLU objective only if every use has one
+            known.bias_adders += use.bias_adders  # each use adds the bias: the sum of errors refits it
         else:
             known.uses_differ = True
 
@@ -354,7 +366,7 @@ class _Finder:
         layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
         layer.output_name = node.output[0]
         if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
-            layer.bias = _constant(node.input[2], scope, producers)
+            layer.bias, layer.bias_adders = _constant(node.input[2], scope, producers), [node]
             if node.op_type == "Gemm":  # alpha A B + beta C = alpha (A B + (beta / alpha) C)
                 alpha, beta = layer.attrs.get("alpha", 1.0), layer.attrs.get("beta", 1.0)
                 layer.bias_scale = beta / alpha if alpha and beta else 1.0
@@ -368,7 +380,7 @@ class _Finder:
                 bias = _constant(other, scope, producers)
                 if bias is not None and (len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
                     # (solve.bias_blocks decides whether it is per output: (d_out, 1) on the left)
-                    layer.bias, layer.output_name = bias, add.output[0]
+                    layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
         users = consumers.get(layer.output_name, [])
         layer.relu = bool(users) and all(u.op_type == "Relu" for u in users)
         if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0:

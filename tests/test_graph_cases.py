@@ -336,7 +336,33 @@ def test_a_bias_two_layers_share_is_kept_as_it_is():
     for method in ("dc", "ltp"):
         result = prune(model, 0.5, method=method, calib="random")
         assert np.array_equal(_tensor(result.model, "b"), _tensor(model, "b"))
-        assert all(row.note.endswith("bias shared with another layer: kept as it is") for row in result.report.layers)
+        notes = {row.name: row.note for row in result.report.layers}
+        assert notes["w1"].endswith("bias also used by Gemm:y: kept as it is"), notes
+        assert notes["w2"].endswith("bias also used by Gemm:h: kept as it is"), notes
+
+
+def test_a_bias_a_non_layer_node_also_uses_is_kept_as_it_is():
+    # b is the fc layer's bias and an offset added elsewhere: refitting it would change that sum
+    rng = np.random.default_rng(45)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Add", ["h", "b"], ["y"]),
+             helper.make_node("Mul", ["x", "b"], ["z"])]
+    model = _model(nodes, [_value("x", ["N", 8])], [_value("y", ["N", 8]), _value("z", ["N", 8])],
+                   {"w": rng.standard_normal((8, 8)).astype(np.float32),
+                    "b": rng.standard_normal(8).astype(np.float32)})
+    for method in ("dc", "ltp"):
+        result = prune(model, 0.5, method=method, calib="random", refit=method == "ltp")
+        assert np.array_equal(_tensor(result.model, "b"), _tensor(model, "b"))
+        assert result.report.layers[0].note.endswith("bias also used by Mul:z: kept as it is")
+    # the same weight used twice with its own bias each time: refitted for both uses together
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"]),
+             helper.make_node("MatMul", ["y", "w"], ["h2"]), helper.make_node("Add", ["h2", "b"], ["z"])]
+    model = _model(nodes, [_value("x", ["N", 8])], [_value("z", ["N", 8])],
+                   {"w": rng.standard_normal((8, 8)).astype(np.float32),
+                    "b": rng.standard_normal(8).astype(np.float32)})
+    result = prune(model, 0.5, method="dc", calib="random")
+    assert not np.array_equal(_tensor(result.model, "b"), _tensor(model, "b"))
+    assert result.report.layers[0].note == "bias refitted"
 
 
 def test_weights_behind_pass_through_ops_get_no_other_use_notes():
