@@ -15,8 +15,8 @@ from . import __version__, budget
 from .errors import OnnxPruneError
 from .writer import output_files
 from .runtime import DEVICES
-from .prune import (ALLOCATIONS, METHODS, MT_VARIANTS, STORAGES, default_output, level_output,
-                    prune)
+from .options import ALLOCATIONS, METHODS, MT_VARIANTS, STORAGES
+from .prune import default_output, level_output, prune
 
 MAIN_HELP = """Prune the weights of an ONNX model.
 

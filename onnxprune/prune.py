@@ -14,23 +14,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import budget, graph, modelio, solve, storage, writer
+from . import budget, graph, modelio, options, solve, storage, writer
 from .calibration.collect import (GroupedStatistics, calibratable, calibration_groups,
                                   collect_statistics, open_session, statistics_bytes)
 from .calibration.source import CalibrationSet, load_calibration, model_inputs
-from .data import check_count
 from .errors import OnnxPruneError
 from .methods import magnitude
+from .options import CALIBRATED_METHODS
 from .report import LayerRow, PruneReport, plural, progress_bar, shown_name
-from .runtime import check_device, device_note
+from .runtime import device_note
 from .verify import compare_models
 
-DATA_FREE_METHODS = ("layer", "global", "global-mt")
-CALIBRATED_METHODS = ("dc", "ltp")
-METHODS = DATA_FREE_METHODS + CALIBRATED_METHODS
-ALLOCATIONS = ("global-mt", "uniform", "ltp")
-STORAGES = ("dense", "sparse")
-MT_VARIANTS = ("rescale", "waterfill")
 
 
 @dataclass
@@ -83,9 +77,9 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     """
     levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
     max_memory = budget.parse_size(max_memory)  # bytes; see budget.py for what it decides
-    levels = _check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib,
+    levels = options.check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib,
                             refit, sequential)
-    _check_settings(model, device, include, exclude, dims, seed=seed, calib_samples=calib_samples,
+    options.check_settings(model, device, include, exclude, dims, seed=seed, calib_samples=calib_samples,
                     batch_size=batch_size, row_cap=row_cap, max_positions=max_positions)
     trail = not np.isscalar(sparsity)
     outputs = _plan_outputs(model, output, levels, trail, force)
@@ -199,7 +193,7 @@ def _plan_outputs(model, output, levels, trail, force) -> list[Path | None]:
 def _load(model, include, exclude, dims):
     """The loaded model, its prunable layers, what was skipped, and the layers' biases."""
     loaded = modelio.load_model(model)
-    _check_dims(loaded.model, dims)
+    options.check_dims(loaded.model, dims)
     layers, skipped = graph.find_layers(loaded.model, include, exclude)
     if not layers:
         quantized = sum(s.reason == graph.QUANTIZED_REASON for s in skipped)
@@ -213,16 +207,6 @@ def _load(model, include, exclude, dims):
     biases = {layer.key: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
               for layer in layers if layer.bias is not None}
     return loaded, layers, skipped, biases
-
-
-def _check_dims(model: onnx.ModelProto, dims: dict[str, int] | None) -> None:
-    """--dim names a symbolic dimension of the model's inputs (a typo would pass unseen)."""
-    known = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim
-             if d.dim_param}
-    unknown = sorted(set(dims or {}) - known)
-    if unknown:
-        raise OnnxPruneError(f"--dim {unknown[0]}: the model's inputs have no such dimension "
-                             f"(theirs: {', '.join(sorted(known)) or 'none'})")
 
 
 def _scaled(array: np.ndarray, scale: float) -> np.ndarray:
@@ -504,56 +488,6 @@ def _allocate(method, allocation, dense, sparsity, min_keep, mt_variant):
         return ranking.counts, ranking
     return magnitude.min_threshold_zero_counts(dense, sparsity, min_keep_percent=min_keep,
                                                variant=mt_variant, ranking=ranking), ranking
-
-
-def _check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib, refit,
-                   sequential) -> list[float]:
-    if not levels:
-        raise OnnxPruneError("no sparsity given")
-    levels = [magnitude.check_sparsity(s) for s in levels]
-    if sorted(set(levels)) != levels:
-        raise OnnxPruneError(f"sparsity levels must be increasing, got {levels}")
-    if method not in METHODS:
-        raise OnnxPruneError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    if storage_format not in STORAGES:
-        raise OnnxPruneError(f"unknown storage '{storage_format}' (choose from {', '.join(STORAGES)})")
-    if allocation not in ALLOCATIONS:
-        raise OnnxPruneError(f"unknown allocation '{allocation}' (choose from {', '.join(ALLOCATIONS)})")
-    magnitude.min_keep_count(0, min_keep)  # raises for a value that is not a percentage
-    if mt_variant not in MT_VARIANTS:
-        raise OnnxPruneError(f"unknown Minimum Threshold variant '{mt_variant}' "
-                             f"(choose from {', '.join(MT_VARIANTS)})")
-    # options that would otherwise be accepted and change nothing
-    if allocation != ALLOCATIONS[0] and method != "dc":
-        raise OnnxPruneError(f"--allocation chooses dc's per-layer budgets; method '{method}' "
-                             "has its own")
-    if refit and method == "dc":
-        raise OnnxPruneError("dc fits the kept weights to the calibration data itself: --refit "
-                             "would change nothing")
-    if sequential and method not in CALIBRATED_METHODS and not refit:
-        raise OnnxPruneError(f"--sequential orders calibration passes; method '{method}' without "
-                             "--refit uses no calibration data")
-    needs = f"method '{method}'" if method in CALIBRATED_METHODS else "--refit" if refit else None
-    if needs and calib is None:
-        raise OnnxPruneError(f"{needs} needs calibration data: give --calib data.npz "
-                             "(or --calib random to use random inputs, for testing only)")
-    return levels
-
-
-def _check_settings(model, device, include, exclude, dims, **counts) -> None:
-    """The library's own arguments, checked before any work as the command line's are."""
-    if not isinstance(model, (str, os.PathLike, bytes, onnx.ModelProto)):
-        raise OnnxPruneError(f"model must be a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
-    check_device(device)
-    graph.name_patterns(include, "include")
-    graph.name_patterns(exclude, "exclude")
-    for name, size in (dims or {}).items():
-        if not isinstance(size, (int, np.integer)) or size < 1:
-            raise OnnxPruneError(f"--dim {name}: a size must be a positive integer, got {size!r}")
-    lowest = {"seed": 0, "calib_samples": 1, "batch_size": 1, "row_cap": 0, "max_positions": 1}
-    for name, value in counts.items():
-        if value is not None:  # None: no limit
-            check_count(name, value, lowest[name])
 
 
 def _row_caps(layers, method, cap) -> dict[str, int]:

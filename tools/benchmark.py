@@ -96,13 +96,13 @@ def onnxprune_methods() -> list[str]:
     import importlib
 
     api = importlib.import_module("onnxprune.prune")  # the module: the package exports the function
-
-    methods = list(api.METHODS)
+    options = importlib.import_module("onnxprune.options")
+    methods = list(options.METHODS)
     if "refit" in inspect.signature(api.prune).parameters:
         methods.append(REFIT_VARIANT)
         if "ltp" in methods:  # LTP learns the allocation; its acceptance is with the refit
             methods.append("ltp+refit")
-    if "ltp" in getattr(api, "ALLOCATIONS", ()):
+    if "ltp" in options.ALLOCATIONS:
         methods.append("dc+ltp")  # DC's per-layer solve within LTP's learned allocation
     return methods
 
@@ -364,7 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", help=f"comma-separated (default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--sparsities", help="comma-separated (default: 0.5,0.7,0.8,0.9,0.95)")
     p.add_argument("--methods", help="onnxprune methods, comma-separated (default: all, read "
-                   f"from onnxprune.prune.METHODS, plus {REFIT_VARIANT})")
+                   f"from onnxprune.options.METHODS, plus {REFIT_VARIANT})")
     p.add_argument("--baselines", help="onnxsim baselines, comma-separated, or 'none' (default: all)")
     p.add_argument("--calib-samples", type=int, help="first N samples of each calib split (default 512)")
     p.add_argument("--skip", help="MODEL:METHOD pairs not to run, comma-separated, or 'none' "
