@@ -10,6 +10,7 @@ The command line also asks the C allocator to keep freed memory for reuse (keep_
 from __future__ import annotations
 
 import ctypes
+import numbers
 import re
 
 from .errors import OnnxPruneError
@@ -20,8 +21,10 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 def parse_size(text: str | int) -> int:
     """Bytes from '1G', '1.5GB', '512M', '800MiB' or a plain number of bytes (binary units)."""
-    if isinstance(text, int) and text > 0:
-        return text
+    if isinstance(text, bool) or not isinstance(text, (str, numbers.Integral)):
+        raise OnnxPruneError(f"--max-memory expects a size like 1G or 512M, got {text!r}")
+    if isinstance(text, numbers.Integral) and text > 0:
+        return int(text)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
     size = int(float(match.group(1)) * _UNITS[match.group(2).lower()]) if match else 0
     if size <= 0:

@@ -19,7 +19,6 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,14 +31,13 @@ from onnxprune.data import (
     check_count,
     fixed_batch,
     iter_batches,
-    load_samples,
     num_samples,
 )
-from onnxprune.calibration.source import model_inputs
+from onnxprune.calibration.source import model_inputs, read_samples
 from onnxprune.errors import OnnxPruneError
 from onnxprune.external_session import session_for
 from onnxprune.metrics import Fidelity, LabelAccuracy, classes_text
-from onnxprune.modelio import check_model_file, no_relative_data
+from onnxprune.modelio import check_model_source, no_relative_data
 from onnxprune.report import plural, progress_counter
 from onnxprune.runtime import (
     ORT_TYPES,
@@ -55,7 +53,7 @@ from onnxprune.verify import comparable
 
 def evaluate(
     model: str | os.PathLike | bytes | onnx.ModelProto,
-    data: str | os.PathLike | Mapping[str, np.ndarray],
+    data,
     *,
     batch_size: int = 64,
     reference: str | os.PathLike | bytes | onnx.ModelProto | None = None,
@@ -65,7 +63,8 @@ def evaluate(
 ) -> dict:
     """Run ``model`` over ``data`` and return its metrics as a JSON-ready dict.
 
-    ``data``: a path, or a mapping of arrays (or of lists) keyed by input name.
+    ``data``: a path, a mapping of arrays (or of lists) keyed by input name, an iterable of such
+    batches or an object with get_next() (read whole).
     ``output``: the output to measure, by name (default: the model's first output); the
     reference's output of that name is compared with it (by default its first output).
     ``accuracy`` needs labels and a classifier's output: 2-D (samples, classes) scores, whose
@@ -77,10 +76,10 @@ def evaluate(
     """
     check_device(device)
     check_count("batch size", batch_size)
-    _check_file(model, "model")  # before the data is read: a typo in a path fails at once
+    check_model_source(model, "model")  # before the data is read: a typo in a path fails at once
     if reference is not None:
-        _check_file(reference, "reference model")
-    raw = dict(data) if isinstance(data, Mapping) else load_samples(data)
+        check_model_source(reference, "reference model")
+    raw, _ = read_samples(data)
     measured = _Model.open(model, device, output, raw, "model")
     ref = None
     if reference is not None:
@@ -325,13 +324,6 @@ def _run_all(model: _Model, ref: _Model | None, batch_size, progress, keep_embed
                 fidelity.add(out, ref_out)
             bar.update(rows)
     return scored, ref_scored, fidelity
-
-
-def _check_file(model, which: str) -> None:
-    """A model path that is missing, a folder or not a regular file fails in prune's words,
-    naming which model, not with onnxruntime's NO_SUCHFILE / INVALID_PROTOBUF."""
-    if isinstance(model, (str, os.PathLike)):
-        check_model_file(Path(model), which)
 
 
 def _session(model, device: str) -> ort.InferenceSession:

@@ -117,8 +117,12 @@ def name_patterns(patterns: str | Sequence[str] | None, option: str) -> list[re.
     patterns are none (a script's empty "$VAR" must not match every tensor)."""
     if patterns is None or isinstance(patterns, str):
         patterns = [patterns]
+    elif not isinstance(patterns, (list, tuple)):
+        raise OnnxPruneError(f"--{option} must be a regular expression or a list of them, got {patterns!r}")
     compiled = []
     for pattern in filter(None, patterns):
+        if not isinstance(pattern, str):
+            raise OnnxPruneError(f"--{option} must be a regular expression (a string), got {pattern!r}")
         try:
             compiled.append(re.compile(pattern))
         except (re.error, TypeError) as e:

@@ -134,6 +134,15 @@ def _constants_as_tensors(model: onnx.ModelProto) -> None:
                 "value", numpy_helper.from_array(values, node.output[0] if node.output else "")))
 
 
+def check_model_source(model, what: str = "") -> None:
+    """A model argument of the library: a path (a readable file), bytes or a ModelProto."""
+    if not isinstance(model, (str, os.PathLike, bytes, onnx.ModelProto)):
+        raise OnnxPruneError(f"{what or 'model'} must be a path, bytes or an onnx.ModelProto, "
+                             f"not {type(model).__name__}")
+    if isinstance(model, (str, os.PathLike)):
+        check_model_file(Path(model), what)
+
+
 def check_model_file(path: Path, what: str = "") -> None:
     """One line for a model path that is not a readable file (`what`: which model, if several)."""
     label = f"{what}: {path}" if what else str(path)

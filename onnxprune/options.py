@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
 
-from . import graph
+from . import graph, modelio
 from .data import check_count
 from .errors import OnnxPruneError
 from .methods import magnitude
@@ -18,13 +19,29 @@ METHODS = DATA_FREE_METHODS + CALIBRATED_METHODS
 ALLOCATIONS = ("global-mt", "uniform", "ltp")
 STORAGES = ("dense", "sparse")
 MT_VARIANTS = ("rescale", "waterfill")
+NO_LIMIT = ("calib_samples", "max_positions")  # the counts that None leaves unlimited
+
+
+def sparsity_levels(sparsity) -> tuple[list[float], bool]:
+    """(the levels, whether a trail was asked for): a number, or a list / tuple / 1-D array."""
+    if isinstance(sparsity, np.ndarray) and sparsity.ndim == 0:
+        levels, trail = [sparsity[()]], False
+    elif np.ndim(sparsity) == 0 and not isinstance(sparsity, (set, frozenset, dict)):
+        levels, trail = [sparsity], False
+    elif isinstance(sparsity, (list, tuple, np.ndarray)) and np.ndim(sparsity) == 1:
+        levels, trail = list(sparsity), True
+    else:
+        raise OnnxPruneError(f"sparsity must be a number or a list of numbers, got {sparsity!r}")
+    if not levels:
+        raise OnnxPruneError("no sparsity given")
+    for s in levels:
+        if not isinstance(s, (int, float, np.integer, np.floating)) or isinstance(s, (bool, np.bool_)):
+            raise OnnxPruneError(f"sparsity must be a number in [0, 1), got {s!r}")
+    return [magnitude.check_sparsity(s) for s in levels], trail
 
 
 def check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib, refit,
-                   sequential) -> list[float]:
-    if not levels:
-        raise OnnxPruneError("no sparsity given")
-    levels = [magnitude.check_sparsity(s) for s in levels]
+                  sequential) -> None:
     if sorted(set(levels)) != levels:
         raise OnnxPruneError(f"sparsity levels must be increasing, got {levels}")
     if method not in METHODS:
@@ -54,19 +71,26 @@ def check_options(levels, method, storage_format, min_keep, mt_variant, allocati
     return levels
 
 
-def check_settings(model, device, include, exclude, dims, **counts) -> None:
-    """The library's own arguments, checked before any work as the command line's are."""
-    if not isinstance(model, (str, os.PathLike, bytes, onnx.ModelProto)):
-        raise OnnxPruneError(f"model must be a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
+def check_settings(model, output, device, include, exclude, dims, flags: dict, counts: dict) -> None:
+    """The library's own arguments, checked before any work as the command line's are:
+    flags are booleans (a string "False" is true), counts whole numbers."""
+    modelio.check_model_source(model)
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise OnnxPruneError(f"output must be a path, not {type(output).__name__}")
     check_device(device)
     graph.name_patterns(include, "include")
     graph.name_patterns(exclude, "exclude")
+    if dims is not None and not isinstance(dims, Mapping):
+        raise OnnxPruneError(f"dims must map dimension names to sizes ({{'batch': 8}}), got {dims!r}")
     for name, size in (dims or {}).items():
-        if not isinstance(size, (int, np.integer)) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise OnnxPruneError(f"--dim {name}: a size must be a positive integer, got {size!r}")
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise OnnxPruneError(f"{name} must be True or False, got {value!r}")
     lowest = {"seed": 0, "calib_samples": 1, "batch_size": 1, "row_cap": 0, "max_positions": 1}
     for name, value in counts.items():
-        if value is not None:  # None: no limit
+        if value is not None or name not in NO_LIMIT:
             check_count(name, value, lowest[name])
 
 

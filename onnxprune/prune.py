@@ -40,7 +40,7 @@ def default_output(path: str | os.PathLike) -> Path:
 
 def level_output(output: str | os.PathLike, sparsity: float) -> Path:
     """out.onnx -> out.s0.9.onnx: one file per level of a trail."""
-    return _with_suffix(Path(output), f".s{sparsity:g}")
+    return _with_suffix(Path(output), f".s{np.format_float_positional(sparsity, trim='-')}")
 
 
 def _with_suffix(path: Path, suffix: str) -> Path:
@@ -75,13 +75,15 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     max_positions, row_cap, seed, progress (progress bars) and max_memory (bytes, or a size
     such as '512M').
     """
-    levels = [sparsity] if np.isscalar(sparsity) else list(sparsity)
+    levels, trail = options.sparsity_levels(sparsity)
     max_memory = budget.parse_size(max_memory)  # bytes; see budget.py for what it decides
-    levels = options.check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib,
-                            refit, sequential)
-    options.check_settings(model, device, include, exclude, dims, seed=seed, calib_samples=calib_samples,
-                    batch_size=batch_size, row_cap=row_cap, max_positions=max_positions)
-    trail = not np.isscalar(sparsity)
+    options.check_options(levels, method, storage_format, min_keep, mt_variant, allocation, calib,
+                          refit, sequential)
+    options.check_settings(model, output, device, include, exclude, dims,
+                           flags=dict(force=force, verify=verify, refit=refit, sequential=sequential,
+                                      progress=progress),
+                           counts=dict(seed=seed, calib_samples=calib_samples, batch_size=batch_size,
+                                       row_cap=row_cap, max_positions=max_positions))
     outputs = _plan_outputs(model, output, levels, trail, force)
 
     timings: dict[str, float] = {}
@@ -111,6 +113,11 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
             pruned = _finish(run, report, level.output)
             # a written level of a trail lives in its file: later levels rewrite loaded.model
             results.append(PruneResult(None if trail and level.output is not None else pruned, report))
+    except OnnxPruneError as e:  # a trail keeps the levels already written: say which
+        written = [r.report.output_files[0] for r in results if r.report.output_files]
+        if written:
+            raise type(e)(f"{e}; levels written and complete: {', '.join(written)}") from None
+        raise
     finally:  # a stage not saved (an error, Ctrl-C, SIGTERM) goes now, not at exit
         run.writer.stage_output(None)
     return results if trail else results[0]

@@ -59,6 +59,27 @@ def test_python_sources_iterable_and_reader_match_the_dict():
     assert load_calibration(Reader(), model, 10).size == 10
 
 
+def test_a_stream_is_read_up_to_the_limit_and_says_so_when_it_held_more():
+    model = builders.cnn_with_batchnorm()
+    batches = [{"input": x} for x in np.split(cnn_data(30)["input"], 5)]  # 6 samples each
+    got = load_calibration(iter(batches), model, 12)
+    np.testing.assert_array_equal(got.samples["input"], cnn_data(30)["input"][:12])
+    assert "first batches, up to --calib-samples 12" in got.note
+    assert load_calibration(iter(batches), model, 30).note is None  # all of it read
+    assert load_calibration(batches, model, None).note is None
+    used_up = iter(batches)
+    load_calibration(used_up, model, None)
+    with pytest.raises(OnnxPruneError, match="yielded no batches.*already used up"):
+        load_calibration(used_up, model, None)
+
+
+def test_stream_batches_must_hold_the_same_arrays():
+    model = builders.cnn_with_batchnorm()
+    x = cnn_data(8)["input"]
+    with pytest.raises(OnnxPruneError, match="batch 2 holds 'x', but the first batch 'input'"):
+        load_calibration([{"input": x[:4]}, {"x": x[4:]}], model, None)
+
+
 def test_files_directory_and_glob(tmp_path):
     model = builders.cnn_with_batchnorm()
     samples = cnn_data(12)

@@ -132,6 +132,30 @@ def test_data_not_matching_the_model_is_an_error(tmp_path):
                  progress=False)
 
 
+def test_data_as_batches_or_a_reader_gives_the_same_metrics(tmp_path):
+    model = save_gemm(tmp_path / "identity.onnx", IDENTITY)
+    reference = save_gemm(tmp_path / "flip.onnx", FLIP)
+    labels = np.array([0, 1, 1, 0])
+    batches = [{"x": X[:3], "labels": labels[:3]}, {"x": X[3:], "labels": labels[3:]}]
+
+    class Reader:
+        items = iter(batches)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    want = evaluate(model, {"x": X, "labels": labels}, reference=reference, progress=False)
+    for data in (batches, iter(batches), Reader()):
+        got = evaluate(model, data, reference=reference, progress=False)
+        assert {k: v for k, v in got.items() if k != "wall_s"} == {k: v for k, v in want.items() if k != "wall_s"}
+    with pytest.raises(OnnxPruneError, match="data of type ndarray is not supported"):
+        evaluate(model, X, progress=False)
+    with pytest.raises(OnnxPruneError, match="model must be a path, bytes or an onnx.ModelProto, not NoneType"):
+        evaluate(None, {"x": X}, progress=False)
+    with pytest.raises(OnnxPruneError, match="reference model must be a path"):
+        evaluate(model, {"x": X}, reference=3, progress=False)
+
+
 def test_unreadable_model_is_an_error(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     with pytest.raises(OnnxPruneError, match="cannot load the model"):

@@ -125,6 +125,8 @@ def test_calibration_with_a_scalar_input_from_every_kind_of_source():
     assert load_calibration({"scale": np.float32(2), "x": x}, model, 4).size == 4
     with pytest.raises(OnnxPruneError, match="scalar 'scale' different values"):
         load_calibration([{"scale": 1.0, "x": x[:2]}, {"scale": 2.0, "x": x[2:]}], model, None)
+    with pytest.raises(OnnxPruneError, match="'scale'.*not finite|'scale'.*NaN"):  # not "nan and nan"
+        load_calibration([{"scale": np.nan, "x": x[:2]}, {"scale": np.nan, "x": x[2:]}], model, None)
     assert prune(model, 0.5, method="dc", calib={"scale": np.float32(2), "x": x}, verify=False).model
 
 

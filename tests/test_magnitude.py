@@ -306,6 +306,8 @@ def test_min_threshold_infeasible_and_boundary():
         min_threshold_zero_counts(weights, 0.851, min_keep_percent=5)
     with pytest.raises(InfeasibleError):
         min_threshold_zero_counts(weights, 0.86, min_keep_percent=5, variant="waterfill")
+    with pytest.raises(InfeasibleError, match=r"sparsity 0.9999999 .*no layer has more than m=800"):
+        min_threshold_zero_counts(weights, 0.9999999, min_keep_percent=80)  # not "sparsity 1", "0 layers"
 
 
 def test_min_threshold_rejects_bad_options():

@@ -267,12 +267,32 @@ def test_exporter_generated_tensor_names_show_and_select_by_node_name():
     (dict(method="ltp", calib="random", allocation="uniform"), "allocation"),
     (dict(sequential=True), "uses no calibration data"),
     (dict(output="/nonexistent-folder/out.onnx", method="dc", calib="random"), "does not exist"),
+    (dict(sparsity=None), "must be a number"),
+    (dict(sparsity="0.5"), "must be a number"),
+    (dict(sparsity=True), "must be a number"),
+    (dict(sparsity={0.5, 0.7}), "a number or a list"),
+    (dict(include=5), "--include must be a regular expression or a list"),
+    (dict(exclude=[b"W1"]), "--exclude must be a regular expression \\(a string\\)"),
+    (dict(dims="N=2"), "dims must map dimension names"),
+    (dict(dims={"N": True}), "positive integer"),
+    (dict(output=5), "output must be a path"),
+    (dict(method="dc", calib="random", seed=None), "seed must be a whole number"),
+    (dict(method="dc", calib="random", batch_size=None), "batch_size must be a whole number"),
+    (dict(refit="False", calib="random"), "refit must be True or False"),
+    (dict(force="no"), "force must be True or False"),
+    (dict(max_memory=True), "--max-memory expects a size"),
+    (dict(max_memory=1.5), "--max-memory expects a size"),
 ])
 def test_library_arguments_are_checked_before_any_work(kwargs, message):
     kwargs = dict(kwargs)
     model, sparsity = kwargs.pop("model", builders.mlp_matmul()), kwargs.pop("sparsity", 0.5)
     with pytest.raises(OnnxPruneError, match=message):
         prune(model, sparsity, verify=False, **kwargs)
+
+
+def test_a_zero_dimensional_array_is_one_sparsity_level():
+    result = prune(builders.mlp_matmul(), np.array(0.5), verify=False)
+    assert not isinstance(result, list) and result.report.target_sparsity == 0.5
 
 
 def test_trail_results_hold_their_own_level(tmp_path):
@@ -288,6 +308,25 @@ def test_trail_results_hold_their_own_level(tmp_path):
     for level, result in zip(written, in_memory):
         on_disk = onnx.load(level.report.output_files[0])
         assert zeros(on_disk) == zeros(result.model) == level.report.zeros
+
+
+def test_a_trail_that_fails_at_a_later_level_names_the_levels_it_wrote(tmp_path):
+    # column 1 of W holds the smallest weights: emptied at 0.5, its output divides by zero
+    w = np.array([[1, 0.1], [2, 0.2], [3, 0.3], [4, 0.4]], np.float32)
+    model = builders.make_model([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                                 helper.make_node("Reciprocal", ["h"], ["y"])],
+                                [builders.vinfo("x", ["N", 4])], [builders.vinfo("y", ["N", 2])],
+                                [numpy_helper.from_array(w, "w")])
+    with pytest.raises(OnnxPruneError, match=r"non-finite|NaN|infinite") as e:
+        prune(model, [0.25, 0.5], method="global", output=tmp_path / "o.onnx")
+    assert str(e.value).endswith(f"levels written and complete: {tmp_path / 'o.s0.25.onnx'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.s0.25.onnx"]
+
+
+def test_trail_file_names_keep_every_digit_of_the_level(tmp_path):
+    written = prune(builders.mlp_gemm(), [0.5, 0.5000001], method="global", output=tmp_path / "o.onnx")
+    assert [r.report.output_files[0] for r in written] == [str(tmp_path / "o.s0.5.onnx"),
+                                                           str(tmp_path / "o.s0.5000001.onnx")]
 
 
 def _classifier_with_non_tensor_outputs() -> onnx.ModelProto:

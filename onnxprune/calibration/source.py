@@ -71,20 +71,7 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
         n = _usable(wanted, fixed, "--calib-samples is")
         return CalibrationSet(_random_samples(inputs, n, seed), random=True, fixed_batch=fixed,
                               note=_fixed_batch_note(fixed, n, wanted))
-    if isinstance(source, (str, os.PathLike)):
-        samples = data.load_samples(source)
-    elif isinstance(source, Mapping):
-        samples = dict(source)
-    elif hasattr(source, "get_next"):
-        samples = _concatenate(iter(source.get_next, None), limit)
-    else:
-        try:
-            batches = iter(source)
-        except TypeError:
-            raise OnnxPruneError(f"calibration data of type {type(source).__name__} is not "
-                                 "supported (a path, a dict of arrays, an iterable of dicts, "
-                                 "or an object with get_next())") from None
-        samples = _concatenate(batches, limit)
+    samples, more = read_samples(source, limit)
     samples.pop(data.LABELS_KEY, None)
     samples = data.check_against_model(samples, inputs)
     n = data.num_samples(samples)
@@ -93,13 +80,33 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
     wanted = n if limit is None else min(n, limit)
     keep_n = _usable(wanted, fixed, "the calibration data holds" if wanted == n
                      else "--calib-samples is")
-    note = _fixed_batch_note(fixed, keep_n, wanted)
+    notes = [_fixed_batch_note(fixed, keep_n, wanted)]
+    if more:  # a stream cannot be sampled at random without reading all of it
+        notes.append(f"calibration read the data's first batches, up to --calib-samples {limit}, "
+                     "and left the rest unread: shuffle the stream, or raise --calib-samples")
+    note = "; ".join(filter(None, notes)) or None
     if keep_n < n:
         # a seeded random subset, not the first `limit`: data files are often sorted (by class,
         # by source), and a prefix of a sorted file misses whole classes
         keep = np.sort(np.random.default_rng(seed).choice(n, keep_n, replace=False))
         samples = {k: v[keep] if v.ndim else v for k, v in samples.items()}
     return CalibrationSet(samples, random=False, fixed_batch=fixed, note=note)
+
+
+def read_samples(source, limit: int | None = None) -> tuple[dict, bool]:
+    """{name: array} from a path / glob / directory, a mapping of arrays, an iterable of batch
+    dicts or an object with get_next() (a stream is read up to `limit` samples); and whether a
+    stream held more than was read."""
+    if isinstance(source, (str, os.PathLike)):
+        return data.load_samples(source), False
+    if isinstance(source, Mapping):
+        return dict(source), False
+    if hasattr(source, "get_next"):
+        return _concatenate(iter(source.get_next, None), limit)
+    if isinstance(source, (bytes, np.ndarray)) or not hasattr(source, "__iter__"):
+        raise OnnxPruneError(f"data of type {type(source).__name__} is not supported (a path, a "
+                             "dict of arrays, an iterable of dicts, or an object with get_next())")
+    return _concatenate(iter(source), limit)
 
 
 def _fixed_batch_note(fixed: int | None, used: int, wanted: int) -> str | None:
@@ -131,27 +138,42 @@ def _check_feedable(inputs) -> None:
                                  f"float32 or float16 inputs)")
 
 
-def _concatenate(batches, limit) -> dict[str, np.ndarray]:
+def _concatenate(batches, limit) -> tuple[dict[str, np.ndarray], bool]:
+    """The batches joined, read up to `limit` samples; and whether the stream held more."""
     parts: dict[str, list[np.ndarray]] = {}
     scalars: dict[str, np.ndarray] = {}  # scalar inputs: one value, the same in every batch
-    seen = 0
-    for batch in batches:
+    seen, keys = 0, None
+    for i, batch in enumerate(batches, 1):
         if not isinstance(batch, Mapping):
             raise OnnxPruneError(f"a calibration batch must be a dict of arrays, got {type(batch).__name__}")
+        if keys is None:
+            keys = set(batch)
+        elif set(batch) != keys:  # one batch's arrays would be dropped or misaligned
+            raise OnnxPruneError(f"calibration batch {i} holds {', '.join(map(repr, sorted(batch)))}, "
+                                 f"but the first batch {', '.join(map(repr, sorted(keys)))}")
         for key, value in batch.items():
             value = np.asarray(value)
             if value.ndim:
                 parts.setdefault(key, []).append(value)
-            elif scalars.setdefault(key, value) != value:
+            elif not _same_value(scalars.setdefault(key, value), value):
                 raise OnnxPruneError(f"calibration batches give scalar '{key}' different values "
                                      f"({scalars[key]} and {value}); it must be one value")
         seen += data.batch_rows(batch)
         if limit is not None and seen >= limit:
             break
+    if keys is None:
+        raise OnnxPruneError("the calibration data yielded no batches (an iterator or data "
+                             "reader that was already used up?)")
+    more = limit is not None and seen >= limit and next(iter(batches), None) is not None
     try:
-        return {**{k: np.concatenate(v) for k, v in parts.items()}, **scalars}
+        return {**{k: np.concatenate(v) for k, v in parts.items()}, **scalars}, more
     except ValueError as e:
         raise OnnxPruneError(f"calibration batches do not fit together: {e}") from None
+
+
+def _same_value(a: np.ndarray, b: np.ndarray) -> bool:
+    nan_ok = a.dtype.kind in "fc" and b.dtype.kind in "fc"  # NaN is refused later, by name
+    return bool(np.array_equal(a, b, equal_nan=nan_ok))
 
 
 def _random_samples(inputs, n, seed) -> dict[str, np.ndarray]:

@@ -411,11 +411,11 @@ def min_threshold_zero_counts(weights: Sequence[np.ndarray], sparsity: float, *,
     if target > caps.sum():
         n_bound = int(np.count_nonzero(sizes > m))
         best = math.floor(int(caps.sum()) / total * 1e4) / 1e4 if total else 0.0
+        bound = (f"{n_bound} layer{'s' if n_bound != 1 else ''} must each keep at least m={m} weights"
+                 if n_bound else f"no layer has more than m={m} weights, so every layer stays dense")
         raise InfeasibleError(
-            f"sparsity {sparsity:g} is infeasible: {n_bound} layer{'s' if n_bound != 1 else ''} "
-            f"must each keep at least "
-            f"m={m} weights (--min-keep {min_keep_percent:g} % of N={total}), so at most "
-            f"{best:.4f} is reachable; lower --min-keep or the sparsity")
+            f"sparsity {sparsity:.10g} is infeasible: {bound} (--min-keep {min_keep_percent:g} % "
+            f"of N={total}), so at most {best:.4f} is reachable; lower --min-keep or the sparsity")
     if variant == "waterfill":
         return _waterfill(weights, sizes, caps, target, chunk_size)
 

@@ -174,7 +174,7 @@ def _refit_direct(W, M, H, factor=None, ridge=None):
     low_rank = (np.zeros(len(kept), dtype=bool) if factor is None else
                 (2.0 * factor.shape[-1] ** 2 * kept < (2.0 / 3.0) * smaller ** 3)
                 & (ridge[blk] > 0))  # undamped: H_SS may be singular, the direct solve says so
-    V = Wr * Mr
+    V = np.where(Mr, Wr, 0.0)  # not Wr * Mr: a pruned negative weight would be -0.0
     if (on_support | low_rank).any():
         # v_S = H_SS^-1 (H w)_S
         WH = (W @ H).reshape(k * d_out, d_in)
@@ -185,7 +185,7 @@ def _refit_direct(W, M, H, factor=None, ridge=None):
                 r = rows[sub]
                 vr = np.zeros((len(r), d_in))
                 np.put_along_axis(vr, idx, np.where(valid, y, 0.0), axis=1)
-                V[r] = vr * Mr[r]
+                V[r] = np.where(Mr[r], vr, 0.0)
     if (~on_support & ~low_rank).any():
         # OBS: v = w - Hinv[:, P] (Hinv_PP)^-1 w_P, which is exactly zero on the pruned set P
         rows = np.flatnonzero(~on_support & ~low_rank)
@@ -201,7 +201,7 @@ def _refit_direct(W, M, H, factor=None, ridge=None):
             np.put_along_axis(vals, idx, np.where(valid, y, 0.0), axis=1)
             mu[r] = vals
         shift = (mu.reshape(k, d_out, d_in) @ Hinv).reshape(k * d_out, d_in)
-        V[rows] = (Wr[rows] - shift[rows]) * Mr[rows]
+        V[rows] = np.where(Mr[rows], Wr[rows] - shift[rows], 0.0)
     return V.reshape(k, d_out, d_in)
 
 
