@@ -55,7 +55,7 @@ class Layer:
     attrs: dict = field(default_factory=dict)
     weight_side: str = "right"  # 'left' for MatMul(W, X) / Gemm with constant A
     index: np.ndarray | None = None  # operand at the node = stored.flat[index]
-    layout_known: bool = True  # False when a pass-through chain could not be resolved
+    layout_unknown: str = ""  # why the view the node has of the tensor is not known ("": known)
     input_name: str | None = None  # the activation multiplied by the weight
     output_name: str | None = None  # the layer output after any bias Add
     bias: onnx.TensorProto | None = None
@@ -74,6 +74,10 @@ class Layer:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.tensor.dims)
+
+    @property
+    def layout_known(self) -> bool:
+        return not self.layout_unknown
 
     @property
     def key(self) -> str:
@@ -365,7 +369,7 @@ class _Finder:
             return
         layer.attrs = {a.name: _attr_value(a) for a in node.attribute}
         layer.weight_side = "left" if slot == 0 else "right"
-        layer.index, layer.layout_known = _operand_view(layer.shape, chain, scope)
+        layer.index, layer.layout_unknown = _operand_view(layer.shape, chain, scope)
         data_slot = 1 if slot == 0 else 0
         layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
         layer.output_name = node.output[0]
@@ -376,19 +380,49 @@ class _Finder:
                 layer.bias_scale = beta / alpha if alpha and beta else 1.0
                 if not beta:
                     layer.bias = None  # C is not used
-        elif node.op_type == "MatMul":
-            users = consumers.get(node.output[0], [])
-            if len(users) == 1 and users[0].op_type == "Add":
-                add = users[0]
-                other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-                bias = _constant(other, scope, producers)
-                if bias is not None and (len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
-                    # (solve.bias_blocks decides whether it is per output: (d_out, 1) on the left)
-                    layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
-        users = consumers.get(layer.output_name, [])
-        layer.relu = bool(users) and all(u.op_type == "Relu" for u in users)
+        elif node.op_type in ("MatMul", "Conv", "ConvTranspose"):  # a bias added by the next node
+            add, bias = _added_constant(node, scope, producers, consumers)
+            if bias is not None and (_per_channel(bias.dims, layer) if node.op_type != "MatMul"
+                                     else len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
+                # (solve.bias_blocks decides whether a MatMul's is per output: (d_out, 1) on the left)
+                layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
+        users = _elementwise_users(layer.output_name, consumers)
+        layer.relu = bool(users) and all(u is not None and u.op_type == "Relu" for u in users)
         if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
+
+
+def _added_constant(node, scope, producers, consumers):
+    """(the Add, the constant it adds) when a node's only consumer adds a constant to it."""
+    users = consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None, None
+    add = users[0]
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    return add, _constant(other, scope, producers)
+
+
+def _per_channel(dims, layer) -> bool:
+    """A constant a Conv's output (N, C, ...) adds per channel: (1, C, 1, ...) or (C, 1, ...)
+    (paddle2onnx writes the bias so). A (C,) would broadcast along the last axis instead."""
+    operand = layer.index.shape if layer.index is not None else layer.shape
+    rank, groups = len(operand), int(layer.attrs.get("group", 1))
+    channels = operand[0] if layer.op == "Conv" else operand[1] * groups
+    padded = [1] * (rank - len(dims)) + [int(d) for d in dims]
+    return len(dims) <= rank and padded[1] == channels and sum(padded) == channels + rank - 1
+
+
+def _elementwise_users(name, consumers) -> list:
+    """The nodes a value reaches through ops that commute with an elementwise ReLU (Identity,
+    Transpose, Reshape ...: paddle2onnx puts an Identity before each Relu); None for a pass-through
+    whose result is used by no node (a graph output)."""
+    users = []
+    for user in consumers.get(name, []):
+        if user.op_type in PASS_THROUGH and user.input[0] == name:
+            users += _elementwise_users(user.output[0], consumers) or [None]
+        else:
+            users.append(user)
+    return users
 
 
 def _use_label(op: str, node: str) -> str:
@@ -457,15 +491,34 @@ def _attr_value(attr):
     return value
 
 
-def _operand_view(shape, chain, scope) -> tuple[np.ndarray | None, bool]:
-    """(the index map of the operand the node sees, whether it is known). Unknown for a part
-    of the tensor (Split / Slice) and for a Reshape whose shape is computed at run time."""
-    if any(node.op_type in SLICING for node in chain):
-        return None, False
+def _slice_key(node, attrs, scope, rank) -> tuple[slice, ...]:
+    """A Slice node's bounds as numpy slices (ONNX clamps them as Python does)."""
+    def values(i):
+        has = len(node.input) > i and node.input[i]
+        return [int(v) for v in tensor_to_array(scope[node.input[i]]).reshape(-1)] if has else None
+    if len(node.input) > 1:  # opset 10 and later: bounds are inputs
+        starts, ends, axes, steps = values(1), values(2), values(3), values(4)
+    else:
+        starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs.get("axes"), None
+    key = [slice(None)] * rank
+    for axis, start, end, step in zip(axes or range(len(starts)), starts, ends, steps or [1] * len(starts)):
+        key[axis % rank] = slice(start, end, step)
+    return tuple(key)
+
+
+def _operand_view(shape, chain, scope) -> tuple[np.ndarray | None, str]:
+    """(the index map of the operand the node sees, "" or why it is not known): a part of the
+    tensor (Split, or a Slice that leaves elements out) or a shape computed at run time."""
+    parts = next((node.op_type for node in chain if node.op_type in SLICING and node.op_type != "Slice"), None)
+    if parts:
+        return None, f"a part of the tensor, through {parts}"
     try:
-        return _index_map(shape, chain, scope), True
-    except (KeyError, ValueError):
-        return None, False
+        index = _index_map(shape, chain, scope)
+    except (KeyError, ValueError, IndexError):
+        return None, "its view through " + "/".join(n.op_type for n in reversed(chain)) + " is computed at run time"
+    if index is not None and index.size != int(np.prod(shape, dtype=np.int64)):
+        return None, "a part of the tensor, through Slice"
+    return index, ""
 
 
 def _index_map(shape, chain, scope) -> np.ndarray | None:
@@ -492,4 +545,6 @@ def _index_map(shape, chain, scope) -> np.ndarray | None:
                 rank = index.ndim + len(axes)
                 for a in sorted(a % rank for a in axes):
                     index = np.expand_dims(index, a)
+        elif node.op_type == "Slice":  # with constant bounds (a kernel flip: steps -1)
+            index = index[_slice_key(node, attrs, scope, index.ndim)]
     return index

@@ -16,7 +16,8 @@ import onnx
 
 from . import budget, graph, modelio, options, solve, storage, writer
 from .calibration.collect import (GroupedStatistics, calibratable, calibration_groups,
-                                  collect_statistics, open_session, statistics_bytes)
+                                  collect_statistics, open_session, statistics_bytes,
+                                  uncalibrated_reason)
 from .calibration.source import CalibrationSet, load_calibration, model_inputs
 from .errors import OnnxPruneError
 from .methods import magnitude
@@ -301,7 +302,8 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
         stats = (_sequential_stats(run, layer) if run.sequential and calibratable(layer)
                  else run.stats.get(layer.key))
         if stats is None and (run.method in CALIBRATED_METHODS or run.refit):
-            fallback.append(layer.key)
+            why = uncalibrated_reason(layer)
+            fallback.append(f"{layer.key} ({why})" if why else layer.key)
         elif stats is not None and stats.count * _FEW_ROWS < stats.d_in:
             thin.append(f"{layer.name} ({stats.count} for {stats.d_in} inputs)")
         cut = None  # a magnitude cut, unless the calibrated method solves the layer
@@ -329,13 +331,17 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
         run.calibration["passes"] = sum(calibratable(layer) for layer in run.layers) + bool(run.stats)
     notes = []
     if fallback:
-        notes.append(f"{plural(len(fallback), 'tensor')} without calibration statistics (inside subgraphs, "
-                     f"unresolved layout, shared by nodes that use it differently, or not a layer "
-                     f"weight), pruned by magnitude{', not refitted' if run.refit else ''}: "
+        notes.append(f"{plural(len(fallback), 'tensor')} without calibration statistics, pruned by "
+                     f"magnitude{', not refitted' if run.refit else ''}: "
                      + ", ".join(fallback[:5]) + (" ..." if len(fallback) > 5 else ""))
     if thin:
         notes.append("few calibration rows, so these layers' fits are poorly determined (use more "
                      "calibration samples): " + ", ".join(thin[:5]) + (" ..." if len(thin) > 5 else ""))
+    emptied = [row.name for row in rows if row.params and row.zeros_before < row.zeros_after == row.params]
+    if emptied:  # global magnitude can take every weight of a layer whose weights are small
+        notes.append(f"{plural(len(emptied), 'tensor')} pruned to all zeros, so what they compute no "
+                     "longer depends on their input (global-mt's --min-keep prevents this): "
+                     + ", ".join(emptied[:5]) + (" ..." if len(emptied) > 5 else ""))
     return rows, notes
 
 

@@ -283,7 +283,7 @@ def test_a_weight_used_in_two_ways_falls_back_to_magnitude_with_a_note():
     assert layers[0].uses_differ
     result = prune(model, 0.5, method="dc", calib={"x": builders.rand(rng, 6, 6)}, verify=False)
     assert result.report.zeros == 18
-    assert any("use it differently" in note for note in result.report.notes)
+    assert any("(used differently by several nodes)" in note for note in result.report.notes)
     refit = prune(model, 0.5, refit=True, calib={"x": builders.rand(rng, 6, 6)}, verify=False)
     assert any("pruned by magnitude, not refitted: w" in note for note in refit.report.notes)
 

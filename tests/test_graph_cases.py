@@ -414,3 +414,59 @@ def test_a_weight_passed_through_into_a_subgraph_can_still_be_included():
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
     assert [s.name for s in find_layers(model)[1]] == ["W"]
     assert [layer.name for layer in find_layers(model, include="^W$")[0]] == ["W"]
+
+
+def test_a_conv_bias_added_after_the_conv_and_a_relu_behind_identity_are_found():
+    # paddle2onnx: Conv without B -> Add of a (1, C, 1, 1) constant -> Identity -> Relu
+    rng = np.random.default_rng(46)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b"], ["a"]),
+             helper.make_node("Identity", ["a"], ["i"]),
+             helper.make_node("Relu", ["i"], ["y"])]
+    tensors = {"w": rng.standard_normal((4, 2, 3, 3)).astype(np.float32),
+               "b": rng.standard_normal((1, 4, 1, 1)).astype(np.float32)}
+    model = _model(nodes, [_value("x", ["N", 2, 5, 5])], [_value("y", ["N", 4, 5, 5])], tensors)
+    (layer,), _ = find_layers(model)
+    assert layer.bias is not None and layer.bias.name == "b" and layer.relu
+    result = prune(model, 0.5, method="dc", calib="random")
+    assert not np.array_equal(_tensor(result.model, "b"), tensors["b"])  # refitted, in its own shape
+    assert _tensor(result.model, "b").shape == (1, 4, 1, 1)
+    # a (C,) constant broadcasts along the last axis (W = 4 here too): not a per-channel bias
+    wide = _model(nodes, [_value("x", ["N", 2, 4, 4])], [_value("y", ["N", 4, 4, 4])],
+                  {**tensors, "b": rng.standard_normal(4).astype(np.float32)})
+    (layer,), _ = find_layers(wide)
+    assert layer.bias is None and not layer.relu
+
+
+def test_a_kernel_flipped_by_a_slice_is_calibrated_like_the_flipped_initializer():
+    # jax2onnx's ConvTranspose: kernel -> Transpose -> Slice(steps -1 on both spatial axes)
+    rng = np.random.default_rng(47)
+    kernel = rng.standard_normal((3, 3, 4, 2)).astype(np.float32)  # H, W, C_in, C_out
+    seen = np.ascontiguousarray(kernel.transpose(2, 3, 0, 1)[:, :, ::-1, ::-1])
+    flip = [helper.make_node("Transpose", ["k"], ["kt"], perm=[2, 3, 0, 1]),
+            helper.make_node("Slice", ["kt", "starts", "ends", "axes", "steps"], ["kf"]),
+            helper.make_node("ConvTranspose", ["x", "kf"], ["y"])]
+    bounds = {"starts": np.array([-1, -1], np.int64), "ends": np.array([-2**63, -2**63], np.int64),
+              "axes": np.array([2, 3], np.int64), "steps": np.array([-1, -1], np.int64)}
+    inputs, outputs = [_value("x", ["N", 4, 5, 5])], [_value("y", ["N", 2, 7, 7])]
+    sliced = _model(flip, inputs, outputs, {"k": kernel, **bounds})
+    folded = _model([helper.make_node("ConvTranspose", ["x", "k"], ["y"])], inputs, outputs, {"k": seen})
+    (layer,), _ = find_layers(sliced)
+    assert layer.layout_known and np.array_equal(kernel.reshape(-1)[layer.index], seen)
+    calib = {"x": rng.standard_normal((16, 4, 5, 5)).astype(np.float32)}
+    a = prune(sliced, 0.5, method="dc", calib=calib)
+    b = prune(folded, 0.5, method="dc", calib=calib)
+    assert not a.report.notes or "without calibration" not in " ".join(a.report.notes)
+    got = _tensor(a.model, "k").transpose(2, 3, 0, 1)[:, :, ::-1, ::-1]
+    np.testing.assert_allclose(got, _tensor(b.model, "k"), rtol=1e-5, atol=1e-6)
+    # a Slice that leaves elements out is a part of the tensor: named, pruned by magnitude
+    part = _model([helper.make_node("Slice", ["k", "s", "e", "a"], ["kp"]),
+                   helper.make_node("Transpose", ["kp"], ["kt"], perm=[2, 3, 0, 1]),
+                   helper.make_node("ConvTranspose", ["x", "kt"], ["y"])],
+                  inputs, [_value("y", ["N", 2, 6, 6])],
+                  {"k": kernel, "s": np.array([0], np.int64), "e": np.array([2], np.int64),
+                   "a": np.array([0], np.int64)})
+    (layer,), _ = find_layers(part)
+    assert layer.layout_unknown == "a part of the tensor, through Slice"
+    result = prune(part, 0.5, method="dc", calib=calib)
+    assert any("k (a part of the tensor, through Slice)" in note for note in result.report.notes)

@@ -373,3 +373,16 @@ def test_an_input_without_a_declared_shape_takes_data_of_any_rank():
     assert "input 'x' declares no shape" in result.report.verification["note"]
     with pytest.raises(OnnxPruneError, match="declares no shape, so random inputs cannot be made"):
         prune(model, 0.5, method="dc", calib="random")
+
+
+def test_a_layer_global_pruning_empties_is_named_in_a_note():
+    rng = np.random.default_rng(48)
+    model = builders.make_model([helper.make_node("MatMul", ["x", "big"], ["h"]),
+                                 helper.make_node("MatMul", ["h", "small"], ["y"])],
+                                [builders.vinfo("x", ["N", 8])], [builders.vinfo("y", ["N", 2])],
+                                [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "big"),
+                                 numpy_helper.from_array(1e-3 * rng.standard_normal((8, 2)).astype(np.float32), "small")])
+    emptied = prune(model, 0.2, method="global", verify=False).report
+    assert any(note.startswith("1 tensor pruned to all zeros") and note.endswith(": small") for note in emptied.notes)
+    kept = prune(model, 0.2, method="global-mt", verify=False).report
+    assert not any("all zeros" in note for note in kept.notes)

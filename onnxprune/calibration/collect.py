@@ -23,8 +23,20 @@ from .accumulators import LayerStats
 
 def calibratable(layer: Layer) -> bool:
     """Layers whose input can be observed: in the main graph, a known weight layout."""
-    return (layer.role == "weight" and not layer.graph and layer.layout_known
-            and layer.input_name is not None and not layer.uses_differ)
+    return uncalibrated_reason(layer) is None
+
+
+def uncalibrated_reason(layer: Layer) -> str | None:
+    """Why a layer's input cannot be observed, or None when it can."""
+    if layer.role != "weight":
+        return "not a layer's weight"
+    if layer.graph:
+        return "inside a subgraph"
+    if not layer.layout_known:
+        return layer.layout_unknown
+    if layer.uses_differ:
+        return "used differently by several nodes"
+    return "no input to observe" if layer.input_name is None else None
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
