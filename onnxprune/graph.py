@@ -19,7 +19,7 @@ from onnx import helper
 from .errors import OnnxPruneError
 from .modelio import body_label, node_label, tensor_key, tensor_to_array
 
-PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
 # Float matrices used by these are masks, position tables, offsets: no weight to name as skipped
 NOT_WEIGHT_USES = ("Add", "Sub", "Where", "Expand", "Equal", "Less", "Greater", "Max", "Min")
@@ -74,6 +74,11 @@ class Layer:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.tensor.dims)
+
+    @property
+    def layout_op(self) -> str:
+        """The op whose weight layout this layer follows: an Einsum is one only as a MatMul."""
+        return "MatMul" if self.op == "Einsum" else self.op
 
     @property
     def layout_known(self) -> bool:
@@ -368,8 +373,12 @@ class _Finder:
         if role != "weight":
             return
         layer.attrs = {a.name: _attr_value(a) for a in node.attribute}
-        layer.weight_side = "left" if slot == 0 else "right"
+        einsum = _einsum_weight(node, slot) if node.op_type == "Einsum" else None
+        layer.weight_side = "left" if slot == 0 and not einsum else "right"
         layer.index, layer.layout_unknown = _operand_view(layer.shape, chain, scope)
+        if einsum == "oi" and layer.layout_known:  # the node multiplies by the transpose
+            flat = np.arange(layer.size, dtype=np.int64).reshape(layer.shape)
+            layer.index = (flat if layer.index is None else layer.index).T
         data_slot = 1 if slot == 0 else 0
         layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
         layer.output_name = node.output[0]
@@ -380,9 +389,9 @@ class _Finder:
                 layer.bias_scale = beta / alpha if alpha and beta else 1.0
                 if not beta:
                     layer.bias = None  # C is not used
-        elif node.op_type in ("MatMul", "Conv", "ConvTranspose"):  # a bias added by the next node
+        elif node.op_type in ("MatMul", "Einsum", "Conv", "ConvTranspose"):  # a bias added next
             add, bias = _added_constant(node, scope, producers, consumers)
-            if bias is not None and (_per_channel(bias.dims, layer) if node.op_type != "MatMul"
+            if bias is not None and (_per_channel(bias.dims, layer) if layer.layout_op != "MatMul"
                                      else len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
                 # (solve.bias_blocks decides whether a MatMul's is per output: (d_out, 1) on the left)
                 layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
@@ -390,6 +399,25 @@ class _Finder:
         layer.relu = bool(users) and all(u is not None and u.op_type == "Relu" for u in users)
         if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
+
+
+def _einsum_weight(node, slot) -> str | None:
+    """'io' or 'oi' when an Einsum multiplies data by the 2-D weight at `slot` as a MatMul would
+    (flax's nn.Einsum 'bti,io->bto'; 'oi': by its transpose); None for any other equation."""
+    equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
+    operands, _, out = equation.partition("->")
+    operands = operands.split(",")
+    if len(node.input) != 2 or not out or len(operands) != 2:
+        return None
+    w, x = operands[slot], operands[1 - slot]
+    if len(w) != 2 or len(set(w)) != 2 or not w.isalpha():
+        return None
+    for c, o in ((w[0], w[1]), (w[1], w[0])):  # c contracted, o the output feature
+        lead = x[:-1]
+        if (x.endswith(c) and out == lead + o and c not in lead and o not in lead
+                and len(set(lead.replace(".", ""))) == len(lead.replace(".", ""))):
+            return "io" if c == w[0] else "oi"
+    return None
 
 
 def _added_constant(node, scope, producers, consumers):
@@ -451,6 +479,8 @@ def _role(node, slot, scope, producers) -> str | None:
         return "weight"
     if op == "Gather":
         return "embedding" if slot == 0 else None
+    if op == "Einsum":
+        return "weight" if _einsum_weight(node, slot) else "other"
     if op in QUANTIZED_WEIGHT_SLOTS:
         return "quantized" if slot in QUANTIZED_WEIGHT_SLOTS[op] else None
     if op in RECURRENT_OPS:

@@ -23,7 +23,7 @@ _MULTITHREAD_WORK = 30_000_000  # multiply-adds per LTP weight step above which 
 
 def block_index(layer: Layer) -> np.ndarray:
     """(k, d_out, d_in) flat indices into the STORED tensor."""
-    idx = layout.block_index(layer.operand_shape, layer.op, layer.attrs, layer.weight_side)
+    idx = layout.block_index(layer.operand_shape, layer.layout_op, layer.attrs, layer.weight_side)
     return idx if layer.index is None else layer.index.reshape(-1)[idx]
 
 
@@ -37,7 +37,7 @@ def bias_blocks(layer: Layer, bias: np.ndarray | None, k: int, d_out: int) -> np
         per_output = bias.ndim <= 1 or bias.shape[0] == 1
     if not per_output:
         return None
-    if layer.op == "MatMul" and k != 1:
+    if layer.layout_op == "MatMul" and k != 1:
         return None
     return bias.reshape(k, d_out)
 

@@ -303,7 +303,7 @@ def test_weights_used_otherwise_are_named_and_noted():
         [helper.make_node("Constant", [], ["wh"], value=numpy_helper.from_array(
             rng.standard_normal((8, 8)).astype(np.float32))), helper.make_node("MatMul", ["a", "wh"], ["b"])],
         [helper.make_opsetid("", 13)])
-    nodes = [helper.make_node("Einsum", ["x", "we"], ["e"], equation="ni,io->no"),
+    nodes = [helper.make_node("Einsum", ["x", "we"], ["e"], equation="ni,ii->ni"),  # W's diagonal
              helper.make_node("Head", ["e"], ["f"], domain="local"),
              helper.make_node("MatMul", ["f", "w"], ["g"]), helper.make_node("Mul", ["w", "w"], ["w2"]),
              helper.make_node("Gather", ["table", "ids"], ["t"]), helper.make_node("MatMul", ["g", "table_t"], ["o"]),
@@ -394,8 +394,8 @@ def test_include_exclude_patterns_are_each_their_own_regex():
 
 def test_a_model_without_prunable_weights_names_what_it_left_alone():
     rng = np.random.default_rng(45)
-    model = _model([helper.make_node("Einsum", ["x", "w"], ["y"], equation="ni,io->no")],
-                   [_value("x", ["N", 8])], [_value("y", ["N", 4])],
+    model = _model([helper.make_node("Einsum", ["x", "w"], ["y"], equation="ni,io->n")],
+                   [_value("x", ["N", 8])], [_value("y", ["N"])],
                    {"w": rng.standard_normal((8, 4)).astype(np.float32)})
     with pytest.raises(OnnxPruneError, match="no prunable weights found.*; left alone: w: used by Einsum"):
         prune(model, 0.5)
@@ -470,3 +470,30 @@ def test_a_kernel_flipped_by_a_slice_is_calibrated_like_the_flipped_initializer(
     assert layer.layout_unknown == "a part of the tensor, through Slice"
     result = prune(part, 0.5, method="dc", calib=calib)
     assert any("k (a part of the tensor, through Slice)" in note for note in result.report.notes)
+
+
+@pytest.mark.parametrize("equation, transposed", [("bti,io->bto", False), ("bti,oi->bto", True),
+                                                   ("io,bti->bto", False), ("...i,io->...o", False)])
+def test_an_einsum_that_is_a_matrix_product_is_pruned_as_its_matmul(equation, transposed):
+    # flax's nn.Einsum / jnp.einsum dense layers; the same weights as a MatMul get the same result
+    rng = np.random.default_rng(49)
+    w = rng.standard_normal((6, 4)).astype(np.float32)  # (d_in, d_out)
+    slot = 0 if equation.startswith("io") else 1
+    inputs = ["w", "x"] if slot == 0 else ["x", "w"]
+    einsum = _model([helper.make_node("Einsum", inputs, ["h"], equation=equation),
+                     helper.make_node("Add", ["h", "b"], ["y"])],
+                    [_value("x", ["N", 3, 6])], [_value("y", ["N", 3, 4])],
+                    {"w": w.T.copy() if transposed else w, "b": rng.standard_normal(4).astype(np.float32)}, opset=13)
+    matmul = _model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                    [_value("x", ["N", 3, 6])], [_value("y", ["N", 3, 4])],
+                    {"w": w, "b": _tensor(einsum, "b")})
+    (layer,), skipped = find_layers(einsum)
+    assert layer.op == "Einsum" and layer.bias is not None and not skipped
+    calib = {"x": rng.standard_normal((32, 3, 6)).astype(np.float32)}
+    for method, refit in (("dc", False), ("ltp", True), ("global-mt", True)):
+        a = prune(einsum, 0.5, method=method, calib=calib, refit=refit)
+        b = prune(matmul, 0.5, method=method, calib=calib, refit=refit)
+        got = _tensor(a.model, "w")
+        np.testing.assert_allclose(got.T if transposed else got, _tensor(b.model, "w"), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_tensor(a.model, "b"), _tensor(b.model, "b"), rtol=1e-5, atol=1e-6)
+        assert not any("without calibration" in note for note in a.report.notes)

@@ -71,7 +71,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], batches, *,
             if owner[layer.key] != layer.key:
                 continue  # its rows are another layer's: one LayerStats for both
             for name in (layer.input_name, *layer.shared_inputs):  # a shared weight: all its uses
-                rows = layout.input_rows(values[name], layer.op, layer.attrs,
+                rows = layout.input_rows(values[name], layer.layout_op, layer.attrs,
                                          shapes[layer.name], layer.weight_side,
                                          max_positions=max_positions, rng=rngs[layer.name])
                 if not np.isfinite(rows).all():  # finite data, but the model computes NaN / inf
@@ -113,7 +113,7 @@ def _rows_key(layer: Layer, row_cap: int, max_positions: int | None):
     at random per layer (im2col positions capped by max_positions)."""
     if layer.op in ("Conv", "ConvTranspose") and max_positions is not None:
         return None
-    return (layer.input_name, tuple(layer.shared_inputs), layer.op, layer.weight_side,
+    return (layer.input_name, tuple(layer.shared_inputs), layer.layout_op, layer.weight_side,
             layer.operand_shape, repr(sorted(layer.attrs.items())), row_cap)
 
 
@@ -129,7 +129,7 @@ def _owners(layers: list[Layer], row_cap: dict[str, int], max_positions: int | N
 
 def accumulator_bytes(layer: Layer, row_cap: int = 0) -> int:
     """Memory the statistics of a calibratable layer will hold."""
-    k, _, d_in = layout.block_shape(layer.operand_shape, layer.op, layer.attrs, layer.weight_side)
+    k, _, d_in = layout.block_shape(layer.operand_shape, layer.layout_op, layer.attrs, layer.weight_side)
     return LayerStats.nbytes(k, d_in, row_cap=row_cap)
 
 
