@@ -12,13 +12,23 @@ batch and not counted as samples.
 from __future__ import annotations
 
 import glob
+import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from onnxprune.budget import describe
 from onnxprune.errors import OnnxPruneError, one_line
+
+try:
+    import lzma  # zipfile reads LZMA members only where Python was built with it
+except ImportError:
+    lzma = None
 
 LABELS_KEY = "labels"
 
@@ -26,20 +36,31 @@ LABELS_KEY = "labels"
 ModelInput = tuple[str, np.dtype, Sequence[int | str | None] | None]  # shape None: any rank
 
 
-def load_samples(path_or_glob: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a data set from an .npz/.npy file, a directory of them, or a glob pattern."""
+def load_samples(
+    path_or_glob: str | os.PathLike, names: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Read a data set from an .npz/.npy file, a directory of them, or a glob pattern.
+
+    ``names``: the arrays to read (``labels`` too, when the data has them); None reads all.
+    The other members of an .npz are never decompressed, so one the model does not use costs
+    no memory however large it unpacks.
+    """
     files = _data_files(str(path_or_glob))
+    wanted = None if names is None else {*names, LABELS_KEY}
     npy = [f for f in files if f.suffix == ".npy"]
     npz = [f for f in files if f.suffix == ".npz"]
 
     samples: dict[str, np.ndarray] = {}
+    stems: set[str] = set()
     for f in npy:
-        if f.stem in samples:
+        if f.stem in stems:
             raise OnnxPruneError(f"two .npy files are named {f.name}; input names must be unique")
-        # Memory-mapped so a large data set is read batch by batch, not all at once.
-        samples[f.stem] = _load_npy(f)
+        stems.add(f.stem)
+        if wanted is None or f.stem in wanted:
+            # Memory-mapped so a large data set is read batch by batch, not all at once.
+            samples[f.stem] = _load_npy(f)
 
-    for key, arr in _concatenate_npz_slices(npz).items():
+    for key, arr in _concatenate_npz_slices(npz, wanted).items():
         if key in samples:
             raise OnnxPruneError(f"array '{key}' is given both as {key}.npy and inside .npz files")
         samples[key] = arr
@@ -147,44 +168,155 @@ def _data_files(spec: str) -> list[Path]:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
+    with _reading(str(path)):
+        with open(path, "rb") as fp:
+            shape, dtype, offset = _npy_header(fp, str(path))
+        if path.stat().st_size < offset + _nbytes(shape, dtype):
+            raise OnnxPruneError(f"{path}: truncated, or not a valid .npy file (its header "
+                                 f"declares {_array_text(shape, dtype)}, more than the file holds)")
+        # No memory check: a memory-mapped array takes RAM only for the pages read.
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError:
-        # Object arrays cannot be memory-mapped; refuse them rather than unpickling.
-        raise OnnxPruneError(f"{path}: cannot read (object arrays are not supported)") from None
-    except OSError as exc:
-        raise OnnxPruneError(f"{path}: cannot read ({exc})") from None
 
 
-def _concatenate_npz_slices(files: list[Path]) -> dict[str, np.ndarray]:
-    slices: list[dict[str, np.ndarray]] = []
-    for f in files:
-        try:
-            with open(f, "rb") as head:
-                if head.read(2) != b"PK":  # a zip; else np.load talks of pickles
-                    raise OnnxPruneError(f"{f}: not an .npz file (a zip of .npy arrays, as np.savez writes)")
-            with np.load(f, allow_pickle=False) as z:
-                slices.append({k: z[k] for k in z.files})
-        except (OSError, ValueError) as exc:
-            raise OnnxPruneError(f"{f}: cannot read ({exc})") from None
-    if not slices:
+def _concatenate_npz_slices(files: list[Path], wanted: set[str] | None) -> dict[str, np.ndarray]:
+    if not files:
         return {}
-    keys = set(slices[0])
-    for f, part in zip(files[1:], slices[1:]):
-        if set(part) != keys:
-            raise OnnxPruneError(
-                f"{f} holds arrays {sorted(part)} but {files[0]} holds {sorted(keys)}"
-            )
+    with ExitStack() as stack:
+        zips = [stack.enter_context(_open_npz(f)) for f in files]
+        # Listed from the zip directories, before any member is decompressed.
+        members = [_npz_members(f, z) for f, z in zip(files, zips)]
+        keys = set(members[0])
+        for f, part in zip(files[1:], members[1:]):
+            if set(part) != keys:
+                raise OnnxPruneError(
+                    f"{f} holds arrays {sorted(part)} but {files[0]} holds {sorted(keys)}"
+                )
+        keys = sorted(k for k in keys if wanted is None or k in wanted)
+        slices = [{k: _read_member(f, z, part[k]) for k in keys}
+                  for f, z, part in zip(files, zips, members)]
     if len(slices) == 1:
         return slices[0]
     out = {}
-    for key in sorted(keys):
+    for key in keys:
         try:
             out[key] = np.concatenate([part[key] for part in slices], axis=0)
         except ValueError:
             shapes = ", ".join(str(part[key].shape) for part in slices)
             raise OnnxPruneError(f"array '{key}' has incompatible shapes across files: {shapes}")
     return out
+
+
+@contextmanager
+def _open_npz(path: Path) -> Iterator[zipfile.ZipFile]:
+    with _reading(str(path)):
+        with open(path, "rb") as head:
+            if head.read(2) != b"PK":  # a zip; else np.load talks of pickles
+                raise OnnxPruneError(
+                    f"{path}: not an .npz file (a zip of .npy arrays, as np.savez writes)")
+        try:
+            z = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as exc:  # its directory, at the end, is missing or damaged
+            raise OnnxPruneError(f"{path}: not a valid .npz file: the zip is damaged or "
+                                 f"truncated ({one_line(exc)})") from None
+    with z:
+        yield z
+
+
+def _npz_members(path: Path, z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """{array name: member}, named as np.load names them (without the .npy suffix)."""
+    return {(m.filename[:-4] if m.filename.endswith(".npy") else m.filename): m
+            for m in z.infolist() if not m.is_dir()}
+
+
+def _read_member(path: Path, z: zipfile.ZipFile, member: zipfile.ZipInfo) -> np.ndarray:
+    """One array of an .npz. Its header is read first, so a member that declares more data than
+    it holds, or than there is memory for, is refused before anything is allocated."""
+    where = f"{path}: member '{member.filename}'"
+    if member.flag_bits & 0x1:  # zipfile asks for a password (RuntimeError)
+        raise OnnxPruneError(f"{where} is encrypted; give the arrays as np.savez writes them")
+    with _reading(where):
+        with z.open(member) as fp:
+            shape, dtype, offset = _npy_header(fp, where)
+        nbytes = _nbytes(shape, dtype)
+        if member.file_size < offset + nbytes:
+            raise OnnxPruneError(f"{where}: truncated, or not a valid .npy array (its header "
+                                 f"declares {_array_text(shape, dtype)}, more than the member holds)")
+        available = _available_memory()
+        if available is not None and nbytes > available:
+            raise OnnxPruneError(f"{where}: its header declares {_array_text(shape, dtype)}, "
+                                 f"more than the {describe(available)} of memory available")
+        with z.open(member) as fp:
+            return np.lib.format.read_array(fp, allow_pickle=False)
+
+
+def _npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) from a .npy header, refusing arrays np.load would
+    unpickle and shapes no array can have."""
+    major, minor = np.lib.format.read_magic(fp)
+    if (major, minor) == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif (major, minor) == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:  # 3.0 only adds utf-8 field names of structured dtypes, which are no model input
+        raise OnnxPruneError(f"{where}: .npy format version {major}.{minor} is not supported "
+                             "(np.save writes 1.0 or 2.0)")
+    if dtype.hasobject:
+        raise OnnxPruneError(f"{where}: holds Python objects (object arrays are not supported)")
+    if any(d < 0 for d in shape):
+        raise OnnxPruneError(f"{where}: not a valid .npy array (its header declares shape {shape})")
+    return shape, dtype, fp.tell()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
+
+
+def _array_text(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return f"a {shape} {dtype} array of {describe(_nbytes(shape, dtype))}"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory that can be allocated without swapping, or None where unknown."""
+    try:
+        import psutil  # not a dependency: where it is missing the OS is asked directly
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:  # Linux: MemAvailable counts the page cache the kernel would give up
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# What a damaged or hostile file raises while being read: BadZipFile (a bad CRC or member
+# header), zlib.error / EOFError / LZMAError (a damaged compressed stream), NotImplementedError
+# (an unknown compression method), RuntimeError (a password needed), ValueError (a bad .npy
+# header, too little data).
+_READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, NotImplementedError,
+                zipfile.BadZipFile, zlib.error) + ((lzma.LZMAError,) if lzma else ())
+
+
+@contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """One OnnxPruneError line for whatever reading `where` raises."""
+    try:
+        yield
+    except OnnxPruneError:  # InfeasibleError is a ValueError too
+        raise
+    except MemoryError:
+        raise OnnxPruneError(f"{where}: not enough memory to read it") from None
+    except _READ_ERRORS as exc:
+        # the first line: numpy's refusal of a long header adds two lines of advice
+        first = str(exc).strip().splitlines()
+        reason = one_line(Exception(first[0])) if first else type(exc).__name__
+        raise OnnxPruneError(f"{where}: cannot read ({reason})") from None
 
 
 def _as_array(name: str, value) -> np.ndarray:

@@ -175,7 +175,11 @@ def _load(source) -> LoadedModel:
     tensors += [(t, True) for t in iter_tensors(model, dense=False)]
     for tensor, inline in tensors:
         if is_external(tensor):
-            file = _check_external(tensor, path.parent, path, load=inline)
+            try:
+                file = _check_external(tensor, path.parent, path, load=inline)
+            except OSError as e:  # unreadable (permissions)
+                raise OnnxPruneError(f"{path}: cannot read the external data of tensor "
+                                     f"'{tensor.name}' ({e.strerror})") from None
             if file not in data_files:
                 data_files.append(file)
     return LoadedModel(model, path, data_files)
@@ -216,12 +220,26 @@ def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load
     path (so it can be read without the model's folder), or load it inline."""
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
-    file = (base / location).resolve()
+    try:
+        file = (base / location).resolve()
+        outside = os.path.isabs(location) or not file.is_relative_to(base.resolve())
+        offset, length = int(info.get("offset", 0)), int(info.get("length", tensor_nbytes(tensor)))
+    except (ValueError, TypeError, OSError, RuntimeError):  # a NUL byte, a link loop, offset 'abc'
+        raise OnnxPruneError(f"{model_path}: tensor '{tensor.name}' has an invalid external data "
+                             f"entry (location {location!r}, offset {info.get('offset')!r}, length "
+                             f"{info.get('length')!r})") from None
+    if outside:  # a model must not make onnxprune read (and copy out) any file it can reach
+        raise OnnxPruneError(
+            f"{model_path}: tensor '{tensor.name}' keeps its data in '{location}', outside the "
+            "model's folder (an absolute path, '..' or a link out of it): refused, as onnx and "
+            "onnxruntime refuse it")
     if not location or not file.is_file():
         raise OnnxPruneError(
-            f"{model_path}: external data file '{location}' for tensor '{tensor.name}' is missing")
-    offset = int(info.get("offset", 0))
-    length = int(info.get("length", tensor_nbytes(tensor)))
+            f"{model_path}: external data file '{location}' for tensor '{tensor.name}' is missing "
+            "(or not a regular file)")
+    if offset < 0 or length < 0:
+        raise OnnxPruneError(f"{model_path}: tensor '{tensor.name}' has a negative external data "
+                             f"offset or length ({offset}, {length})")
     if offset + length > file.stat().st_size or length < tensor_nbytes(tensor):
         raise OnnxPruneError(
             f"{model_path}: external data file '{location}' is truncated "

@@ -179,6 +179,35 @@ def test_missing_or_truncated_data_file_is_a_clear_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]  # nothing left behind
 
 
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "link", "nul", "offset", "negative"])
+def test_external_data_outside_the_model_folder_or_malformed_is_refused(tmp_path, case):
+    # a hostile model must not make onnxprune read any file it can reach and copy it into the output
+    (tmp_path / "m").mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"S" * 4096)
+    src = save_external(stack(), tmp_path / "m" / "in.onnx")
+    model = onnx.load(src, load_external_data=False)
+    entries = model.graph.initializer[0].external_data
+    location = next(e for e in entries if e.key == "location")
+    offset = next((e for e in entries if e.key == "offset"), None) or entries.add(key="offset", value="0")
+    if case == "absolute":
+        location.value = str(tmp_path / "secret.bin")
+    elif case == "dotdot":
+        location.value = "../secret.bin"
+    elif case == "link":
+        (tmp_path / "m" / "link.bin").symlink_to(tmp_path / "secret.bin")
+        location.value = "link.bin"
+    elif case == "nul":
+        location.value = "weights.bin\0x"
+    else:
+        offset.value = "abc" if case == "offset" else "-64"
+    onnx.save(model, src)
+    message = {"nul": "invalid external data entry", "offset": "invalid external data entry",
+               "negative": "negative external data offset"}.get(case, "outside the model's folder")
+    with pytest.raises(OnnxPruneError, match=message):
+        prune(str(src), 0.5, output=tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.data").exists()
+
+
 def test_peak_memory_is_the_largest_tensor_not_the_model(tmp_path):
     width, peaks = 256, {}  # tensors of 256 KiB; models of 6 and 24 MiB
     for n_layers in (24, 96):
