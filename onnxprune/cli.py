@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -241,7 +242,8 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
             plot_ltp_objective([r.report for r in results], plot_path)
         if report_path is not None:
             reports = [r.report.to_dict() for r in results]
-            _write_json(report_path, reports[0] if len(reports) == 1 else {"levels": reports})
+            _write_json(report_path, reports[0] if len(reports) == 1 else {"levels": reports},
+                        results[0].report.input_files)
     except OnnxPruneError as e:
         _fail(e)
     except KeyboardInterrupt as e:
@@ -349,12 +351,22 @@ def _check_unused_options(ctx: click.Context, method: str, refit: bool) -> None:
                                  f"'{method}' has none")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    try:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(to_json(data) + "\n")
-        tmp.replace(path)
+def _write_json(path: Path, data: dict, inputs: list[str]) -> None:
+    if path.resolve() in {Path(f).resolve() for f in inputs}:  # a data file under any name
+        raise OnnxPruneError(f"{path}: the report would overwrite the input model or its data; "
+                             "not written (the pruned model was)")
+    tmp = None
+    try:  # a unique temporary name: a planted file or link of a fixed name is never followed
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(to_json(data) + "\n")
+            umask = os.umask(0o22)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name only
+        os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None and os.path.lexists(tmp):
+            os.unlink(tmp)
         raise OnnxPruneError(f"{path}: cannot write report ({e.strerror})") from None
 
 

@@ -184,7 +184,7 @@ def _concatenate_npz_slices(files: list[Path], wanted: set[str] | None) -> dict[
     with ExitStack() as stack:
         zips = [stack.enter_context(_open_npz(f)) for f in files]
         # Listed from the zip directories, before any member is decompressed.
-        members = [_npz_members(f, z) for f, z in zip(files, zips)]
+        members = [_npz_members(z) for z in zips]
         keys = set(members[0])
         for f, part in zip(files[1:], members[1:]):
             if set(part) != keys:
@@ -222,7 +222,7 @@ def _open_npz(path: Path) -> Iterator[zipfile.ZipFile]:
         yield z
 
 
-def _npz_members(path: Path, z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+def _npz_members(z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     """{array name: member}, named as np.load names them (without the .npy suffix)."""
     return {(m.filename[:-4] if m.filename.endswith(".npy") else m.filename): m
             for m in z.infolist() if not m.is_dir()}
@@ -233,14 +233,16 @@ def _read_member(path: Path, z: zipfile.ZipFile, member: zipfile.ZipInfo) -> np.
     it holds, or than there is memory for, is refused before anything is allocated."""
     where = f"{path}: member '{member.filename}'"
     if member.flag_bits & 0x1:  # zipfile asks for a password (RuntimeError)
-        raise OnnxPruneError(f"{where} is encrypted; give the arrays as np.savez writes them")
+        raise OnnxPruneError(f"{where} is encrypted; onnxprune reads unencrypted .npz files "
+                             "(as np.savez writes them)")
     with _reading(where):
         with z.open(member) as fp:
             shape, dtype, offset = _npy_header(fp, where)
         nbytes = _nbytes(shape, dtype)
         if member.file_size < offset + nbytes:
             raise OnnxPruneError(f"{where}: truncated, or not a valid .npy array (its header "
-                                 f"declares {_array_text(shape, dtype)}, more than the member holds)")
+                                 f"declares {_array_text(shape, dtype)}, more than the member "
+                                 "holds)")
         available = _available_memory()
         if available is not None and nbytes > available:
             raise OnnxPruneError(f"{where}: its header declares {_array_text(shape, dtype)}, "
@@ -261,7 +263,8 @@ def _npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
         raise OnnxPruneError(f"{where}: .npy format version {major}.{minor} is not supported "
                              "(np.save writes 1.0 or 2.0)")
     if dtype.hasobject:
-        raise OnnxPruneError(f"{where}: holds Python objects (object arrays are not supported)")
+        # np.load would unpickle them
+        raise OnnxPruneError(f"{where}: cannot read (object arrays are not supported)")
     if any(d < 0 for d in shape):
         raise OnnxPruneError(f"{where}: not a valid .npy array (its header declares shape {shape})")
     return shape, dtype, fp.tell()

@@ -79,11 +79,15 @@ def evaluate(
     check_model_source(model, "model")  # before the data is read: a typo in a path fails at once
     if reference is not None:
         check_model_source(reference, "reference model")
-    raw, _ = read_samples(data)
-    measured = _Model.open(model, device, output, raw, "model")
+    measured = _Model.open(model, device, output, "model")
     ref = None
     if reference is not None:
-        ref = _Model.open(reference, device, output, raw, "reference model")
+        ref = _Model.open(reference, device, output, "reference model")
+    wanted = [name for m in (measured, ref) if m is not None for name, _, _ in m.inputs]
+    raw, _ = read_samples(data, names=wanted)  # only the arrays the models take are read
+    for m in (measured, ref):
+        if m is not None:
+            m.take(raw)
     samples = measured.samples
     if ref is not None and num_samples(ref.samples) != num_samples(samples):
         raise OnnxPruneError(
@@ -132,17 +136,18 @@ class _Model:
 
     session: ort.InferenceSession
     output: str
-    samples: dict[str, np.ndarray]
-    fixed_batch: int | None
+    inputs: list
+    samples: dict[str, np.ndarray] | None = None  # set by take()
     # the classes of a map output, in column order; set by the first run
     classes: list | None = None
+    which: str = "model"  # or "reference model", named in errors where both could be meant
 
     @property
     def arg(self) -> ort.NodeArg:
         return next(o for o in self.session.get_outputs() if o.name == self.output)
 
     @classmethod
-    def open(cls, model, device: str, output: str | None, raw: Mapping, which: str) -> _Model:
+    def open(cls, model, device: str, output: str | None, which: str) -> _Model:
         """`which`: "model" or "reference model", named in errors where both could be meant."""
         what = "" if which == "model" else f"{which}: "
         try:
@@ -167,10 +172,20 @@ class _Model:
                                  f"per-class scores){hint}")
         try:
             inputs = _inputs(session, model)
-            samples = check_against_model(raw, inputs)
         except OnnxPruneError as e:
             raise OnnxPruneError(f"{what}{e}") from None
-        return cls(session, measured, samples, fixed_batch(inputs))
+        return cls(session, measured, inputs, which=which)
+
+    def take(self, raw: Mapping) -> None:
+        """The data, checked against and cast to this model's inputs."""
+        try:
+            self.samples = check_against_model(raw, self.inputs)
+        except OnnxPruneError as e:
+            raise OnnxPruneError(f"{'' if self.which == 'model' else self.which + ': '}{e}") from None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return fixed_batch(self.inputs)
 
     def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """The measured output for a batch; a fixed batch size is met by cutting the batch and

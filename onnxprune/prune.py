@@ -90,6 +90,8 @@ def prune(model, sparsity: float | Sequence[float], *, method: str = "global-mt"
     timings: dict[str, float] = {}
     with _timed(timings, "load"):
         loaded, layers, skipped, biases = _load(model, include, exclude, dims)
+    for out in filter(None, outputs):  # now that the input's data files are known
+        writer.check_targets(writer.output_files(out, loaded.external_data), force, protect=loaded.files)
     run = _Run(model, loaded, writer.ModelWriter(loaded), layers, skipped, biases, method=method,
                allocation=allocation,
                refit=refit, sequential=sequential, trail=trail, storage_format=storage_format,
@@ -400,6 +402,7 @@ def _finish(run: _Run, report: PruneReport, output: Path | None) -> onnx.ModelPr
         pruned.CopyFrom(loaded.model)  # later levels rewrite the tensors of loaded.model
     if output is None:
         modelio.resolve_external(pruned)  # an in-memory result holds all its weights
+    report.input_files = [str(f) for f in loaded.files]
     report.input_bytes = (sum(f.stat().st_size for f in loaded.files) if loaded.path else
                           len(source) if isinstance(source, bytes) else
                           source.ByteSize() + sum(modelio.tensor_nbytes(t) for t in modelio.iter_tensors(source)

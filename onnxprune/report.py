@@ -38,6 +38,7 @@ class PruneReport:
     layers: list[LayerRow] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     input_bytes: int = 0
+    input_files: list[str] = field(default_factory=list)  # the model file and its data files, as read
     output_bytes: int = 0  # dense storage (or what was written)
     sparse_output_bytes: int = 0  # with --storage sparse (measured if written, else estimated)
     storage: str = "dense"

@@ -106,9 +106,10 @@ def check_targets(targets: list[Path], force: bool, protect=()) -> None:
             raise OnnxPruneError(f"{target}: refusing to overwrite the input model or its data")
         if target.is_dir():
             raise OnnxPruneError(f"{target}: is a directory")
-        if target.exists() and not target.is_file():  # /dev/null, a FIFO: never renamed over
+        exists = os.path.lexists(target)  # a dangling link exists too: not replaced without force
+        if exists and not (target.is_file() or target.is_symlink()):  # /dev/null, a FIFO
             raise OnnxPruneError(f"{target}: not a regular file; the output must be a file path")
-        if target.exists() and not force:
+        if exists and not force:
             raise OnnxPruneError(f"{target}: already exists (--force, force=True in the API, "
                                  "overwrites it)")
 

@@ -296,3 +296,39 @@ def test_repeated_options_are_usage_errors_and_values_are_not_options(model_path
     assert_one_line_error(run(model_path, "-s", "0.5", "--exclude", "bias", "-o", tmp_path / "b.onnx"),
                           "--exclude 'bias' matches no tensor name, node name or op type of this "
                           "model's pruned weights")  # biases are not pruned: nothing to exclude
+
+
+def _external(tmp_path, data_name):
+    model = builders.mlp_gemm()
+    onnx.save(model, tmp_path / "in.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data_name, size_threshold=0)
+    return tmp_path / "in.onnx"
+
+
+def test_a_report_named_like_the_inputs_data_file_is_refused(tmp_path):
+    src = _external(tmp_path, "weights.bin")
+    before = (tmp_path / "weights.bin").read_bytes()
+    result = run(str(src), "-s", "0.5", "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "weights.bin"))
+    assert_one_line_error(result, "report would overwrite the input model or its data")
+    assert (tmp_path / "weights.bin").read_bytes() == before
+
+
+def test_a_trail_level_whose_data_file_is_the_inputs_is_refused_before_any_work(tmp_path):
+    src = _external(tmp_path, "out.s0.7.onnx.data")
+    result = run(str(src), "-s", "0.5,0.7", "-o", str(tmp_path / "out.onnx"), "--force")
+    assert_one_line_error(result, "refusing to overwrite the input model or its data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.s0.7.onnx.data"]
+
+
+def test_a_dangling_link_or_a_planted_temporary_report_is_not_followed(model_path, tmp_path):
+    (tmp_path / "out.onnx").symlink_to(tmp_path / "nowhere")
+    assert_one_line_error(run(str(model_path), "-s", "0.5", "-o", str(tmp_path / "out.onnx")), "already exists")
+    assert (tmp_path / "out.onnx").is_symlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".r.json.tmp").symlink_to(victim)  # the fixed temporary name reports once used
+    result = run(str(model_path), "-s", "0.5", "-o", str(tmp_path / "o2.onnx"), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "precious" and not (tmp_path / "r.json").is_symlink()
+    assert json.loads((tmp_path / "r.json").read_text())["method"] == "global-mt"
+    assert oct((tmp_path / "r.json").stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's mode

@@ -1,8 +1,13 @@
 """Reading data sets (.npz, .npy, directories, globs), checking them against a model, batching."""
 
+import io
+import struct
+import zipfile
+
 import numpy as np
 import pytest
 
+from onnxprune import data
 from onnxprune.data import check_against_model, iter_batches, load_samples
 from onnxprune.errors import OnnxPruneError
 
@@ -187,3 +192,154 @@ def test_a_file_that_is_not_an_npz_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not a zip at all")
     with pytest.raises(OnnxPruneError, match=r"d.npz: not an .npz file \(a zip of .npy arrays"):
         load_samples(bad)
+
+
+# Hostile data files: each must end in one OnnxPruneError line, before any large allocation.
+
+def npy_bytes(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def npy_header(shape, payload=b"", extra=""):
+    """A .npy file's bytes whose header declares `shape` of float32, whatever data follows."""
+    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape!r}, {extra}}}".encode()
+    text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + payload
+
+
+def write_npz(path, members, compression=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, raw in members.items():
+            z.writestr(name, raw)
+    return path
+
+
+X = np.arange(32 * 16, dtype=np.float32).reshape(32, 16)
+
+
+def assert_one_line_error(spec, pattern, **kwargs):
+    with pytest.raises(OnnxPruneError, match=pattern) as err:
+        load_samples(spec, **kwargs)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_npz_members_not_named_are_never_decompressed(tmp_path):
+    # "unused" declares 64 TiB: reading it, or even allocating for it, would fail
+    path = write_npz(tmp_path / "d.npz", {"X.npy": npy_bytes(X),
+                                          "unused.npy": npy_header((2**40, 16)),
+                                          "labels.npy": npy_bytes(np.arange(32))})
+    loaded = load_samples(path, names=["X"])
+    assert set(loaded) == {"X", "labels"}  # labels come along when present
+    np.testing.assert_array_equal(loaded["X"], X)
+    assert set(load_samples(path, names=("X", "absent"))) == {"X", "labels"}
+    assert_one_line_error(path, "member 'unused.npy': truncated")  # names=None reads all
+
+
+def test_names_select_npy_files_and_npz_slices(tmp_path):
+    np.save(tmp_path / "X.npy", X)
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    loaded = load_samples(tmp_path, names=["X"])
+    assert set(loaded) == {"X"} and isinstance(loaded["X"], np.memmap)
+    for f in tmp_path.iterdir():
+        f.unlink()
+    write_npz(tmp_path / "a.npz", {"X.npy": npy_bytes(X[:10]), "big.npy": npy_header((2**40,))})
+    write_npz(tmp_path / "b.npz", {"X.npy": npy_bytes(X[10:]), "big.npy": npy_header((2**40,))})
+    np.testing.assert_array_equal(load_samples(tmp_path, names=["X"])["X"], X)
+    write_npz(tmp_path / "c.npz", {"X.npy": npy_bytes(X)})  # lacks "big": slices must agree
+    assert_one_line_error(tmp_path, "c.npz holds arrays", names=["X"])
+
+
+def test_npz_member_larger_than_available_memory_is_refused(tmp_path, monkeypatch):
+    available = data._available_memory()
+    assert available is None or available > 0
+    path = write_npz(tmp_path / "d.npz", {"X.npy": npy_bytes(X)})
+    monkeypatch.setattr(data, "_available_memory", lambda: 1024)  # X takes 2 KiB
+    message = assert_one_line_error(path, r"d.npz: member 'X.npy': its header declares a "
+                                          r"\(32, 16\) float32 array of 2.0 KiB, more than the "
+                                          r"1.0 KiB of memory available", names=["X"])
+    assert str(path) in message
+    monkeypatch.setattr(data, "_available_memory", lambda: 4096)
+    np.testing.assert_array_equal(load_samples(path)["X"], X)
+
+
+def flip(raw, at):
+    raw = bytearray(raw)
+    raw[at] ^= 0xFF
+    return bytes(raw)
+
+
+def damaged_npz(tmp_path, kind):
+    path = tmp_path / "d.npz"
+    if kind == "starts with PK, not a zip":
+        path.write_bytes(b"PK\x03\x04garbage" * 10)
+    elif kind == "truncated":
+        np.savez(path, X=X)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "bad CRC":
+        raw = write_npz(path, {"X.npy": npy_bytes(X)}, zipfile.ZIP_STORED).read_bytes()
+        path.write_bytes(flip(raw, raw.find(b"NUMPY") + 200))
+    elif kind == "damaged compressed data":
+        noise = np.random.default_rng(0).random(512)
+        raw = write_npz(path, {"X.npy": npy_bytes(noise)}).read_bytes()
+        path.write_bytes(flip(raw, raw.find(b"X.npy") + 40))
+    elif kind == "encrypted":
+        raw = bytearray(write_npz(path, {"X.npy": npy_bytes(X)}).read_bytes())
+        raw[raw.find(b"PK\x03\x04") + 6] |= 1  # the encrypted flag, in both headers
+        raw[raw.find(b"PK\x01\x02") + 8] |= 1
+        path.write_bytes(bytes(raw))
+    elif kind == "huge shape":
+        write_npz(path, {"X.npy": npy_header((2**40, 16), b"\0" * 64)})
+    elif kind == "header over numpy's limit":
+        write_npz(path, {"X.npy": npy_header((32, 16), X.tobytes(), f"'pad': '{'x' * 20000}'")})
+    elif kind == "not an array":
+        write_npz(path, {"X.npy": b"hello, world"})
+    elif kind == "object array":
+        np.savez(path, X=np.array([{"a": 1}, None], dtype=object))
+    return path
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("starts with PK, not a zip", r"d.npz: not a valid .npz file: the zip is damaged or truncated"),
+    ("truncated", r"d.npz: not a valid .npz file: the zip is damaged or truncated"),
+    ("bad CRC", r"member 'X.npy': cannot read \(Bad CRC-32"),
+    ("damaged compressed data", r"member 'X.npy': cannot read \("),
+    ("encrypted", r"member 'X.npy' is encrypted"),
+    ("huge shape", r"member 'X.npy': truncated, or not a valid .npy array \(its header declares "
+                   r"a \(1099511627776, 16\) float32 array of 65536.00 GiB"),
+    ("header over numpy's limit", r"member 'X.npy': cannot read \(Header info length \(\d+\) "
+                                  r"is large and may not be safe to load securely.\)$"),
+    ("not an array", r"member 'X.npy': cannot read \(the magic string is not correct"),
+    ("object array", r"member 'X.npy': cannot read \(object arrays are not supported"),
+])
+def test_damaged_or_hostile_npz_is_one_clear_error(tmp_path, kind, pattern):
+    assert_one_line_error(damaged_npz(tmp_path, kind), pattern)
+
+
+def test_running_out_of_memory_while_reading_is_one_clear_error(tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(np.lib.format, "read_array", no_memory)
+    path = write_npz(tmp_path / "d.npz", {"X.npy": npy_bytes(X)})
+    assert_one_line_error(path, r"d.npz: member 'X.npy': not enough memory to read it")
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    (npy_header((2**30, 16), b"\0" * 64), r"X.npy: truncated, or not a valid .npy file \(its "
+                                          r"header declares a \(1073741824, 16\) float32 array"),
+    (npy_bytes(X)[:-1], r"X.npy: truncated, or not a valid .npy file"),
+    (npy_bytes(X)[:40], r"X.npy: cannot read \("),
+    (b"\x93NUMPY\x03\x00" + npy_bytes(X)[8:], r"X.npy: .npy format version 3.0 is not supported"),
+    (npy_header((32, 16), X.tobytes(), f"'pad': '{'x' * 20000}'"),
+     r"X.npy: cannot read \(Header info length \(\d+\) is large and may not be safe to load "
+     r"securely.\)$"),
+    (npy_bytes(np.array([None, 1], dtype=object)), r"X.npy: cannot read \(object arrays are not"),
+], ids=["declares more than it holds", "one byte short", "header cut short", "version 3.0",
+        "header over numpy's limit", "object array"])
+def test_damaged_npy_file_is_one_clear_error(tmp_path, raw, pattern):
+    (tmp_path / "X.npy").write_bytes(raw)
+    message = assert_one_line_error(tmp_path, pattern)
+    if "truncated" in pattern:
+        assert "object" not in message

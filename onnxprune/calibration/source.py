@@ -71,7 +71,7 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
         n = _usable(wanted, fixed, "--calib-samples is")
         return CalibrationSet(_random_samples(inputs, n, seed), random=True, fixed_batch=fixed,
                               note=_fixed_batch_note(fixed, n, wanted))
-    samples, more = read_samples(source, limit)
+    samples, more = read_samples(source, limit, [name for name, _, _ in inputs])
     samples.pop(data.LABELS_KEY, None)
     samples = data.check_against_model(samples, inputs)
     n = data.num_samples(samples)
@@ -93,12 +93,12 @@ def load_calibration(source, model: onnx.ModelProto, limit: int | None, seed: in
     return CalibrationSet(samples, random=False, fixed_batch=fixed, note=note)
 
 
-def read_samples(source, limit: int | None = None) -> tuple[dict, bool]:
+def read_samples(source, limit: int | None = None, names=None) -> tuple[dict, bool]:
     """{name: array} from a path / glob / directory, a mapping of arrays, an iterable of batch
     dicts or an object with get_next() (a stream is read up to `limit` samples); and whether a
-    stream held more than was read."""
+    stream held more than was read. `names`: the arrays wanted from files (others are not read)."""
     if isinstance(source, (str, os.PathLike)):
-        return data.load_samples(source), False
+        return data.load_samples(source, names), False
     if isinstance(source, Mapping):
         return dict(source), False
     if hasattr(source, "get_next"):
