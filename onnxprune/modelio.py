@@ -182,7 +182,36 @@ def _load(source) -> LoadedModel:
                                      f"'{tensor.name}' ({e.strerror})") from None
             if file not in data_files:
                 data_files.append(file)
+    _inline_overlapping(model)
     return LoadedModel(model, path, data_files)
+
+
+def _inline_overlapping(model: onnx.ModelProto) -> None:
+    """Tensors whose bytes overlap in a data file (onnx.load accepts them) are read inline: each
+    is pruned and written on its own, never at a place another tensor's bytes share. So are empty
+    ones, which onnx.save places at the next tensor's offset."""
+    spans = []
+    for tensor in iter_tensors(model, sparse=False):
+        if is_external(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            start = int(info.get("offset", 0))
+            spans.append((info["location"], start, start + tensor_nbytes(tensor), tensor))
+    for span in [span for span in spans if span[1] == span[2]]:  # empty: the next tensor's offset
+        make_inline(span[3], b"")
+    spans = sorted((span for span in spans if span[1] < span[2]), key=lambda span: span[:3])
+    overlapping, group, end = [], [], None
+    for file, start, stop, tensor in spans:
+        if group and file == group[0][0] and start < end:
+            group.append((file, start, stop, tensor))
+            end = max(end, stop)
+            continue
+        overlapping += group if len(group) > 1 else []
+        group, end = [(file, start, stop, tensor)], stop
+    overlapping += group if len(group) > 1 else []
+    for file, start, stop, tensor in overlapping:
+        with open(file, "rb") as f:
+            f.seek(start)
+            make_inline(tensor, f.read(stop - start))
 
 
 def no_relative_data(model: onnx.ModelProto, label: str) -> onnx.ModelProto:

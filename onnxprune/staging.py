@@ -49,7 +49,7 @@ class OutputStage:
     assembled in a temporary folder; removed with this object unless save_model moved it."""
 
     def __init__(self, model: onnx.ModelProto, path: str | os.PathLike):
-        path = Path(path)
+        path = self.path = Path(path)
         self.owner = model
         self.tmp = make_temp_folder(path.parent if str(path.parent) else Path(".")).resolve()
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.tmp, True)
@@ -99,10 +99,13 @@ class OutputStage:
             raise ValueError(f"tensor '{tensor.name}': bytes {start}-{start + raw.nbytes} "
                              f"outside its {length}-byte slot")
         dst = self._target(tensor)
-        if self._fd is None:
-            self._fd = os.open(self.data, os.O_RDWR)
-            self._close_fd = weakref.finalize(self, os.close, self._fd)
-        write_all(self._fd, raw, dst + start)
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.data, os.O_RDWR)
+                self._close_fd = weakref.finalize(self, os.close, self._fd)
+            write_all(self._fd, raw, dst + start)
+        except OSError as e:  # a full disk, most likely
+            raise OnnxPruneError(f"{self.path}: cannot write output ({e.strerror})") from None
 
     def written(self, tensor: onnx.TensorProto) -> None:
         """The tensor's new value is complete in the staged file: it refers to it from now on."""

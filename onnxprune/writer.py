@@ -8,7 +8,10 @@ into the file). save_model writes atomically, after the caller's check.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -141,10 +144,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             stage.finish(model, tmp / path.name)
         else:
             write_streamed(model, tmp / path.name, replacements)
+        if len(targets) > 1 and (tmp / targets[1].name).stat().st_size == 0:
+            targets = targets[:1]  # every tensor went inline (stored sparse): no empty data file
         if check is not None:
             check(tmp / path.name)
-        for target in reversed(targets):  # the model file appears last
-            os.replace(tmp / target.name, target)
+        with _signals_deferred():  # Ctrl-C between the renames would leave a mismatched pair
+            for target in reversed(targets):  # the model file appears last
+                os.replace(tmp / target.name, target)
         if stage is not None:
             stage.settle(model, targets[-1])
     except OSError as e:
@@ -154,6 +160,25 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             stage.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return targets
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM held until the block ends, then raised: what it does is all or none.
+    (Python runs handlers in the main thread only, which is also the only one they interrupt.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)  # to the handler that was there before
 
 
 def check_by_path(candidate: Path, reference=None) -> str | None:

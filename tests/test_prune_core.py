@@ -386,3 +386,28 @@ def test_a_layer_global_pruning_empties_is_named_in_a_note():
     assert any(note.startswith("1 tensor pruned to all zeros") and note.endswith(": small") for note in emptied.notes)
     kept = prune(model, 0.2, method="global-mt", verify=False).report
     assert not any("all zeros" in note for note in kept.notes)
+
+
+def test_a_signal_during_the_final_renames_is_held_until_both_are_done(tmp_path, monkeypatch):
+    # the model and its data file are renamed into place one after the other: Ctrl-C between
+    # them would leave a data file without its model, or an old model reading a new data file
+    import os
+    import signal
+
+    from onnxprune import writer
+
+    renamed, real = [], os.replace
+
+    def replace_and_interrupt(src, dst):
+        real(src, dst)
+        renamed.append(str(dst))
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives between the two renames
+
+    monkeypatch.setattr(writer.os, "replace", replace_and_interrupt)
+    w = numpy_helper.from_array(np.ones((32, 32), np.float32), "w")  # 4 KiB: to the data file
+    model = builders.make_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                                [builders.vinfo("x", ["N", 32])], [builders.vinfo("y", ["N", 32])], [w])
+    with pytest.raises(KeyboardInterrupt):
+        writer.save_model(model, tmp_path / "out.onnx", external_data=True)
+    assert renamed == [str(tmp_path / "out.onnx.data"), str(tmp_path / "out.onnx")]

@@ -208,6 +208,53 @@ def test_external_data_outside_the_model_folder_or_malformed_is_refused(tmp_path
     assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.data").exists()
 
 
+def test_tensors_sharing_bytes_in_the_data_file_are_pruned_each_on_its_own(tmp_path):
+    # onnx.load accepts two external tensors at one offset: each must come out as it would inline
+    src = save_external(stack(), tmp_path / "in.onnx")
+    model = onnx.load(src, load_external_data=False)
+    entries = {t.name: {e.key: e for e in t.external_data} for t in model.graph.initializer}
+    for name in ("w1", "b0"):  # w1 reads w0's bytes; b0 reads w0's first ones
+        entries[name]["offset"].value = entries["w0"]["offset"].value
+    empty = numpy_helper.from_array(np.zeros((0,), np.float32), "empty")  # onnx.save puts an empty
+    empty.data_location = TensorProto.EXTERNAL  # tensor at the next one's offset, with no bytes
+    for key, value in (("location", "weights.bin"), ("offset", entries["b1"]["offset"].value), ("length", "0")):
+        empty.external_data.add(key=key, value=value)
+    empty.ClearField("raw_data")
+    model.graph.initializer.append(empty)
+    model.graph.output.append(builders.vinfo("empty", [0]))
+    onnx.save(model, src)
+    inline = onnx.load(src)  # what onnx reads: the reference
+    for method in ("layer", "global-mt"):
+        got = prune(str(src), 0.5, method=method, output=tmp_path / "out.onnx", force=True)
+        want = prune(inline, 0.5, method=method)
+        written = tensors(tmp_path / "out.onnx")[0]
+        for t in want.model.graph.initializer:
+            assert_bitwise_equal(written[t.name], numpy_helper.to_array(t))
+        assert got.report.zeros == want.report.zeros
+
+
+def test_a_full_disk_while_streaming_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from onnxprune import staging
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    src = save_external(stack(), tmp_path / "in.onnx")
+    monkeypatch.setattr(staging, "write_all", full)
+    with pytest.raises(OnnxPruneError, match="out.onnx: cannot write output \\(No space left on device\\)"):
+        prune(str(src), 0.5, output=tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "weights.bin"]
+
+
+def test_sparse_storage_that_empties_the_data_file_writes_none(tmp_path):
+    src = save_external(stack(), tmp_path / "in.onnx")
+    got = prune(str(src), 0.9, output=tmp_path / "out.onnx", storage_format="sparse", include="^b")
+    assert got.report.output_files == [str(tmp_path / "out.onnx")]
+    assert not (tmp_path / "out.onnx.data").exists()
+
+
 def test_peak_memory_is_the_largest_tensor_not_the_model(tmp_path):
     width, peaks = 256, {}  # tensors of 256 KiB; models of 6 and 24 MiB
     for n_layers in (24, 96):
