@@ -14,6 +14,7 @@ import click
 
 from . import __version__, budget
 from .errors import OnnxPruneError
+from .modelio import check_model_file
 from .writer import output_files
 from .runtime import DEVICES
 from .options import ALLOCATIONS, METHODS, MT_VARIANTS, STORAGES
@@ -304,6 +305,7 @@ def eval_command(model, data_path, reference, batch_size, output_name, device, a
 def _check_side_outputs(report: Path | None, plot: Path | None, model: Path, outputs: list[Path]) -> None:
     """Before any work, as the outputs are: a report or plot path that cannot be written or
     would replace a model (the input, an output of any level, their data files)."""
+    check_model_file(model)  # a link loop fails here in words, not in resolve() below
     models = {Path(f).resolve() for out in [model, *outputs] for f in output_files(out, True)}
     if report is not None and plot is not None and report.resolve() == plot.resolve():
         raise OnnxPruneError(f"{report}: given both as --report and as --plot")

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from . import mapped, wire
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, one_line
 from .wire import TENSOR_DATA_FIELDS
 
 PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised in one piece
@@ -146,6 +146,10 @@ def check_model_source(model, what: str = "") -> None:
 def check_model_file(path: Path, what: str = "") -> None:
     """One line for a model path that is not a readable file (`what`: which model, if several)."""
     label = f"{what}: {path}" if what else str(path)
+    try:
+        path.resolve()
+    except (RuntimeError, OSError):  # a link loop, a name too long
+        raise OnnxPruneError(f"{label}: cannot be resolved (a symbolic link loop?)") from None
     if not path.exists():
         raise OnnxPruneError(f"{label}: no such file")
     if path.is_dir():
@@ -241,7 +245,25 @@ def _checked(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     # protobuf happily parses many non-ONNX byte strings; a real model has these.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise OnnxPruneError(f"{label}: not an ONNX model (no IR version, graph or opset)")
+    if any(isinstance(text, bytes) for text in _texts(model)):  # upb hands invalid UTF-8 back as
+        # bytes, and writing them fails: found now, not after the work
+        raise OnnxPruneError(f"{label}: holds names or strings that are not valid UTF-8")
+    known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    bad = next((t for t in iter_tensors(model) if t.data_type not in known), None)
+    if bad is not None:
+        raise OnnxPruneError(f"{label}: tensor '{bad.name}' has no known data type ({bad.data_type})")
     return model
+
+
+def _texts(model: onnx.ModelProto):
+    """The model's string fields that onnxprune writes back (not the tensors' data)."""
+    yield from (model.producer_name, model.producer_version, model.domain, model.doc_string)
+    for graph in iter_graphs(model.graph):
+        yield from (graph.name, graph.doc_string)
+        for node in graph.node:
+            yield from (node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output)
+        for info in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            yield info.name
 
 
 def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load: bool) -> Path:
@@ -266,6 +288,9 @@ def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load
         raise OnnxPruneError(
             f"{model_path}: external data file '{location}' for tensor '{tensor.name}' is missing "
             "(or not a regular file)")
+    if not os.access(file, os.R_OK):
+        raise OnnxPruneError(f"{model_path}: external data file '{location}' cannot be read "
+                             "(permission denied)")
     if offset < 0 or length < 0:
         raise OnnxPruneError(f"{model_path}: tensor '{tensor.name}' has a negative external data "
                              f"offset or length ({offset}, {length})")
@@ -285,6 +310,14 @@ def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The tensor's values; a read-only view of raw_data when possible (no copy), a read-only
     memory map (mapped.MappedTensor) for a loaded model's external tensors."""
+    try:
+        return _to_array(tensor)
+    except (ValueError, KeyError, TypeError) as e:  # a hostile or broken file, not our bug
+        raise OnnxPruneError(f"tensor '{tensor.name}': its data does not fit its type "
+                             f"({tensor.data_type}) and shape {list(tensor.dims)} ({one_line(e, 120)})") from None
+
+
+def _to_array(tensor: onnx.TensorProto) -> np.ndarray:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     if is_external(tensor):
         info = {e.key: e.value for e in tensor.external_data}

@@ -100,6 +100,12 @@ def output_files(path, external_data: bool) -> list[Path]:
 def check_targets(targets: list[Path], force: bool, protect=()) -> None:
     protected = {Path(p).resolve() for p in protect}
     for target in targets:
+        try:
+            target.resolve()
+            target.is_dir()
+        except (RuntimeError, OSError) as e:  # a link loop, a name too long
+            raise OnnxPruneError(f"{target}: not a usable output path "
+                                 f"({getattr(e, 'strerror', None) or 'a symbolic link loop'})") from None
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir():
             raise OnnxPruneError(f"{folder}: output folder does not exist")

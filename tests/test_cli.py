@@ -332,3 +332,35 @@ def test_a_dangling_link_or_a_planted_temporary_report_is_not_followed(model_pat
     assert victim.read_text() == "precious" and not (tmp_path / "r.json").is_symlink()
     assert json.loads((tmp_path / "r.json").read_text())["method"] == "global-mt"
     assert oct((tmp_path / "r.json").stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's mode
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("short raw_data", "its data does not fit its type"),
+    ("huge dims", "its data does not fit its type"),
+    ("no data type", "has no known data type (0)"),
+    ("not utf-8", "not valid UTF-8"),
+    ("link loop", "cannot be resolved"),
+    ("long output name", "not a usable output path"),
+])
+def test_a_malformed_model_or_path_is_one_line_not_a_traceback(tmp_path, case, fragment):
+    model = builders.mlp_gemm()
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 2)
+    if case == "short raw_data":
+        weight.raw_data = weight.raw_data[:-1]
+    elif case == "huge dims":
+        weight.dims[0] = 2 ** 40
+    elif case == "no data type":
+        weight.data_type = 0
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    data = model.SerializeToString()
+    if case == "not utf-8":
+        model.producer_name = "PRODUCER"
+        data = model.SerializeToString().replace(b"PRODUCER", b"PR\xe9DUCER")
+    path.write_bytes(data)
+    if case == "link loop":
+        path.unlink()
+        path.symlink_to(path)
+    if case == "long output name":
+        out = tmp_path / ("x" * 300 + ".onnx")
+    assert_one_line_error(run(str(path), "-s", "0.5", "-o", str(out)), fragment)
+    assert not any(p.name.startswith(("out", ".onnxprune")) for p in tmp_path.iterdir())
