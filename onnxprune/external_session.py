@@ -21,24 +21,25 @@ import onnxruntime as ort
 
 from .errors import OnnxPruneError
 from .modelio import (PROTOBUF_LIMIT, is_external, iter_graphs, iter_tensors, make_inline, refer_to,
-                      tensor_to_array)
+                      tensor_nbytes, tensor_to_array)
 from .runtime import make_session
 
 # older onnxruntime lacks it: the model is then written to a temporary folder
 _IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")
 
 
-def session_for(model: onnx.ModelProto, device: str = "auto") -> ort.InferenceSession:
+def session_for(model: onnx.ModelProto, device: str = "auto", light: bool = False) -> ort.InferenceSession:
     """A session over a ModelProto however its tensors are held: external ones read where they
     are, inline ones as bytes (a model over protobuf's 2 GB limit through a temporary copy)."""
     if any(is_external(t) for t in iter_tensors(model)):
-        return make_external_session(model, device)
+        return make_external_session(model, device, light)
     if model.ByteSize() > PROTOBUF_LIMIT:
         return _session_from_a_copy(model, device)
-    return make_session(model.SerializeToString(), device)
+    return make_session(model.SerializeToString(), device, light)
 
 
-def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.InferenceSession:
+def make_external_session(model: onnx.ModelProto, device: str = "auto",
+                          light: bool = False) -> ort.InferenceSession:
     """A session over `model` (tensors inline or external with absolute locations)."""
     if not _IN_MEMORY_FILES:
         return _session_from_a_copy(model, device)
@@ -46,7 +47,7 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
     names: dict[str, str] = {}  # data file -> name given to onnxruntime
     changed = []
     try:  # the proto is put back as it was on every way out
-        _inline_subgraph_tensors(model, inlined)
+        _inline_for_onnxruntime(model, inlined)
         for tensor in iter_tensors(model):
             for entry in tensor.external_data:
                 if entry.key == "location":
@@ -73,24 +74,32 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto") -> ort.I
         if names:
             options.add_external_initializers_from_files_in_memory(
                 list(names.values()), maps, [len(m) for m in maps])
-        return make_session(proto, device, options=options)
+        return make_session(proto, device, light, options=options)
     finally:
         for m in maps:
             m.close()
 
 
-def _inline_subgraph_tensors(model: onnx.ModelProto, inlined: list) -> None:
-    """onnxruntime looks for the external data of If / Loop / Scan bodies on disk, never among
-    the in-memory files: their tensors (small, as a rule) go inline until the proto is
-    serialised. Appends (tensor, its external_data entries) to `inlined`, to put back."""
-    for graph in list(iter_graphs(model.graph))[1:]:  # the bodies, not the main graph
-        tensors = [*graph.initializer, *(a.t for node in graph.node for a in node.attribute
-                                         if a.type == onnx.AttributeProto.TENSOR)]
-        for tensor in tensors:
-            if is_external(tensor):
-                raw = np.ascontiguousarray(tensor_to_array(tensor)).tobytes()  # little-endian
-                inlined.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
-                make_inline(tensor, raw)
+# External tensors up to this size go inline: onnxruntime's shape inference reads the shape
+# inputs of Reshape / Expand ... from the proto only (torch's dynamo export saved with
+# size_threshold=0 puts those int64 tensors in the data file too: "Cannot parse data from
+# external tensors").
+SMALL_TENSOR = 64 << 10
+
+
+def _inline_for_onnxruntime(model: onnx.ModelProto, inlined: list) -> None:
+    """The tensors onnxruntime would not find among the in-memory files go inline until the
+    proto is serialised: small ones (see SMALL_TENSOR), and those of If / Loop / Scan bodies,
+    whose external data it looks for on disk (they are small, as a rule). Appends (tensor, its
+    external_data entries) to `inlined`, to put back."""
+    bodies = {id(t) for graph in list(iter_graphs(model.graph))[1:]
+              for t in [*graph.initializer, *(a.t for node in graph.node for a in node.attribute
+                                             if a.type == onnx.AttributeProto.TENSOR)]}
+    for tensor in iter_tensors(model, sparse=False):
+        if is_external(tensor) and (id(tensor) in bodies or tensor_nbytes(tensor) <= SMALL_TENSOR):
+            raw = np.ascontiguousarray(tensor_to_array(tensor)).tobytes()  # little-endian
+            inlined.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
+            make_inline(tensor, raw)
 
 
 def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:

@@ -55,7 +55,21 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto", light: 
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types; keep one line
+        if not isinstance(model, bytes) and _EXTERNAL_SHAPES in str(e):
+            return _with_small_tensors_inline(model, device, light)
         raise OnnxPruneError(f"onnxruntime cannot load the model: {load_error(e)}") from None
+
+
+# onnxruntime's shape inference reads Reshape's shape (and the like) from the proto only: a model
+# saved with every tensor external (onnx.save(..., size_threshold=0)) does not load by path
+_EXTERNAL_SHAPES = "Cannot parse data from external tensors"
+
+
+def _with_small_tensors_inline(path, device: str, light: bool) -> ort.InferenceSession:
+    from .external_session import session_for  # (it builds on this module)
+    from .modelio import load_model
+
+    return session_for(load_model(path).model, device, light=light)
 
 
 _IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
