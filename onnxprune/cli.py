@@ -18,7 +18,7 @@ from .modelio import check_model_file
 from .writer import output_files
 from .runtime import DEVICES
 from .options import ALLOCATIONS, METHODS, MT_VARIANTS, STORAGES
-from .prune import default_output, level_output, prune
+from .prune import default_output, level_outputs, prune
 
 MAIN_HELP = """Prune the weights of an ONNX model.
 
@@ -226,7 +226,7 @@ def prune_command(model, sparsity_text, method, output, min_keep, mt_variant, in
             from .plot import check_plotting
             check_plotting()  # before the work, not after it
         output = output or default_output(model)
-        outputs = [level_output(output, s) for s in levels] if len(levels) > 1 else [output]
+        outputs = level_outputs(output, levels) if len(levels) > 1 else [output]
         _check_side_outputs(report_path, plot_path, model, outputs)
         stamps = {out: _stamp(out) for out in outputs}
         results = prune(model, levels if len(levels) > 1 else levels[0], method=method,

@@ -64,7 +64,17 @@ def load_samples(
         if key in samples:
             raise OnnxPruneError(f"array '{key}' is given both as {key}.npy and inside .npz files")
         samples[key] = arr
+    missing = sorted(set(names or ()) - set(samples))
+    if missing:  # named here, with what the data does hold (those arrays were not read)
+        held = stems | {key for f in npz for key in _member_names(f)}
+        raise OnnxPruneError(f"data has no array for model input(s) {', '.join(map(repr, missing))} "
+                             f"(arrays found: {', '.join(sorted(held)) or 'none'})")
     return samples
+
+
+def _member_names(path: Path) -> list[str]:
+    with _open_npz(path) as z:
+        return list(_npz_members(z))
 
 
 def check_against_model(

@@ -124,12 +124,15 @@ class Skipped:
 def name_patterns(patterns: str | Sequence[str] | None, option: str) -> list[re.Pattern]:
     """--include / --exclude, given once or several times (any of them matches); empty
     patterns are none (a script's empty "$VAR" must not match every tensor)."""
-    if patterns is None or isinstance(patterns, str):
+    if patterns is None or isinstance(patterns, (str, re.Pattern)):
         patterns = [patterns]
-    elif not isinstance(patterns, (list, tuple)):
+    elif not isinstance(patterns, (list, tuple, set, frozenset)):
         raise OnnxPruneError(f"--{option} must be a regular expression or a list of them, got {patterns!r}")
     compiled = []
     for pattern in filter(None, patterns):
+        if isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, str):
+            compiled.append(pattern)
+            continue
         if not isinstance(pattern, str):
             raise OnnxPruneError(f"--{option} must be a regular expression (a string), got {pattern!r}")
         try:
@@ -246,7 +249,7 @@ class _Finder:
                         local[node.output[0]] = attr.t
         scope = outer.new_child(local)
         producers = {o: n for n in graph.node for o in n.output}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
+        consumers = _Consumers(o.name for o in graph.output)
         for node in graph.node:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
@@ -431,20 +434,28 @@ def _added_constant(node, scope, producers, consumers):
 
 
 def _per_channel(dims, layer) -> bool:
-    """A constant a Conv's output (N, C, ...) adds per channel: (1, C, 1, ...) or (C, 1, ...)
-    (paddle2onnx writes the bias so). A (C,) would broadcast along the last axis instead."""
+    """A constant a Conv's output (N, C, ...) adds per channel: (1, C, 1, ...), as paddle2onnx
+    writes it (solve.bias_blocks takes that form; a (C,) would add along the last axis)."""
     operand = layer.index.shape if layer.index is not None else layer.shape
     rank, groups = len(operand), int(layer.attrs.get("group", 1))
     channels = operand[0] if layer.op == "Conv" else operand[1] * groups
     padded = [1] * (rank - len(dims)) + [int(d) for d in dims]
-    return len(dims) <= rank and padded[1] == channels and sum(padded) == channels + rank - 1
+    return len(dims) == rank and padded[1] == channels and sum(padded) == channels + rank - 1
 
 
-def _elementwise_users(name, consumers) -> list:
+class _Consumers(dict):
+    """{value name: the nodes that use it}, and the names of the graph's outputs."""
+
+    def __init__(self, graph_outputs):
+        super().__init__()
+        self.graph_outputs = set(graph_outputs)
+
+
+def _elementwise_users(name, consumers: _Consumers) -> list:
     """The nodes a value reaches through ops that commute with an elementwise ReLU (Identity,
-    Transpose, Reshape ...: paddle2onnx puts an Identity before each Relu); None for a pass-through
-    whose result is used by no node (a graph output)."""
-    users = []
+    Transpose, Reshape ...: paddle2onnx puts an Identity before each Relu); None where it is a
+    graph output, or a pass-through's result that no node uses."""
+    users = [None] if name in consumers.graph_outputs else []
     for user in consumers.get(name, []):
         if user.op_type in PASS_THROUGH and user.input[0] == name:
             users += _elementwise_users(user.output[0], consumers) or [None]

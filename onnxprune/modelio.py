@@ -273,7 +273,10 @@ def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load
     location = info.get("location", "")
     try:
         file = (base / location).resolve()
-        outside = os.path.isabs(location) or not file.is_relative_to(base.resolve())
+        # inside the model's folder, or the real folder of a linked model file (the Hugging Face
+        # cache links model.onnx and its data into blobs/): what onnxruntime accepts
+        outside = os.path.isabs(location) or not any(
+            file.is_relative_to(folder) for folder in (base.resolve(), model_path.resolve().parent))
         offset, length = int(info.get("offset", 0)), int(info.get("length", tensor_nbytes(tensor)))
     except (ValueError, TypeError, OSError, RuntimeError):  # a NUL byte, a link loop, offset 'abc'
         raise OnnxPruneError(f"{model_path}: tensor '{tensor.name}' has an invalid external data "
@@ -282,8 +285,8 @@ def _check_external(tensor: onnx.TensorProto, base: Path, model_path: Path, load
     if outside:  # a model must not make onnxprune read (and copy out) any file it can reach
         raise OnnxPruneError(
             f"{model_path}: tensor '{tensor.name}' keeps its data in '{location}', outside the "
-            "model's folder (an absolute path, '..' or a link out of it): refused, as onnx and "
-            "onnxruntime refuse it")
+            "model's folder (an absolute path, '..' or a link out of it): refused, as onnxruntime "
+            "refuses it")
     if not location or not file.is_file():
         raise OnnxPruneError(
             f"{model_path}: external data file '{location}' for tensor '{tensor.name}' is missing "

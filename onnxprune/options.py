@@ -1,6 +1,8 @@
 """The options of a run, checked before any work: one clear line for each mistake."""
 from __future__ import annotations
 
+import decimal
+import numbers
 import os
 from collections.abc import Mapping
 
@@ -24,18 +26,20 @@ NO_LIMIT = ("calib_samples", "max_positions")  # the counts that None leaves unl
 
 def sparsity_levels(sparsity) -> tuple[list[float], bool]:
     """(the levels, whether a trail was asked for): a number, or a list / tuple / 1-D array."""
-    if isinstance(sparsity, np.ndarray) and sparsity.ndim == 0:
-        levels, trail = [sparsity[()]], False
-    elif np.ndim(sparsity) == 0 and not isinstance(sparsity, (set, frozenset, dict)):
-        levels, trail = [sparsity], False
-    elif isinstance(sparsity, (list, tuple, np.ndarray)) and np.ndim(sparsity) == 1:
+    if isinstance(sparsity, np.ndarray):
+        levels, trail = ([sparsity[()]], False) if sparsity.ndim == 0 else (list(sparsity.reshape(-1)), True)
+        if sparsity.ndim > 1:
+            raise OnnxPruneError(f"sparsity must be a number or a list of numbers, got {sparsity!r}")
+    elif isinstance(sparsity, (list, tuple)):
         levels, trail = list(sparsity), True
-    else:
+    elif isinstance(sparsity, (str, bytes)) or not (np.isscalar(sparsity) or sparsity is None):
         raise OnnxPruneError(f"sparsity must be a number or a list of numbers, got {sparsity!r}")
+    else:
+        levels, trail = [sparsity], False
     if not levels:
         raise OnnxPruneError("no sparsity given")
     for s in levels:
-        if not isinstance(s, (int, float, np.integer, np.floating)) or isinstance(s, (bool, np.bool_)):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (numbers.Real, decimal.Decimal)):
             raise OnnxPruneError(f"sparsity must be a number in [0, 1), got {s!r}")
     return [magnitude.check_sparsity(s) for s in levels], trail
 

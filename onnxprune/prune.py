@@ -39,9 +39,14 @@ def default_output(path: str | os.PathLike) -> Path:
     return _with_suffix(Path(path), ".pruned")
 
 
-def level_output(output: str | os.PathLike, sparsity: float) -> Path:
-    """out.onnx -> out.s0.9.onnx: one file per level of a trail."""
-    return _with_suffix(Path(output), f".s{np.format_float_positional(sparsity, trim='-')}")
+def level_outputs(output: str | os.PathLike, levels: Sequence[float]) -> list[Path]:
+    """out.onnx -> out.s0.9.onnx ...: one file per level of a trail, each level written with as
+    few digits as keep the names apart (6 at least: a float32 0.9 stays 0.9)."""
+    for digits in range(6, 18):
+        names = [f"{float(s):.{digits}g}" for s in levels]
+        if len(set(names)) == len(names):
+            break
+    return [_with_suffix(Path(output), f".s{name}") for name in names]
 
 
 def _with_suffix(path: Path, suffix: str) -> Path:
@@ -193,7 +198,7 @@ def _plan_outputs(model, output, levels, trail, force) -> list[Path | None]:
     """Each level's output file (None: in memory), checked before the work, not after it."""
     if output is None:
         return [None] * len(levels)
-    outputs = [level_output(output, s) if trail else Path(output) for s in levels]
+    outputs = level_outputs(output, levels) if trail else [Path(output)]
     inputs = (model,) if isinstance(model, (str, os.PathLike)) else ()
     for out in outputs:
         writer.check_targets(writer.output_files(out, False), force, protect=inputs)

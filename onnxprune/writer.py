@@ -150,13 +150,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             stage.finish(model, tmp / path.name)
         else:
             write_streamed(model, tmp / path.name, replacements)
+        stale = []  # every tensor went inline (stored sparse): no empty data file, and no old one
         if len(targets) > 1 and (tmp / targets[1].name).stat().st_size == 0:
-            targets = targets[:1]  # every tensor went inline (stored sparse): no empty data file
+            targets, stale = targets[:1], [t for t in targets[1:] if os.path.lexists(t)]
         if check is not None:
             check(tmp / path.name)
         with _signals_deferred():  # Ctrl-C between the renames would leave a mismatched pair
             for target in reversed(targets):  # the model file appears last
                 os.replace(tmp / target.name, target)
+            for old in stale:  # (force: check_targets refused it otherwise)
+                os.unlink(old)
         if stage is not None:
             stage.settle(model, targets[-1])
     except OSError as e:

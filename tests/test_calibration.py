@@ -390,3 +390,9 @@ def test_a_layer_fitted_to_few_calibration_rows_gets_a_note():
     assert any("few calibration rows" in n and "fc.weight (1 for 512 inputs)" in n for n in one.report.notes)
     enough = prune(model, 0.8, method="dc", calib={"input": x[:64]}, verify=False)
     assert not any("few calibration rows" in n for n in enough.report.notes)
+
+
+def test_a_misnamed_array_in_a_file_is_named_though_it_is_not_read(tmp_path):
+    np.savez(tmp_path / "d.npz", inptu=cnn_data(4)["input"])
+    with pytest.raises(OnnxPruneError, match=r"no array for model input\(s\) 'input' \(arrays found: inptu\)"):
+        load_calibration(tmp_path / "d.npz", builders.cnn_with_batchnorm(), None)

@@ -436,6 +436,11 @@ def test_a_conv_bias_added_after_the_conv_and_a_relu_behind_identity_are_found()
                   {**tensors, "b": rng.standard_normal(4).astype(np.float32)})
     (layer,), _ = find_layers(wide)
     assert layer.bias is None and not layer.relu
+    # the value before the ReLU is also a model output: DC must fit it, not only relu(z)
+    exposed = _model(nodes, [_value("x", ["N", 2, 5, 5])], [_value("y", ["N", 4, 5, 5]), _value("i", ["N", 4, 5, 5])],
+                     tensors)
+    (layer,), _ = find_layers(exposed)
+    assert layer.bias is not None and not layer.relu
 
 
 def test_a_kernel_flipped_by_a_slice_is_calibrated_like_the_flipped_initializer():

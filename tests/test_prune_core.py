@@ -291,8 +291,17 @@ def test_library_arguments_are_checked_before_any_work(kwargs, message):
 
 
 def test_a_zero_dimensional_array_is_one_sparsity_level():
-    result = prune(builders.mlp_matmul(), np.array(0.5), verify=False)
-    assert not isinstance(result, list) and result.report.target_sparsity == 0.5
+    from decimal import Decimal
+    from fractions import Fraction
+
+    for level in (np.array(0.5), np.float32(0.5), Decimal("0.5"), Fraction(1, 2)):
+        result = prune(builders.mlp_matmul(), level, verify=False)
+        assert not isinstance(result, list) and result.report.target_sparsity == 0.5
+    with pytest.raises(OnnxPruneError, match="must be a number"):
+        prune(builders.mlp_matmul(), [0.5, [0.6]])  # not a ValueError from numpy
+    import re
+    kept = prune(builders.mlp_matmul(), 0.5, exclude=[re.compile("_13$")], verify=False)  # compiled
+    assert [row.name for row in kept.report.layers] == ["onnx::MatMul_12"]
 
 
 def test_trail_results_hold_their_own_level(tmp_path):
@@ -327,6 +336,9 @@ def test_trail_file_names_keep_every_digit_of_the_level(tmp_path):
     written = prune(builders.mlp_gemm(), [0.5, 0.5000001], method="global", output=tmp_path / "o.onnx")
     assert [r.report.output_files[0] for r in written] == [str(tmp_path / "o.s0.5.onnx"),
                                                            str(tmp_path / "o.s0.5000001.onnx")]
+    from onnxprune.prune import level_outputs
+    assert [p.name for p in level_outputs("o.onnx", np.array([0.5, 0.9], np.float32))] == ["o.s0.5.onnx", "o.s0.9.onnx"]
+    assert [p.name for p in level_outputs("o.onnx", np.arange(0.5, 0.95, 0.1))][-2:] == ["o.s0.8.onnx", "o.s0.9.onnx"]
 
 
 def _classifier_with_non_tensor_outputs() -> onnx.ModelProto:

@@ -250,9 +250,10 @@ def test_a_full_disk_while_streaming_is_one_clear_error_and_leaves_nothing(tmp_p
 
 def test_sparse_storage_that_empties_the_data_file_writes_none(tmp_path):
     src = save_external(stack(), tmp_path / "in.onnx")
-    got = prune(str(src), 0.9, output=tmp_path / "out.onnx", storage_format="sparse", include="^b")
+    prune(str(src), 0.9, output=tmp_path / "out.onnx")  # an earlier run's data file
+    got = prune(str(src), 0.9, output=tmp_path / "out.onnx", storage_format="sparse", include="^b", force=True)
     assert got.report.output_files == [str(tmp_path / "out.onnx")]
-    assert not (tmp_path / "out.onnx.data").exists()
+    assert not (tmp_path / "out.onnx.data").exists()  # not left beside it, unreferenced
 
 
 def test_a_model_with_every_tensor_external_shape_inputs_too_calibrates_and_verifies(tmp_path):
@@ -271,6 +272,18 @@ def test_a_model_with_every_tensor_external_shape_inputs_too_calibrates_and_veri
     assert got.report.verification and got.report.verification.get("provider") == "CPU"
     want = prune(model, 0.5, method="dc", calib="random")
     assert_bitwise_equal(tensors(tmp_path / "out.onnx")[0]["w"], numpy_helper.to_array(want.model.graph.initializer[0]))
+
+
+def test_a_model_in_the_hugging_face_cache_layout_loads(tmp_path):
+    # snapshots/rev/model.onnx and its data are both links into blobs/: onnxruntime accepts it
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    save_external(stack(), blobs / "model.onnx", location="model.onnx_data")
+    (snap / "model.onnx").symlink_to(blobs / "model.onnx")
+    (snap / "model.onnx_data").symlink_to(blobs / "model.onnx_data")
+    got = prune(str(snap / "model.onnx"), 0.5, output=tmp_path / "out.onnx")
+    assert got.report.zeros > 0 and (tmp_path / "out.onnx.data").exists()
 
 
 def test_peak_memory_is_the_largest_tensor_not_the_model(tmp_path):
