@@ -46,6 +46,7 @@ def load_samples(
     no memory however large it unpacks.
     """
     files = _data_files(str(path_or_glob))
+    names = None if names is None else list(names)  # an iterator would be used up below
     wanted = None if names is None else {*names, LABELS_KEY}
     npy = [f for f in files if f.suffix == ".npy"]
     npz = [f for f in files if f.suffix == ".npz"]
@@ -67,9 +68,17 @@ def load_samples(
     missing = sorted(set(names or ()) - set(samples))
     if missing:  # named here, with what the data does hold (those arrays were not read)
         held = stems | {key for f in npz for key in _member_names(f)}
-        raise OnnxPruneError(f"data has no array for model input(s) {', '.join(map(repr, missing))} "
-                             f"(arrays found: {', '.join(sorted(held)) or 'none'})")
+        raise MissingArrays(f"data has no array for model input(s) {', '.join(map(repr, missing))} "
+                            f"(arrays found: {', '.join(sorted(held)) or 'none'})", missing)
     return samples
+
+
+class MissingArrays(OnnxPruneError):
+    """Data without arrays a model takes; `missing` names them (eval says which model's)."""
+
+    def __init__(self, message: str, missing: list[str]):
+        super().__init__(message)
+        self.missing = missing
 
 
 def _member_names(path: Path) -> list[str]:

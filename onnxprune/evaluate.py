@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from onnxprune.data import (
     LABELS_KEY,
+    MissingArrays,
     batch_rows,
     check_against_model,
     check_count,
@@ -84,7 +85,12 @@ def evaluate(
     if reference is not None:
         ref = _Model.open(reference, device, output, "reference model")
     wanted = [name for m in (measured, ref) if m is not None for name, _, _ in m.inputs]
-    raw, _ = read_samples(data, names=wanted)  # only the arrays the models take are read
+    try:
+        raw, _ = read_samples(data, names=wanted)  # only the arrays the models take are read
+    except MissingArrays as e:
+        if ref is not None and not set(e.missing) & {name for name, _, _ in measured.inputs}:
+            raise OnnxPruneError(f"reference model: {e}") from None
+        raise
     for m in (measured, ref):
         if m is not None:
             m.take(raw)

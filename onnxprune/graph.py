@@ -253,6 +253,7 @@ class _Finder:
         for node in graph.node:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
+            consumers.used_in_subgraphs |= _outer_names(node)
 
         for node in graph.node:
             if node.op_type == "Constant":
@@ -426,7 +427,7 @@ def _einsum_weight(node, slot) -> str | None:
 def _added_constant(node, scope, producers, consumers):
     """(the Add, the constant it adds) when a node's only consumer adds a constant to it."""
     users = consumers.get(node.output[0], [])
-    if len(users) != 1 or users[0].op_type != "Add":
+    if len(users) != 1 or users[0].op_type != "Add" or consumers.used_otherwise(node.output[0]):
         return None, None
     add = users[0]
     other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
@@ -444,18 +445,35 @@ def _per_channel(dims, layer) -> bool:
 
 
 class _Consumers(dict):
-    """{value name: the nodes that use it}, and the names of the graph's outputs."""
+    """{value name: the nodes that use it}; and the values used otherwise: as the graph's
+    outputs, or inside the subgraphs of its nodes (If / Loop bodies read outer values)."""
 
     def __init__(self, graph_outputs):
         super().__init__()
         self.graph_outputs = set(graph_outputs)
+        self.used_in_subgraphs: set[str] = set()
+
+    def used_otherwise(self, name: str) -> bool:
+        return name in self.graph_outputs or name in self.used_in_subgraphs
+
+
+def _outer_names(node) -> set[str]:
+    """The values of the graphs around `node` that its subgraphs (at any depth) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            defined = ({i.name for i in body.input} | {t.name for t in body.initializer}
+                       | {o for n in body.node for o in n.output})
+            used = {i for n in body.node for i in n.input if i}.union(*map(_outer_names, body.node))
+            names |= used - defined
+    return names
 
 
 def _elementwise_users(name, consumers: _Consumers) -> list:
     """The nodes a value reaches through ops that commute with an elementwise ReLU (Identity,
     Transpose, Reshape ...: paddle2onnx puts an Identity before each Relu); None where it is a
     graph output, or a pass-through's result that no node uses."""
-    users = [None] if name in consumers.graph_outputs else []
+    users = [None] if consumers.used_otherwise(name) else []
     for user in consumers.get(name, []):
         if user.op_type in PASS_THROUGH and user.input[0] == name:
             users += _elementwise_users(user.output[0], consumers) or [None]

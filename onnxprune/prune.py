@@ -40,13 +40,18 @@ def default_output(path: str | os.PathLike) -> Path:
 
 
 def level_outputs(output: str | os.PathLike, levels: Sequence[float]) -> list[Path]:
-    """out.onnx -> out.s0.9.onnx ...: one file per level of a trail, each level written with as
-    few digits as keep the names apart (6 at least: a float32 0.9 stays 0.9)."""
-    for digits in range(6, 18):
-        names = [f"{float(s):.{digits}g}" for s in levels]
-        if len(set(names)) == len(names):
-            break
+    """out.onnx -> out.s0.9.onnx ...: one file per level of a trail, each level in its shortest
+    exact text (a float32 level at float32 precision: 0.9, not 0.8999999761581421)."""
+    names = [_level_text(s) for s in levels]
+    if len(set(names)) < len(names):  # float32 0.9 and float64 0.9 together: every digit
+        names = [np.format_float_positional(float(s), trim="-") for s in levels]
     return [_with_suffix(Path(output), f".s{name}") for name in names]
+
+
+def _level_text(level: float) -> str:
+    single = np.float32(level)
+    exact32 = float(single) == float(level)
+    return np.format_float_positional(single if exact32 else float(level), trim="-")
 
 
 def _with_suffix(path: Path, suffix: str) -> Path:

@@ -154,6 +154,15 @@ def test_data_as_batches_or_a_reader_gives_the_same_metrics(tmp_path):
         evaluate(None, {"x": X}, progress=False)
     with pytest.raises(OnnxPruneError, match="reference model must be a path"):
         evaluate(model, {"x": X}, reference=3, progress=False)
+    np.savez(tmp_path / "d.npz", x=X)  # the reference's input z is missing from a file: say whose
+    other = tmp_path / "ref.onnx"
+    renamed = onnx.load(reference)
+    renamed.graph.input[0].name = "z"
+    for n in renamed.graph.node:
+        n.input[:] = ["z" if i == "x" else i for i in n.input]
+    onnx.save(renamed, other)
+    with pytest.raises(OnnxPruneError, match="^reference model: data has no array for model input\\(s\\) 'z'"):
+        evaluate(model, str(tmp_path / "d.npz"), reference=str(other), progress=False)
 
 
 def test_unreadable_model_is_an_error(tmp_path):

@@ -502,3 +502,18 @@ def test_an_einsum_that_is_a_matrix_product_is_pruned_as_its_matmul(equation, tr
         np.testing.assert_allclose(got.T if transposed else got, _tensor(b.model, "w"), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(_tensor(a.model, "b"), _tensor(b.model, "b"), rtol=1e-5, atol=1e-6)
         assert not any("without calibration" in note for note in a.report.notes)
+
+
+def test_a_value_an_if_branch_also_reads_is_not_given_the_relu_objective():
+    # y = x W feeds a Relu and, implicitly, a branch of an If: DC must fit y, not only relu(y)
+    rng = np.random.default_rng(51)
+    branch = lambda name: helper.make_graph([helper.make_node("Neg", ["y"], [name])], name, [],  # noqa: E731
+                                            [_value(name, ["N", 4])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["r"]),
+             helper.make_node("If", ["c"], ["b"], then_branch=branch("t"), else_branch=branch("e"))]
+    graph = helper.make_graph(nodes, "g", [_value("x", ["N", 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [_value("r", ["N", 4]), _value("b", ["N", 4])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+    (layer,), _ = find_layers(model)
+    assert not layer.relu

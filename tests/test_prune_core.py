@@ -299,6 +299,8 @@ def test_a_zero_dimensional_array_is_one_sparsity_level():
         assert not isinstance(result, list) and result.report.target_sparsity == 0.5
     with pytest.raises(OnnxPruneError, match="must be a number"):
         prune(builders.mlp_matmul(), [0.5, [0.6]])  # not a ValueError from numpy
+    with pytest.raises(OnnxPruneError, match="must be a number"):
+        prune(builders.mlp_matmul(), Fraction(10 ** 400, 3))  # not an OverflowError
     import re
     kept = prune(builders.mlp_matmul(), 0.5, exclude=[re.compile("_13$")], verify=False)  # compiled
     assert [row.name for row in kept.report.layers] == ["onnx::MatMul_12"]
@@ -338,7 +340,8 @@ def test_trail_file_names_keep_every_digit_of_the_level(tmp_path):
                                                            str(tmp_path / "o.s0.5000001.onnx")]
     from onnxprune.prune import level_outputs
     assert [p.name for p in level_outputs("o.onnx", np.array([0.5, 0.9], np.float32))] == ["o.s0.5.onnx", "o.s0.9.onnx"]
-    assert [p.name for p in level_outputs("o.onnx", np.arange(0.5, 0.95, 0.1))][-2:] == ["o.s0.8.onnx", "o.s0.9.onnx"]
+    assert [p.name for p in level_outputs("o.onnx", [0.1234567, 0.3, 0.1 + 0.2])] == [
+        "o.s0.1234567.onnx", "o.s0.3.onnx", "o.s0.30000000000000004.onnx"]  # each level exactly
 
 
 def _classifier_with_non_tensor_outputs() -> onnx.ModelProto:

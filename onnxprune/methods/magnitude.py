@@ -28,7 +28,7 @@ def check_sparsity(sparsity: float) -> float:
     """Return `sparsity` as a float if it lies in [0, 1); raise OnnxPruneError otherwise."""
     try:
         s = float(sparsity)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise OnnxPruneError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
     if not 0.0 <= s < 1.0:
         raise OnnxPruneError(f"sparsity must be in [0, 1), got {sparsity!r}")
