@@ -2,8 +2,8 @@
 
 A weight is a constant float tensor (an initializer or a Constant node's value, in the main
 graph or any subgraph) that reaches the weight operand of Conv, ConvTranspose, Gemm or MatMul,
-directly or through Transpose / Reshape / Identity / Cast / Squeeze / Unsqueeze. Such a chain is
-recorded as an index map, so the operand the node sees is `stored.flat[index]`.
+directly or through Transpose / Reshape / Identity / Cast / Squeeze / Unsqueeze / Slice. Such a chain is
+recorded as an index map (operand.py), so the operand the node sees is `stored.flat[index]`.
 """
 from __future__ import annotations
 
@@ -17,16 +17,13 @@ import onnx
 from onnx import helper
 
 from .errors import OnnxPruneError
-from .modelio import body_label, node_label, tensor_key, tensor_to_array
+from .modelio import body_label, node_label, tensor_key
+from .operand import SLICING, attr_value, einsum_weight, operand_view
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
 # Float matrices used by these are masks, position tables, offsets: no weight to name as skipped
 NOT_WEIGHT_USES = ("Add", "Sub", "Where", "Expand", "Equal", "Less", "Greater", "Max", "Min")
-# A weight cut into parts before its layers (torch's dynamo export splits a cross-attention
-# in_proj_weight into q, k, v): traced as a weight, but one layer per tensor cannot describe
-# the parts' layouts, so it is pruned by magnitude, without calibration statistics.
-SLICING = ("Split", "Slice", "SplitToSequence", "SequenceAt")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # their W and R: skipped by default, named in the report
 # integer layers and the inputs that hold their (constant) weights
 QUANTIZED_WEIGHT_SLOTS = {"ConvInteger": (1,), "MatMulInteger": (0, 1), "QLinearConv": (3,),
@@ -376,10 +373,10 @@ class _Finder:
         layer.role, layer.op, layer.node = role, node.op_type, node_label(node)
         if role != "weight":
             return
-        layer.attrs = {a.name: _attr_value(a) for a in node.attribute}
-        einsum = _einsum_weight(node, slot) if node.op_type == "Einsum" else None
+        layer.attrs = {a.name: attr_value(a) for a in node.attribute}
+        einsum = einsum_weight(node, slot) if node.op_type == "Einsum" else None
         layer.weight_side = "left" if slot == 0 and not einsum else "right"
-        layer.index, layer.layout_unknown = _operand_view(layer.shape, chain, scope)
+        layer.index, layer.layout_unknown = operand_view(layer.shape, chain, scope)
         if einsum == "oi" and layer.layout_known:  # the node multiplies by the transpose
             flat = np.arange(layer.size, dtype=np.int64).reshape(layer.shape)
             layer.index = (flat if layer.index is None else layer.index).T
@@ -403,25 +400,6 @@ class _Finder:
         layer.relu = bool(users) and all(u is not None and u.op_type == "Relu" for u in users)
         if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
-
-
-def _einsum_weight(node, slot) -> str | None:
-    """'io' or 'oi' when an Einsum multiplies data by the 2-D weight at `slot` as a MatMul would
-    (flax's nn.Einsum 'bti,io->bto'; 'oi': by its transpose); None for any other equation."""
-    equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
-    operands, _, out = equation.partition("->")
-    operands = operands.split(",")
-    if len(node.input) != 2 or not out or len(operands) != 2:
-        return None
-    w, x = operands[slot], operands[1 - slot]
-    if len(w) != 2 or len(set(w)) != 2 or not w.isalpha():
-        return None
-    for c, o in ((w[0], w[1]), (w[1], w[0])):  # c contracted, o the output feature
-        lead = x[:-1]
-        if (x.endswith(c) and out == lead + o and c not in lead and o not in lead
-                and len(set(lead.replace(".", ""))) == len(lead.replace(".", ""))):
-            return "io" if c == w[0] else "oi"
-    return None
 
 
 def _added_constant(node, scope, producers, consumers):
@@ -509,7 +487,7 @@ def _role(node, slot, scope, producers) -> str | None:
     if op == "Gather":
         return "embedding" if slot == 0 else None
     if op == "Einsum":
-        return "weight" if _einsum_weight(node, slot) else "other"
+        return "weight" if einsum_weight(node, slot) else "other"
     if op in QUANTIZED_WEIGHT_SLOTS:
         return "quantized" if slot in QUANTIZED_WEIGHT_SLOTS[op] else None
     if op in RECURRENT_OPS:
@@ -539,71 +517,3 @@ def _trace_const(name, scope, producers) -> bool:
 def _constant(name, scope, producers):
     """The constant behind value-preserving ops only (a bias must keep its layout)."""
     return _walk_back(name, scope, producers, ("Identity", "Cast"))[0]
-
-
-def _attr_value(attr):
-    value = helper.get_attribute_value(attr)
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list):
-        return list(value)
-    return value
-
-
-def _slice_key(node, attrs, scope, rank) -> tuple[slice, ...]:
-    """A Slice node's bounds as numpy slices (ONNX clamps them as Python does)."""
-    def values(i):
-        has = len(node.input) > i and node.input[i]
-        return [int(v) for v in tensor_to_array(scope[node.input[i]]).reshape(-1)] if has else None
-    if len(node.input) > 1:  # opset 10 and later: bounds are inputs
-        starts, ends, axes, steps = values(1), values(2), values(3), values(4)
-    else:
-        starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs.get("axes"), None
-    key = [slice(None)] * rank
-    for axis, start, end, step in zip(axes or range(len(starts)), starts, ends, steps or [1] * len(starts)):
-        key[axis % rank] = slice(start, end, step)
-    return tuple(key)
-
-
-def _operand_view(shape, chain, scope) -> tuple[np.ndarray | None, str]:
-    """(the index map of the operand the node sees, "" or why it is not known): a part of the
-    tensor (Split, or a Slice that leaves elements out) or a shape computed at run time."""
-    parts = next((node.op_type for node in chain if node.op_type in SLICING and node.op_type != "Slice"), None)
-    if parts:
-        return None, f"a part of the tensor, through {parts}"
-    try:
-        index = _index_map(shape, chain, scope)
-    except (KeyError, ValueError, IndexError):
-        return None, "its view through " + "/".join(n.op_type for n in reversed(chain)) + " is computed at run time"
-    if index is not None and index.size != int(np.prod(shape, dtype=np.int64)):
-        return None, "a part of the tensor, through Slice"
-    return index, ""
-
-
-def _index_map(shape, chain, scope) -> np.ndarray | None:
-    """Apply the pass-through chain (innermost first) to flat indices of the stored tensor."""
-    if not chain:
-        return None
-    index = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
-    for node in reversed(chain):
-        attrs = {a.name: _attr_value(a) for a in node.attribute}
-        if node.op_type == "Transpose":
-            index = np.transpose(index, attrs.get("perm") or None)
-        elif node.op_type == "Reshape":
-            target = [int(d) for d in tensor_to_array(scope[node.input[1]])]
-            if not attrs.get("allowzero", 0):
-                target = [index.shape[i] if d == 0 else d for i, d in enumerate(target)]
-            index = index.reshape(target)
-        elif node.op_type in ("Squeeze", "Unsqueeze"):
-            axes = attrs.get("axes")
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = [int(a) for a in tensor_to_array(scope[node.input[1]])]
-            if node.op_type == "Squeeze":
-                index = np.squeeze(index, axis=tuple(axes) if axes else None)
-            else:
-                rank = index.ndim + len(axes)
-                for a in sorted(a % rank for a in axes):
-                    index = np.expand_dims(index, a)
-        elif node.op_type == "Slice":  # with constant bounds (a kernel flip: steps -1)
-            index = index[_slice_key(node, attrs, scope, index.ndim)]
-    return index
