@@ -376,10 +376,7 @@ class _Finder:
         layer.attrs = {a.name: attr_value(a) for a in node.attribute}
         einsum = einsum_weight(node, slot) if node.op_type == "Einsum" else None
         layer.weight_side = "left" if slot == 0 and not einsum else "right"
-        layer.index, layer.layout_unknown = operand_view(layer.shape, chain, scope)
-        if einsum == "oi" and layer.layout_known:  # the node multiplies by the transpose
-            flat = np.arange(layer.size, dtype=np.int64).reshape(layer.shape)
-            layer.index = (flat if layer.index is None else layer.index).T
+        layer.index, layer.layout_unknown = operand_view(layer.shape, chain, scope, transpose=einsum == "oi")
         data_slot = 1 if slot == 0 else 0
         layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
         layer.output_name = node.output[0]
@@ -415,11 +412,9 @@ def _added_constant(node, scope, producers, consumers):
 def _per_channel(dims, layer) -> bool:
     """A constant a Conv's output (N, C, ...) adds per channel: (1, C, 1, ...), as paddle2onnx
     writes it (solve.bias_blocks takes that form; a (C,) would add along the last axis)."""
-    operand = layer.index.shape if layer.index is not None else layer.shape
-    rank, groups = len(operand), int(layer.attrs.get("group", 1))
-    channels = operand[0] if layer.op == "Conv" else operand[1] * groups
-    padded = [1] * (rank - len(dims)) + [int(d) for d in dims]
-    return len(dims) == rank and padded[1] == channels and sum(padded) == channels + rank - 1
+    operand, dims = layer.operand_shape, [int(d) for d in dims]
+    channels = operand[0] if layer.op == "Conv" else operand[1] * int(layer.attrs.get("group", 1))
+    return len(dims) == len(operand) and dims[1] == channels and sum(dims) == channels + len(dims) - 1
 
 
 class _Consumers(dict):

@@ -56,9 +56,10 @@ def _slice_key(node, attrs, scope, rank) -> tuple[slice, ...]:
     return tuple(key)
 
 
-def operand_view(shape, chain, scope) -> tuple[np.ndarray | None, str]:
+def operand_view(shape, chain, scope, transpose: bool = False) -> tuple[np.ndarray | None, str]:
     """(the index map of the operand the node sees, "" or why it is not known): a part of the
-    tensor (Split, or a Slice that leaves elements out) or a shape computed at run time."""
+    tensor (Split, or a Slice that leaves elements out) or a shape computed at run time.
+    `transpose`: the node multiplies by the 2-D operand's transpose (an Einsum 'bti,oi->bto')."""
     parts = next((node.op_type for node in chain if node.op_type in SLICING and node.op_type != "Slice"), None)
     if parts:
         return None, f"a part of the tensor, through {parts}"
@@ -68,14 +69,20 @@ def operand_view(shape, chain, scope) -> tuple[np.ndarray | None, str]:
         return None, "its view through " + "/".join(n.op_type for n in reversed(chain)) + " is computed at run time"
     if index is not None and index.size != int(np.prod(shape, dtype=np.int64)):
         return None, "a part of the tensor, through Slice"
+    if transpose:
+        index = (_identity(shape) if index is None else index).T
     return index, ""
+
+
+def _identity(shape) -> np.ndarray:
+    return np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
 
 
 def _index_map(shape, chain, scope) -> np.ndarray | None:
     """Apply the pass-through chain (innermost first) to flat indices of the stored tensor."""
     if not chain:
         return None
-    index = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
+    index = _identity(shape)
     for node in reversed(chain):
         attrs = {a.name: attr_value(a) for a in node.attribute}
         if node.op_type == "Transpose":

@@ -26,16 +26,14 @@ NO_LIMIT = ("calib_samples", "max_positions")  # the counts that None leaves unl
 
 def sparsity_levels(sparsity) -> tuple[list[float], bool]:
     """(the levels, whether a trail was asked for): a number, or a list / tuple / 1-D array."""
-    if isinstance(sparsity, np.ndarray):
-        levels, trail = ([sparsity[()]], False) if sparsity.ndim == 0 else (list(sparsity.reshape(-1)), True)
-        if sparsity.ndim > 1:
-            raise OnnxPruneError(f"sparsity must be a number or a list of numbers, got {sparsity!r}")
+    if isinstance(sparsity, np.ndarray) and sparsity.ndim <= 1:
+        levels, trail = ([sparsity[()]], False) if sparsity.ndim == 0 else (list(sparsity), True)
     elif isinstance(sparsity, (list, tuple)):
         levels, trail = list(sparsity), True
-    elif isinstance(sparsity, (str, bytes)) or not (np.isscalar(sparsity) or sparsity is None):
-        raise OnnxPruneError(f"sparsity must be a number or a list of numbers, got {sparsity!r}")
-    else:
+    elif sparsity is None or np.isscalar(sparsity) and not isinstance(sparsity, (str, bytes)):
         levels, trail = [sparsity], False
+    else:
+        raise OnnxPruneError(f"sparsity must be a number or a list of numbers, got {sparsity!r}")
     if not levels:
         raise OnnxPruneError("no sparsity given")
     for s in levels:
@@ -72,7 +70,6 @@ def check_options(levels, method, storage_format, min_keep, mt_variant, allocati
     if needs and calib is None:
         raise OnnxPruneError(f"{needs} needs calibration data: give --calib data.npz "
                              "(or --calib random to use random inputs, for testing only)")
-    return levels
 
 
 def check_settings(model, output, device, include, exclude, dims, flags: dict, counts: dict) -> None:
