@@ -190,16 +190,23 @@ def _load(source) -> LoadedModel:
     return LoadedModel(model, path, data_files)
 
 
+def external_ref(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
+    """(location, offset, length) of an external tensor, else None."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    return (info.get("location", ""), int(info.get("offset", 0)),
+            int(info.get("length", tensor_nbytes(tensor))))
+
+
 def _inline_overlapping(model: onnx.ModelProto) -> None:
     """Tensors whose bytes overlap in a data file (onnx.load accepts them) are read inline: each
     is pruned and written on its own, never at a place another tensor's bytes share. So are empty
     ones, which onnx.save places at the next tensor's offset."""
-    spans = []
+    spans = []  # (file, first byte, end): the bytes it reads, whatever `length` says
     for tensor in iter_tensors(model, sparse=False):
-        if is_external(tensor):
-            info = {e.key: e.value for e in tensor.external_data}
-            start = int(info.get("offset", 0))
-            spans.append((info["location"], start, start + tensor_nbytes(tensor), tensor))
+        if (ref := external_ref(tensor)) is not None:
+            spans.append((ref[0], ref[1], ref[1] + tensor_nbytes(tensor), tensor))
     for span in [span for span in spans if span[1] == span[2]]:  # empty: the next tensor's offset
         make_inline(span[3], b"")
     spans = sorted((span for span in spans if span[1] < span[2]), key=lambda span: span[:3])
@@ -322,11 +329,8 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 def _to_array(tensor: onnx.TensorProto) -> np.ndarray:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    if is_external(tensor):
-        info = {e.key: e.value for e in tensor.external_data}
-        if os.path.isabs(info.get("location", "")):
-            return mapped.open_tensor(info["location"], int(info.get("offset", 0)), dtype,
-                                      tuple(tensor.dims))
+    if (ref := external_ref(tensor)) is not None and os.path.isabs(ref[0]):
+        return mapped.open_tensor(ref[0], ref[1], dtype, tuple(tensor.dims))
     size = int(np.prod(tensor.dims, dtype=np.int64))
     if dtype.kind in "fiuV" and len(tensor.raw_data) == dtype.itemsize * size > 0:
         return np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<")).reshape(tuple(tensor.dims))

@@ -18,21 +18,12 @@ from pathlib import Path
 import onnx
 
 from .errors import OnnxPruneError
-from .modelio import iter_tensors, make_inline, point, refer_to, tensor_nbytes, write_streamed
+from .modelio import external_ref, iter_tensors, make_inline, point, refer_to, write_streamed
 from .wire import write_all
 
 ALIGN = 64
 INLINE_LIMIT = 1024  # inline tensors of this many bytes or more move to the data file
 COPY_CHUNK = 64 << 20  # buffer of the read/write fallback when copy_file_range cannot be used
-
-
-def external_ref(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
-    """(location, offset, length) of an external tensor, else None."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    info = {e.key: e.value for e in tensor.external_data}
-    return (info.get("location", ""), int(info.get("offset", 0)),
-            int(info.get("length", tensor_nbytes(tensor))))
 
 
 def make_temp_folder(parent: Path) -> Path:
