@@ -68,16 +68,16 @@ def load_samples(
     missing = sorted(set(names or ()) - set(samples))
     if missing:  # named here, with what the data does hold (those arrays were not read)
         held = stems | {key for f in npz for key in _member_names(f)}
-        raise MissingArrays(f"data has no array for model input(s) {', '.join(map(repr, missing))} "
-                            f"(arrays found: {', '.join(sorted(held)) or 'none'})", missing)
+        raise MissingArrays(missing, held)
     return samples
 
 
 class MissingArrays(OnnxPruneError):
     """Data without arrays a model takes; `missing` names them (eval says which model's)."""
 
-    def __init__(self, message: str, missing: list[str]):
-        super().__init__(message)
+    def __init__(self, missing: list[str], found):
+        super().__init__(f"data has no array for model input(s) {', '.join(map(repr, missing))} "
+                         f"(arrays found: {', '.join(sorted(found)) or 'none'})")
         self.missing = missing
 
 
@@ -97,11 +97,7 @@ def check_against_model(
     """
     missing = [name for name, _, _ in inputs if name not in samples]
     if missing:
-        found = ", ".join(sorted(samples)) or "none"
-        raise OnnxPruneError(
-            f"data has no array for model input(s) {', '.join(map(repr, missing))} "
-            f"(arrays found: {found})"
-        )
+        raise MissingArrays(missing, samples)
 
     checked: dict[str, np.ndarray] = {}
     for name, dtype, shape in inputs:
