@@ -17,7 +17,8 @@ import onnx
 from onnx import helper
 
 from .errors import OnnxPruneError
-from .modelio import body_label, node_label, tensor_key
+from .layout import block_shape
+from .modelio import body_label, node_label, tensor_key, tensor_to_array
 from .operand import SLICING, attr_value, einsum_weight, operand_view
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
@@ -39,6 +40,21 @@ NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization",
 
 
 @dataclass
+class NormAfter:
+    """A BatchNormalization (inference form) that alone reads a layer's output: the next node
+    sees scale * y + shift per output channel, so the solvers fit scale * W (and the bias as
+    that channel's offset), what a BN-folded export of the same model would hold."""
+    node: str
+    scale: np.ndarray
+    shift: np.ndarray
+    holds_bias: bool = False  # the layer has no bias: BN's B (`Layer.bias`) is refitted as one
+
+    def same(self, other: "NormAfter | None") -> bool:
+        return (other is not None and np.array_equal(self.scale, other.scale)
+                and np.array_equal(self.shift, other.shift) and self.holds_bias == other.holds_bias)
+
+
+@dataclass
 class Layer:
     """One prunable tensor and the node that defines how its values are used."""
 
@@ -57,6 +73,7 @@ class Layer:
     output_name: str | None = None  # the layer output after any bias Add
     bias: onnx.TensorProto | None = None
     relu: bool = False  # every consumer of the output is a Relu
+    norm: NormAfter | None = None  # a BatchNormalization between the output and its consumers
     bias_scale: float = 1.0  # the bias as the solvers see it (output = X W^T + b): stored * this
     consumers: list[str] = field(default_factory=list)
     # a weight shared by several nodes: the inputs of the others that use it the same way (their
@@ -357,6 +374,7 @@ class _Finder:
         self._fill(use, node, slot, chain, "weight", scope, producers, consumers)
         same = (use.graph == known.graph and use.op == known.op and use.attrs == known.attrs
                 and use.weight_side == known.weight_side and use.bias is known.bias
+                and (use.norm.same(known.norm) if use.norm else known.norm is None)
                 and use.layout_known and known.layout_known
                 and (use.index is None) == (known.index is None)
                 and (use.index is None or np.array_equal(use.index, known.index))
@@ -393,8 +411,11 @@ class _Finder:
                                      else len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
                 # (solve.bias_blocks decides whether a MatMul's is per output: (d_out, 1) on the left)
                 layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
+        _fold_norm(layer, scope, producers, consumers)
         users = _elementwise_users(layer.output_name, consumers)
         layer.relu = bool(users) and all(u is not None and u.op_type == "Relu" for u in users)
+        if layer.norm is not None and layer.bias is None:
+            layer.relu = False  # BN's offset has nowhere to go: DC's ReLU objective would drop it
         if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
 
@@ -407,6 +428,36 @@ def _added_constant(node, scope, producers, consumers):
     add = users[0]
     other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
     return add, _constant(other, scope, producers)
+
+
+def _fold_norm(layer, scope, producers, consumers) -> None:
+    """Record a BatchNormalization (inference form, constant parameters) that alone reads the
+    output of a Conv / ConvTranspose / Gemm as `layer.norm`, and see the layer's output past it.
+    Without a bias of its own, the layer's bias is BN's B."""
+    name = layer.output_name
+    users = consumers.get(name, [])
+    if (layer.layout_op not in ("Conv", "ConvTranspose", "Gemm") or layer.weight_side != "right"
+            or not layer.layout_known or len(users) != 1 or consumers.used_otherwise(name)):
+        return
+    bn = users[0]
+    attrs = {a.name: attr_value(a) for a in bn.attribute}
+    if (bn.op_type != "BatchNormalization" or bn.input[0] != name or len(bn.input) != 5
+            or sum(map(bool, bn.output)) != 1 or attrs.get("training_mode", 0) or not attrs.get("spatial", 1)):
+        return
+    params = [_constant(x, scope, producers) for x in bn.input[1:]]
+    k, d_out, _ = block_shape(layer.operand_shape, layer.layout_op, layer.attrs)
+    if any(p is None or int(np.prod(p.dims)) != k * d_out for p in params) or (
+            layer.bias is not None and int(np.prod(layer.bias.dims)) != k * d_out):
+        return
+    gamma, beta, mean, var = (tensor_to_array(p).astype(np.float64).reshape(-1) for p in params)
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    if not (np.isfinite(scale).all() and np.isfinite(beta - scale * mean).all()):
+        return
+    layer.norm = NormAfter(node_label(bn), scale, beta - scale * mean)
+    layer.output_name = bn.output[0]
+    if layer.bias is None:  # (_unshare_biases keeps it as it is where another node reads it)
+        layer.bias, layer.bias_adders, layer.norm.holds_bias = params[1], [bn], True
 
 
 def _per_channel(dims, layer) -> bool:

@@ -154,7 +154,7 @@ class _Run:
     writer: writer.ModelWriter  # where new values go: the proto, a staged data file, or later
     layers: list[graph.Layer]
     skipped: list[graph.Skipped]
-    biases: dict[str, np.ndarray]  # dense biases by layer key, scaled
+    biases: dict[str, np.ndarray]  # dense biases by layer key, as stored
     method: str
     allocation: str
     refit: bool
@@ -224,13 +224,8 @@ def _load(model, include, exclude, dims):
             "float weights, so prune the model before quantizing it" if quantized else
             "no prunable weights found (Conv, ConvTranspose, Gemm and MatMul with constant float "
             "weights; see --include)" + (f"; left alone: {left}" if skipped else ""))
-    biases = {layer.key: _scaled(modelio.tensor_to_array(layer.bias), layer.bias_scale)
-              for layer in layers if layer.bias is not None}
+    biases = {layer.key: modelio.tensor_to_array(layer.bias) for layer in layers if layer.bias is not None}
     return loaded, layers, skipped, biases
-
-
-def _scaled(array: np.ndarray, scale: float) -> np.ndarray:
-    return array if scale == 1 else array.astype(np.float64) * scale
 
 
 def _calibrate(run: _Run, calib, calib_samples) -> None:
@@ -298,7 +293,7 @@ def _start_level(run: _Run, level: _Level, first: bool) -> None:
         for layer, values in zip(run.layers, run.dense):
             run.writer.write_array(layer.tensor, values)
             if layer.key in run.biases:  # a refitted bias too
-                run.writer.write_array(layer.bias, _scaled(run.biases[layer.key], 1 / layer.bias_scale))
+                run.writer.write_array(layer.bias, run.biases[layer.key])
     # one written level of dense storage: new inline values go from arrays to the file
     run.writer.defer = (level.output is not None and not run.trail and run.storage_format == "dense"
                                and not run.sequential and not run.loaded.external_data)
@@ -336,7 +331,7 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
                              "; ".join(x for x in (note, "bias refitted" if new_bias is not None
                                                    else "", *layer.notes) if x), layer.node))
         if new_bias is not None:
-            run.writer.write_array(layer.bias, _scaled(new_bias, 1 / layer.bias_scale))
+            run.writer.write_array(layer.bias, new_bias)
         if run.detach:
             run.dense[i] = None  # its data now lives in the proto again
     if run.sequential:  # one pass per layer, plus the learned allocation's over the dense model

@@ -58,18 +58,18 @@ def block_keeps(W: np.ndarray, n_keep: int) -> list[int]:
 
 def dc_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
              bias: np.ndarray | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """DC (FeTa) for every block of a layer; returns (new stored weight, new bias or None)."""
+    """DC (FeTa) for every block of a layer; returns (new stored weight, new stored bias or None)."""
     idx = block_index(layer)
     k, d_out, d_in = idx.shape
-    W = stored.reshape(-1)[idx].astype(np.float64)
-    b = bias_blocks(layer, bias, k, d_out)
+    W = solver_blocks(layer, stored, idx).astype(np.float64)
+    b = bias_blocks(layer, solver_bias(layer, bias), k, d_out)
     use_relu = layer.relu and stats.row_cap > 0 and (bias is None or b is not None)
     keeps = block_keeps(W, stored.size - n_zero)
     new_W, new_b = np.empty_like(W), None if b is None else np.empty_like(b, dtype=np.float64)
     # DC's many small products run 5-6x faster on one BLAS thread than with idle threads spinning
     with threadpool_limits(limits=1, user_api="blas"):
         _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed)
-    return _to_stored(stored, idx, new_W), None if new_b is None else new_b.reshape(bias.shape).astype(bias.dtype)
+    return _to_stored(layer, stored, idx, new_W), None if new_b is None else stored_bias(layer, new_b, bias)
 
 
 def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
@@ -89,7 +89,8 @@ def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
 
 def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Least-squares refit of the kept weights so the layer reproduces its DENSE output on the
-    calibration data (the zeros stay zero)."""
+    calibration data (the zeros stay zero). Each output row is fitted on its own, so a folded
+    BN's scale (solver_blocks) would change nothing: the stored weights are refitted."""
     idx = block_index(layer)
     W = dense.reshape(-1)[idx].astype(np.float64)
     keep = pruned.reshape(-1)[idx] != 0
@@ -98,7 +99,7 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
         stats.derived["factor"] = refit.low_rank_factor(stats.gram, rank)
     with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
         new = refit.refit_on_support(W, keep, stats.gram, factor=stats.derived.get("factor"))
-    return _to_stored(pruned, idx, new)
+    return _to_stored(layer, pruned, idx, new, scaled=False)
 
 
 def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
@@ -108,8 +109,8 @@ def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
     or None, whether the learned support won over the dense top-k)."""
     idx = block_index(layer)
     k, d_out, d_in = idx.shape
-    W = stored.reshape(-1)[idx].astype(np.float64)
-    b = bias_blocks(layer, bias, k, d_out)
+    W = solver_blocks(layer, stored, idx).astype(np.float64)
+    b = bias_blocks(layer, solver_bias(layer, bias), k, d_out)
     rank = stats.low_rank(augmented=b is not None)
     # small products run faster on one BLAS thread (see dc_layer), large ones on all
     step_work = k * d_out * d_in * min(d_in, rank or d_in)
@@ -120,8 +121,8 @@ def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
             stats.derived[key] = ltp_weights.derive(gram, rank)
         new, new_b, learned = ltp_weights.ltp_support_weights(
             W, gram, stored.size - n_zero, refit=refitted, bias=b, derived=stats.derived[key])
-    new_bias = None if new_b is None else new_b.reshape(bias.shape).astype(bias.dtype)
-    return _to_stored(stored, idx, new), new_bias, learned
+    new_bias = None if new_b is None else stored_bias(layer, new_b, bias)
+    return _to_stored(layer, stored, idx, new), new_bias, learned
 
 
 def magnitude_layer(stored: np.ndarray, n_zero: int, cut: magnitude.Cut | None = None) -> np.ndarray:
@@ -130,7 +131,60 @@ def magnitude_layer(stored: np.ndarray, n_zero: int, cut: magnitude.Cut | None =
     return magnitude.apply_cut(stored.reshape(-1), cut)[0].reshape(stored.shape)
 
 
-def _to_stored(stored: np.ndarray, idx: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+def _output_scale(layer: Layer, shape) -> np.ndarray | float:
+    """Per block row: what the next node sees of a unit of the layer's output (the scale of a
+    BatchNormalization after it, see graph.NormAfter), as (k, d_out, 1)."""
+    k, d_out, _ = shape
+    return 1.0 if layer.norm is None else layer.norm.scale.reshape(k, d_out, 1)
+
+
+def solver_blocks(layer: Layer, stored: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The weight as (k, d_out, d_in) blocks, as the solvers see it: with a BN's scale folded
+    in (float64), else the stored values."""
+    blocks = stored.reshape(-1)[idx]
+    return blocks if layer.norm is None else blocks.astype(np.float64) * _output_scale(layer, idx.shape)
+
+
+def _bias_map(layer: Layer, bias: np.ndarray) -> tuple:
+    """(mul, add), per output: the bias as the solvers see it is mul * stored + add (`bias`: the
+    dense stored one). A folded BN scales the layer's bias and adds its shift; where BN's B is the
+    bias, the offset it adds is B - scale * mean, `shift` at the dense B."""
+    norm = layer.norm
+    if norm is None:
+        return layer.bias_scale, 0.0
+    if norm.holds_bias:
+        return 1.0, norm.shift - bias.astype(np.float64).reshape(-1)
+    return norm.scale * layer.bias_scale, norm.shift
+
+
+def solver_bias(layer: Layer, bias: np.ndarray | None) -> np.ndarray | None:
+    """The stored bias as the solvers see it (output = X W^T + b), float64, in the stored shape."""
+    if bias is None:
+        return None
+    mul, add = _bias_map(layer, bias)
+    return (mul * bias.astype(np.float64).reshape(-1) + add).reshape(bias.shape)
+
+
+def stored_bias(layer: Layer, solved: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The solvers' bias back in the stored form of the dense `bias` (kept where BN's scale is 0:
+    that channel's output does not depend on it)."""
+    mul, add = _bias_map(layer, bias)
+    mul = np.broadcast_to(mul, (bias.size,))
+    flat = np.asarray(solved, dtype=np.float64).reshape(-1)
+    back = bias.astype(np.float64).reshape(-1).copy()
+    live = mul != 0
+    back[live] = (flat - add)[live] / mul[live] if np.ndim(add) else (flat[live] - add) / mul[live]
+    return back.reshape(bias.shape).astype(bias.dtype)
+
+
+def _to_stored(layer: Layer, stored: np.ndarray, idx: np.ndarray, blocks: np.ndarray,
+               scaled: bool = True) -> np.ndarray:
+    """Blocks back into a copy of `stored`; `scaled`: as the solvers see them (solver_blocks). A
+    channel that BN scales by 0 computes a constant: its weights become zeros."""
+    if scaled and layer.norm is not None:
+        scale = _output_scale(layer, idx.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            blocks = np.where(scale != 0, blocks / np.where(scale != 0, scale, 1.0), 0.0)
     out = np.array(stored, copy=True).reshape(-1)
     out[idx.reshape(-1)] = blocks.reshape(-1).astype(stored.dtype)
     return out.reshape(stored.shape)
@@ -151,7 +205,7 @@ def ltp_allocation(layers: list[Layer], dense: list[np.ndarray], stats: dict[str
     errors summed, the objective let the largest layer lose most of its signal (animal_mlp at
     0.95 with --refit: 20.2 % instead of 67.6 %; README, LTP).
     """
-    weights = [array.reshape(-1)[block_index(layer)] for layer, array in zip(layers, dense)]
+    weights = [solver_blocks(layer, array, block_index(layer)) for layer, array in zip(layers, dense)]
     # one large inverse per layer: all BLAS threads
     obs = {}  # layers with the same inputs share their LayerStats: one inverse for them all
     for layer in layers:

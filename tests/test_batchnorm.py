@@ -1,0 +1,180 @@
+"""A BatchNormalization after a layer (exports that keep it unfused) is folded into the solve:
+DC and LTP give the layer the weights they give the same layer of the BN-folded model."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import prune
+from onnxprune.graph import find_layers
+
+
+def _bn(name, x, y, params):
+    names = [f"{name}.{p}" for p in ("scale", "B", "mean", "var")]
+    return helper.make_node("BatchNormalization", [x, *names], [y], epsilon=1e-3), dict(zip(names, params))
+
+
+def _bn_params(rng, c, zero_scale=False):
+    scale = rng.uniform(0.2, 3.0, c) * rng.choice([-1, 1], c, p=[0.2, 0.8])
+    if zero_scale:
+        scale[0] = 0.0
+    return [a.astype(np.float32) for a in (scale, rng.normal(0, 0.5, c), rng.normal(0, 0.5, c),
+                                           rng.uniform(0.3, 2.0, c))]
+
+
+def _model(nodes, inputs, outputs, tensors):
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(v, k) for k, v in tensors.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _conv_net(rng, conv_bias: bool, zero_scale=False):
+    """Conv -> BN -> Relu -> Conv (2 groups) -> BN -> Relu -> Flatten -> Gemm -> BN -> Relu -> Gemm."""
+    t = {"w1": rng.normal(0, 0.4, (6, 2, 3, 3)), "w2": rng.normal(0, 0.3, (8, 3, 3, 3)),
+         "g1": rng.normal(0, 0.2, (12, 32)), "g2": rng.normal(0, 0.3, (4, 12))}
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    if conv_bias:
+        t.update(b1=rng.normal(0, 0.3, 6).astype(np.float32), b2=rng.normal(0, 0.3, 8).astype(np.float32))
+    bn1, p1 = _bn("bn1", "c1", "n1", _bn_params(rng, 6, zero_scale))
+    bn2, p2 = _bn("bn2", "c2", "n2", _bn_params(rng, 8))
+    bn3, p3 = _bn("bn3", "f1", "n3", _bn_params(rng, 12))
+    nodes = [helper.make_node("Conv", ["x", "w1"] + (["b1"] if conv_bias else []), ["c1"], pads=[1, 1, 1, 1]),
+             bn1, helper.make_node("Relu", ["n1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"] + (["b2"] if conv_bias else []), ["c2"], group=2, strides=[2, 2]),
+             bn2, helper.make_node("Relu", ["n2"], ["r2"]),
+             helper.make_node("Flatten", ["r2"], ["fl"]),
+             helper.make_node("Gemm", ["fl", "g1"], ["f1"], transB=1), bn3,
+             helper.make_node("Relu", ["n3"], ["r3"]),
+             helper.make_node("Gemm", ["r3", "g2"], ["y"], transB=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
+    return _model(nodes, inputs, outputs, {**t, **p1, **p2, **p3})
+
+
+def _folded(model):
+    """The same function with every BN folded into the layer before it (as torch's export does):
+    the layers keep their names, and get a bias '<weight>.folded_b'."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    t = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    for bn in [n for n in g.node if n.op_type == "BatchNormalization"]:
+        layer = producer[bn.input[0]]
+        gamma, beta, mean, var = (numpy_helper.to_array(t[x]).astype(np.float64) for x in bn.input[1:])
+        s = gamma / np.sqrt(var + bn.attribute[0].f)
+        w = numpy_helper.to_array(t[layer.input[1]]).astype(np.float64)
+        b = (numpy_helper.to_array(t[layer.input[2]]).astype(np.float64) if len(layer.input) > 2
+             else np.zeros(len(s)))
+        t[layer.input[1]].CopyFrom(numpy_helper.from_array(
+            (w * s.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32), layer.input[1]))
+        bias = layer.input[1] + ".folded_b"
+        g.initializer.append(numpy_helper.from_array((s * (b - mean) + beta).astype(np.float32), bias))
+        del layer.input[2:]
+        layer.input.append(bias)
+        layer.output[0] = bn.output[0]
+        g.node.remove(bn)
+    return model
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _scales(model):
+    """{weight name: its BN's per-channel scale}."""
+    t = _weights(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for bn in (n for n in model.graph.node if n.op_type == "BatchNormalization"):
+        gamma, _, _, var = (t[x].astype(np.float64) for x in bn.input[1:])
+        out[producer[bn.input[0]].input[1]] = gamma / np.sqrt(var + bn.attribute[0].f)
+    return out
+
+
+def _per_row(w, s):
+    return w * s.reshape(-1, *[1] * (w.ndim - 1)) if s is not None else w
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+@pytest.mark.parametrize("method", ["dc", "ltp"])
+def test_pruning_an_unfused_model_gives_the_folded_models_weights(conv_bias, method):
+    rng = np.random.default_rng(61)
+    model = _conv_net(rng, conv_bias)
+    folded = _folded(model)
+    calib = {"x": rng.normal(size=(96, 2, 5, 5)).astype(np.float32)}
+    # dc with a uniform allocation, so that both models are asked for the same count per layer
+    # (global-mt would rank the unscaled weights); ltp learns its allocation from the solve
+    options = dict(method=method, calib=calib, **({"allocation": "uniform"} if method == "dc" else {}))
+    layers, _ = find_layers(model)
+    assert all(layer.norm is not None and layer.relu for layer in layers if layer.name != "g2")
+    assert all(layer.bias is not None for layer in layers if layer.name != "g2")
+    assert {layer.name for layer in layers if layer.norm and layer.norm.holds_bias} == (
+        {"g1"} if conv_bias else {"w1", "w2", "g1"})  # the Gemm has no C
+    a, b = prune(model, 0.6, **options), prune(folded, 0.6, **options)
+    wa, wb, scales = _weights(a.model), _weights(b.model), _scales(model)
+    for name in ("w1", "w2", "g1", "g2"):
+        seen = _per_row(wa[name].astype(np.float64), scales.get(name))
+        if method == "ltp" or name == "w1":
+            assert np.array_equal(seen == 0, wb[name] == 0), name
+            np.testing.assert_allclose(seen, wb[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        else:  # DC's stochastic steps amplify the float32 rounding of the folded weights
+            assert np.mean((seen == 0) == (wb[name] == 0)) > 0.95, name
+    if method == "ltp":
+        x = rng.normal(size=(64, 2, 5, 5)).astype(np.float32)
+        np.testing.assert_allclose(_run(a.model, x), _run(b.model, x), rtol=1e-4, atol=1e-4)
+    if not conv_bias and method == "ltp":  # ltp refits biases: BN's B carries the conv's
+        assert not np.array_equal(wa["bn1.B"], _weights(model)["bn1.B"])
+
+
+def test_a_channel_batchnorm_scales_by_zero_loses_its_weights_and_keeps_its_output():
+    rng = np.random.default_rng(62)
+    model = _conv_net(rng, conv_bias=True, zero_scale=True)
+    calib = {"x": rng.normal(size=(64, 2, 5, 5)).astype(np.float32)}
+    result = prune(model, 0.5, method="dc", calib=calib)
+    w1 = _weights(result.model)["w1"]
+    assert not w1[0].any() and w1[1:].any()  # channel 0 computes BN's shift whatever its weights
+    assert _weights(result.model)["b1"][0] == _weights(model)["b1"][0]
+    assert result.report.zeros == round(0.5 * result.report.params)
+
+
+def test_batchnorm_forms_that_are_not_folded():
+    rng = np.random.default_rng(63)
+    w = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])]
+    bn, params = _bn("bn", "c", "n", _bn_params(rng, 4))
+    conv = helper.make_node("Conv", ["x", "w"], ["c"])
+    relu = helper.make_node("Relu", ["n"], ["y"])
+
+    # the layer's output is also a graph output: BN is not all that reads it
+    exposed = _model([conv, bn, relu], inputs, out + [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4, 3, 3])],
+                     {"w": w, **params})
+    (layer,), _ = find_layers(exposed)
+    assert layer.norm is None and not layer.relu
+
+    # BN's B shared with another node: not refitted, so no bias to carry BN's offset
+    twin = helper.make_node("BatchNormalization", ["c2", *bn.input[1:]], ["n2"], epsilon=1e-3)
+    shared = _model([conv, bn, relu, helper.make_node("Conv", ["x", "w2"], ["c2"]), twin], inputs,
+                    out + [helper.make_tensor_value_info("n2", TensorProto.FLOAT, ["N", 4, 3, 3])],
+                    {"w": w, "w2": w[::-1].copy(), **params})
+    layer = find_layers(shared)[0][0]
+    assert layer.norm is not None and layer.bias is None and not layer.relu
+    assert any("bias also used by" in n for n in layer.notes), layer.notes
+    prune(shared, 0.5, method="ltp", refit=True, calib="random")  # runs: BN's B stays
+    # a MatMul's output may be (N, T, C): BN normalises axis 1, not its outputs
+    mm = _model([helper.make_node("MatMul", ["x2", "m"], ["c"]), bn, relu],
+                [helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 6])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                {"m": rng.normal(size=(6, 4)).astype(np.float32), **params})
+    (layer,), _ = find_layers(mm)
+    assert layer.norm is None
