@@ -72,7 +72,7 @@ def _folded(model):
         b = (numpy_helper.to_array(t[layer.input[2]]).astype(np.float64) if len(layer.input) > 2
              else np.zeros(len(s)))
         t[layer.input[1]].CopyFrom(numpy_helper.from_array(
-            (w * s.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32), layer.input[1]))
+            (w * _per_channel(layer, w.shape, s)).astype(np.float32), layer.input[1]))
         bias = layer.input[1] + ".folded_b"
         g.initializer.append(numpy_helper.from_array((s * (b - mean) + beta).astype(np.float32), bias))
         del layer.input[2:]
@@ -80,6 +80,18 @@ def _folded(model):
         layer.output[0] = bn.output[0]
         g.node.remove(bn)
     return model
+
+
+def _per_channel(layer, shape, s):
+    """BN's per-channel `s`, broadcast over a weight of `layer` (a NodeProto) by output channel."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
+    if layer.op_type == "ConvTranspose":  # W (C_in, C_out / g, ...): channel g * C_out/g + j
+        group, (c_in, per) = attrs.get("group", 1), shape[:2]
+        index = (np.arange(c_in)[:, None] // (c_in // group)) * per + np.arange(per)[None, :]
+        return s[index].reshape(c_in, per, *[1] * (len(shape) - 2))
+    if layer.op_type == "Gemm" and not attrs.get("transB", 0):  # W (K, N)
+        return s.reshape(1, -1)
+    return s.reshape(-1, *[1] * (len(shape) - 1))
 
 
 def _run(model, x):
@@ -91,18 +103,19 @@ def _weights(model):
 
 
 def _scales(model):
-    """{weight name: its BN's per-channel scale}."""
+    """{weight name: its BN's per-channel scale, broadcast over the weight}."""
     t = _weights(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     out = {}
     for bn in (n for n in model.graph.node if n.op_type == "BatchNormalization"):
         gamma, _, _, var = (t[x].astype(np.float64) for x in bn.input[1:])
-        out[producer[bn.input[0]].input[1]] = gamma / np.sqrt(var + bn.attribute[0].f)
+        layer = producer[bn.input[0]]
+        out[layer.input[1]] = _per_channel(layer, t[layer.input[1]].shape, gamma / np.sqrt(var + bn.attribute[0].f))
     return out
 
 
 def _per_row(w, s):
-    return w * s.reshape(-1, *[1] * (w.ndim - 1)) if s is not None else w
+    return w * s if s is not None else w
 
 
 @pytest.mark.parametrize("conv_bias", [True, False])
@@ -178,3 +191,24 @@ def test_batchnorm_forms_that_are_not_folded():
                 {"m": rng.normal(size=(6, 4)).astype(np.float32), **params})
     (layer,), _ = find_layers(mm)
     assert layer.norm is None
+
+
+@pytest.mark.parametrize("op, attrs, shape, x_shape", [
+    ("Conv", dict(group=2, pads=[1, 1, 1, 1]), (6, 2, 3, 3), (4, 5, 5)),
+    ("ConvTranspose", dict(group=2, strides=[2, 2]), (4, 3, 3, 3), (4, 4, 4)),
+    ("Gemm", dict(transB=0), (10, 6), (10,))])
+def test_each_layer_kind_sees_its_own_channels_scaled(op, attrs, shape, x_shape):
+    rng = np.random.default_rng(64)
+    w = rng.normal(0, 0.5, shape).astype(np.float32)
+    layer = helper.make_node(op, ["x", "w"], ["c"], **attrs)
+    channels = shape[1] * attrs["group"] if op == "ConvTranspose" else shape[0] if op == "Conv" else shape[1]
+    bn, params = _bn("bn", "c", "n", _bn_params(rng, channels))
+    model = _model([layer, bn, helper.make_node("Relu", ["n"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "C", "H", "W"][:len(x_shape) + 1])],
+                   {"w": w, **params})
+    calib = {"x": rng.normal(size=(64, *x_shape)).astype(np.float32)}
+    a, b = (prune(m, 0.6, method="dc", calib=calib) for m in (model, _folded(model)))
+    seen = _weights(a.model)["w"] * _scales(model)["w"]
+    assert np.array_equal(seen == 0, _weights(b.model)["w"] == 0)
+    np.testing.assert_allclose(seen, _weights(b.model)["w"], rtol=1e-4, atol=1e-5)
