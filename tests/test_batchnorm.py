@@ -145,6 +145,9 @@ def test_pruning_an_unfused_model_gives_the_folded_models_weights(conv_bias, met
     if method == "ltp":
         x = rng.normal(size=(64, 2, 5, 5)).astype(np.float32)
         np.testing.assert_allclose(_run(a.model, x), _run(b.model, x), rtol=1e-4, atol=1e-4)
+    notes = {row.name: row.note for row in a.report.layers}
+    assert "fitted with the BN after it" in notes["w1"] and "BN" not in notes["g2"]
+    assert ("BN's B refitted" in notes["w1"]) == (not conv_bias), notes["w1"]
     if not conv_bias and method == "ltp":  # ltp refits biases: BN's B carries the conv's
         assert not np.array_equal(wa["bn1.B"], _weights(model)["bn1.B"])
 
