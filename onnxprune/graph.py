@@ -416,7 +416,7 @@ class _Finder:
         layer.relu = bool(users) and all(u is not None and u.op_type == "Relu" for u in users)
         if layer.norm is not None and layer.bias is None:
             layer.relu = False  # BN's offset has nowhere to go: DC's ReLU objective would drop it
-        if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0:
+        if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0 and layer.norm is None:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
 
 
@@ -452,9 +452,12 @@ def _fold_norm(layer, scope, producers, consumers) -> None:
     gamma, beta, mean, var = (tensor_to_array(p).astype(np.float64).reshape(-1) for p in params)
     with np.errstate(all="ignore"):
         scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
-    if not (np.isfinite(scale).all() and np.isfinite(beta - scale * mean).all()):
+        shift = beta - scale * mean
+        if layer.op == "Gemm":  # BN sees alpha A B + beta C: alpha scales the weight too
+            scale = scale * layer.attrs.get("alpha", 1.0)
+    if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
         return
-    layer.norm = NormAfter(node_label(bn), scale, beta - scale * mean)
+    layer.norm = NormAfter(node_label(bn), scale, shift)
     layer.output_name = bn.output[0]
     if layer.bias is None:  # (_unshare_biases keeps it as it is where another node reads it)
         layer.bias, layer.bias_adders, layer.norm.holds_bias = params[1], [bn], True
