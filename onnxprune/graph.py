@@ -40,16 +40,17 @@ NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization",
 
 
 @dataclass
-class NormAfter:
-    """A BatchNormalization (inference form) that alone reads a layer's output: the next node
-    sees scale * y + shift per output channel, so the solvers fit scale * W (and the bias as
-    that channel's offset), what a BN-folded export of the same model would hold."""
-    node: str
+class AffineAfter:
+    """Per-channel constant scaling and shifting between a layer's output y and the next node,
+    which sees scale * y + shift: a BatchNormalization (inference form), or the Mul -> Add that
+    tf2onnx writes for one. The solvers fit scale * W and the channel's offset as the bias,
+    what a BN-folded export of the same model holds."""
+    ops: str  # "BatchNormalization", "Mul -> Add", ...
     scale: np.ndarray
     shift: np.ndarray
-    holds_bias: bool = False  # the layer has no bias: BN's B (`Layer.bias`) is refitted as one
+    holds_bias: str = ""  # the layer has no bias: what `Layer.bias` is instead ("BN's B", ...)
 
-    def same(self, other: "NormAfter | None") -> bool:
+    def same(self, other: "AffineAfter | None") -> bool:
         return (other is not None and np.array_equal(self.scale, other.scale)
                 and np.array_equal(self.shift, other.shift) and self.holds_bias == other.holds_bias)
 
@@ -73,7 +74,7 @@ class Layer:
     output_name: str | None = None  # the layer output after any bias Add
     bias: onnx.TensorProto | None = None
     relu: bool = False  # every consumer of the output is a Relu
-    norm: NormAfter | None = None  # a BatchNormalization between the output and its consumers
+    affine: AffineAfter | None = None  # per-channel scale and shift before its consumers
     bias_scale: float = 1.0  # the bias as the solvers see it (output = X W^T + b): stored * this
     consumers: list[str] = field(default_factory=list)
     # a weight shared by several nodes: the inputs of the others that use it the same way (their
@@ -374,7 +375,7 @@ class _Finder:
         self._fill(use, node, slot, chain, "weight", scope, producers, consumers)
         same = (use.graph == known.graph and use.op == known.op and use.attrs == known.attrs
                 and use.weight_side == known.weight_side and use.bias is known.bias
-                and (use.norm.same(known.norm) if use.norm else known.norm is None)
+                and (use.affine.same(known.affine) if use.affine else known.affine is None)
                 and use.layout_known and known.layout_known
                 and (use.index is None) == (known.index is None)
                 and (use.index is None or np.array_equal(use.index, known.index))
@@ -411,12 +412,12 @@ class _Finder:
                                      else len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
                 # (solve.bias_blocks decides whether a MatMul's is per output: (d_out, 1) on the left)
                 layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
-        _fold_norm(layer, scope, producers, consumers)
+        _fold_affine(layer, scope, producers, consumers)
         users = _elementwise_users(layer.output_name, consumers)
         layer.relu = bool(users) and all(u is not None and u.op_type == "Relu" for u in users)
-        if layer.norm is not None and layer.bias is None:
-            layer.relu = False  # BN's offset has nowhere to go: DC's ReLU objective would drop it
-        if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0 and layer.norm is None:
+        if layer.affine is not None and layer.bias is None:
+            layer.relu = False  # the offset has nowhere to go: DC's ReLU objective would drop it
+        if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0 and layer.affine is None:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
 
 
@@ -430,37 +431,81 @@ def _added_constant(node, scope, producers, consumers):
     return add, _constant(other, scope, producers)
 
 
-def _fold_norm(layer, scope, producers, consumers) -> None:
-    """Record a BatchNormalization (inference form, constant parameters) that alone reads the
-    output of a Conv / ConvTranspose / Gemm as `layer.norm`, and see the layer's output past it.
-    Without a bias of its own, the layer's bias is BN's B."""
-    name = layer.output_name
-    users = consumers.get(name, [])
-    if (layer.layout_op not in ("Conv", "ConvTranspose", "Gemm") or layer.weight_side != "right"
-            or not layer.layout_known or len(users) != 1 or consumers.used_otherwise(name)):
-        return
-    bn = users[0]
-    attrs = {a.name: attr_value(a) for a in bn.attribute}
-    if (bn.op_type != "BatchNormalization" or bn.input[0] != name or len(bn.input) != 5
-            or sum(map(bool, bn.output)) != 1 or attrs.get("training_mode", 0) or not attrs.get("spatial", 1)):
-        return
-    params = [_constant(x, scope, producers) for x in bn.input[1:]]
+def _fold_affine(layer, scope, producers, consumers) -> None:
+    """Record the per-channel constant scaling and shifting that alone reads the layer's output
+    (BatchNormalization, Mul, Add, Sub, Div, in a chain) as `layer.affine`, and see the layer's
+    output past it. A layer without a bias of its own gets the chain's last added constant
+    (BN's B, an Add's constant) as its bias, when nothing scales after it."""
     k, d_out, _ = block_shape(layer.operand_shape, layer.layout_op, layer.attrs)
-    if any(p is None or int(np.prod(p.dims)) != k * d_out for p in params) or (
-            layer.bias is not None and int(np.prod(layer.bias.dims)) != k * d_out):
+    if layer.weight_side != "right" or not layer.layout_known or (layer.layout_op == "MatMul" and k > 1):
         return
-    gamma, beta, mean, var = (tensor_to_array(p).astype(np.float64).reshape(-1) for p in params)
+    channels, name = k * d_out, layer.output_name
+    scale, shift, ops, carrier = 1.0, 0.0, [], None  # per channel once a step gives per-channel values
+    while len(consumers.get(name, [])) == 1 and not consumers.used_otherwise(name):
+        node = consumers[name][0]
+        step = _affine_step(node, name, layer, channels, scope, producers)
+        if step is None:
+            break
+        mul, add, added = step
+        scale, shift = scale * mul, shift * mul + add
+        carrier = (node, added) if added is not None else None if np.any(np.asarray(mul) != 1) else carrier
+        ops.append(node.op_type)
+        name = node.output[0]
+    if layer.op == "Gemm":  # the chain sees alpha A B + beta C: alpha scales the weight too
+        scale = scale * layer.attrs.get("alpha", 1.0)
+    if not ops or not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+        return
+    scale, shift = (np.broadcast_to(np.asarray(v, dtype=np.float64), (channels,)).copy() for v in (scale, shift))
+    layer.affine, layer.output_name = AffineAfter(" -> ".join(ops), scale, shift), name
+    if layer.bias is None and carrier is not None:  # (_unshare_biases keeps it if another node reads it)
+        node, tensor = carrier
+        layer.bias, layer.bias_adders = tensor, [node]
+        layer.affine.holds_bias = "BN's B" if node.op_type == "BatchNormalization" else "the Add's constant"
+
+
+def _affine_step(node, name, layer, channels, scope, producers):
+    """(mul, add, the tensor added as it is or None): what `node` does per channel to the value
+    `name`, or None when it is not a per-channel constant affine map of it."""
+    if node.op_type == "BatchNormalization":
+        attrs = {a.name: attr_value(a) for a in node.attribute}
+        if (layer.layout_op == "MatMul" or node.input[0] != name or len(node.input) != 5  # BN: axis 1
+                or sum(map(bool, node.output)) != 1 or attrs.get("training_mode", 0) or not attrs.get("spatial", 1)):
+            return None
+        params = [_constant(x, scope, producers) for x in node.input[1:]]
+        if any(p is None or int(np.prod(p.dims)) != channels for p in params):
+            return None
+        gamma, beta, mean, var = (tensor_to_array(p).astype(np.float64).reshape(-1) for p in params)
+        with np.errstate(all="ignore"):
+            factor = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
+            return factor, beta - factor * mean, params[1]
+    if node.op_type not in ("Mul", "Add", "Sub", "Div") or len(node.input) != 2 or node.input[0] == node.input[1]:
+        return None
+    if node.op_type in ("Sub", "Div") and node.input[0] != name:
+        return None  # c - y and c / y are not affine maps of y of this kind
+    other = _constant(node.input[1] if node.input[0] == name else node.input[0], scope, producers)
+    values = None if other is None else _channel_values(other, layer, channels)
+    if values is None:
+        return None
     with np.errstate(all="ignore"):
-        scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
-        shift = beta - scale * mean
-        if layer.op == "Gemm":  # BN sees alpha A B + beta C: alpha scales the weight too
-            scale = scale * layer.attrs.get("alpha", 1.0)
-    if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
-        return
-    layer.norm = NormAfter(node_label(bn), scale, shift)
-    layer.output_name = bn.output[0]
-    if layer.bias is None:  # (_unshare_biases keeps it as it is where another node reads it)
-        layer.bias, layer.bias_adders, layer.norm.holds_bias = params[1], [bn], True
+        return {"Mul": (values, 0.0, None), "Div": (1 / values, 0.0, None), "Sub": (1.0, -values, None),
+                "Add": (1.0, values, other if values.size == channels else None)}[node.op_type]
+
+
+def _channel_values(tensor, layer, channels) -> np.ndarray | None:
+    """A constant's values, flat (one, or one per output channel), when it broadcasts against the
+    layer's output along the channel axis only (axis 1 of a Conv / Gemm output, the last of a
+    MatMul's), else None."""
+    dims = [int(d) for d in tensor.dims]
+    rank = len(layer.operand_shape) if layer.layout_op in ("Conv", "ConvTranspose") else 2
+    if layer.layout_op == "MatMul":
+        rank = max(rank, len(dims))
+    if len(dims) > rank or tensor.data_type not in FLOAT_TYPES:
+        return None
+    dims = [1] * (rank - len(dims)) + dims
+    axis = rank - 1 if layer.layout_op == "MatMul" else 1
+    if any(d != 1 for i, d in enumerate(dims) if i != axis) or dims[axis] not in (1, channels):
+        return None
+    return tensor_to_array(tensor).astype(np.float64).reshape(-1)
 
 
 def _per_channel(dims, layer) -> bool:

@@ -326,12 +326,12 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
             new, new_bias, note = _new_layer_weights(run, layer, array, n_zero, cut, stats)
             zeros_before, zeros_after = int(np.count_nonzero(array == 0)), int(np.count_nonzero(new == 0))
             run.writer.write_array(layer.tensor, new)
-        folded = cut is None and layer.norm is not None  # the solve saw the BN after the layer
-        refitted = "" if new_bias is None else "BN's B refitted" if (
-            folded and layer.norm.holds_bias) else "bias refitted"
+        folded = layer.affine if cut is None else None  # the solve saw the scale and shift after it
+        refitted = "" if new_bias is None else f"{layer.affine.holds_bias} refitted as its bias" if (
+            folded and layer.affine.holds_bias) else "bias refitted"
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              zeros_before, zeros_after, layer.graph,
-                             "; ".join(x for x in (note, "fitted with the BN after it" if folded
+                             "; ".join(x for x in (note, f"fitted with the {folded.ops} after it" if folded
                                                    else "", refitted, *layer.notes) if x), layer.node))
         if new_bias is not None:
             run.writer.write_array(layer.bias, new_bias)

@@ -89,8 +89,8 @@ def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
 
 def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Least-squares refit of the kept weights so the layer reproduces its DENSE output on the
-    calibration data (the zeros stay zero). Each output row is fitted on its own, so a folded
-    BN's scale (solver_blocks) would change nothing: the stored weights are refitted."""
+    calibration data (the zeros stay zero). Each output row is fitted on its own, so the scale
+    after the layer (solver_blocks) would change nothing: the stored weights are refitted."""
     idx = block_index(layer)
     W = dense.reshape(-1)[idx].astype(np.float64)
     keep = pruned.reshape(-1)[idx] != 0
@@ -133,36 +133,39 @@ def magnitude_layer(stored: np.ndarray, n_zero: int, cut: magnitude.Cut | None =
 
 def _output_scale(layer: Layer, shape) -> np.ndarray | float:
     """Per block row: what the next node sees of a unit of the layer's output (the scale of a
-    BatchNormalization after it, see graph.NormAfter), as (k, d_out, 1)."""
+    BatchNormalization or Mul after it, see graph.AffineAfter), as (k, d_out, 1)."""
     k, d_out, _ = shape
-    return 1.0 if layer.norm is None else layer.norm.scale.reshape(k, d_out, 1)
+    return 1.0 if layer.affine is None else layer.affine.scale.reshape(k, d_out, 1)
 
 
 def solver_blocks(layer: Layer, stored: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """The weight as (k, d_out, d_in) blocks, as the solvers see it: with a BN's scale folded
-    in (float64), else the stored values."""
+    """The weight as (k, d_out, d_in) blocks, as the solvers see it: with the scale after the
+    layer folded in (float64), else the stored values."""
     blocks = stored.reshape(-1)[idx]
-    return blocks if layer.norm is None else blocks.astype(np.float64) * _output_scale(layer, idx.shape)
+    return blocks if layer.affine is None else blocks.astype(np.float64) * _output_scale(layer, idx.shape)
 
 
 def _bias_map(layer: Layer, bias: np.ndarray) -> tuple:
     """(mul, add), per output: the bias as the solvers see it is mul * stored + add (`bias`: the
-    dense stored one). A folded BN scales the layer's bias and adds its shift; where BN's B is the
-    bias, the offset it adds is B - scale * mean, `shift` at the dense B."""
-    norm = layer.norm
-    if norm is None:
+    dense stored one). The map after the layer scales its bias and adds its shift; where a
+    constant it adds (BN's B) is the bias, it enters as it is: the shift is `affine.shift` at
+    the dense constant."""
+    affine = layer.affine
+    if affine is None:
         return layer.bias_scale, 0.0
-    if norm.holds_bias:
-        return 1.0, norm.shift - bias.astype(np.float64).reshape(-1)
-    return norm.scale * layer.bias_scale, norm.shift
+    if affine.holds_bias:
+        return 1.0, affine.shift - bias.astype(np.float64).reshape(-1)
+    return affine.scale * layer.bias_scale, affine.shift
 
 
 def solver_bias(layer: Layer, bias: np.ndarray | None) -> np.ndarray | None:
-    """The stored bias as the solvers see it (output = X W^T + b), float64, in the stored shape."""
+    """The stored bias as the solvers see it (output = X W^T + b), float64, in the stored shape
+    (per channel, flat, with a map after the layer: the constant it adds may be (C, 1, 1))."""
     if bias is None:
         return None
     mul, add = _bias_map(layer, bias)
-    return (mul * bias.astype(np.float64).reshape(-1) + add).reshape(bias.shape)
+    solved = mul * bias.astype(np.float64).reshape(-1) + add
+    return solved if layer.affine is not None else solved.reshape(bias.shape)
 
 
 def stored_bias(layer: Layer, solved: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -180,8 +183,8 @@ def stored_bias(layer: Layer, solved: np.ndarray, bias: np.ndarray) -> np.ndarra
 def _to_stored(layer: Layer, stored: np.ndarray, idx: np.ndarray, blocks: np.ndarray,
                scaled: bool = True) -> np.ndarray:
     """Blocks back into a copy of `stored`; `scaled`: as the solvers see them (solver_blocks). A
-    channel that BN scales by 0 computes a constant: its weights become zeros."""
-    if scaled and layer.norm is not None:
+    channel scaled by 0 after the layer computes a constant: its weights become zeros."""
+    if scaled and layer.affine is not None:
         scale = _output_scale(layer, idx.shape)
         with np.errstate(divide="ignore", invalid="ignore"):
             blocks = np.where(scale != 0, blocks / np.where(scale != 0, scale, 1.0), 0.0)

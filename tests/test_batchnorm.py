@@ -143,9 +143,9 @@ def test_pruning_an_unfused_model_gives_the_folded_models_weights(conv_bias, met
     # (global-mt would rank the unscaled weights); ltp learns its allocation from the solve
     options = dict(method=method, calib=calib, **({"allocation": "uniform"} if method == "dc" else {}))
     layers, _ = find_layers(model)
-    assert all(layer.norm is not None and layer.relu for layer in layers if layer.name != "g2")
+    assert all(layer.affine is not None and layer.relu for layer in layers if layer.name != "g2")
     assert all(layer.bias is not None for layer in layers if layer.name != "g2")
-    assert {layer.name for layer in layers if layer.norm and layer.norm.holds_bias} == (
+    assert {layer.name for layer in layers if layer.affine and layer.affine.holds_bias} == (
         {"g1"} if conv_bias else {"w1", "w2", "g1"})  # the Gemm has no C
     a, b = prune(model, 0.6, **options), prune(folded, 0.6, **options)
     wa, wb, scales = _weights(a.model), _weights(b.model), _scales(model)
@@ -160,8 +160,8 @@ def test_pruning_an_unfused_model_gives_the_folded_models_weights(conv_bias, met
         x = rng.normal(size=(64, 2, 5, 5)).astype(np.float32)
         np.testing.assert_allclose(_run(a.model, x), _run(b.model, x), rtol=1e-4, atol=1e-4)
     notes = {row.name: row.note for row in a.report.layers}
-    assert "fitted with the BN after it" in notes["w1"] and "BN" not in notes["g2"]
-    assert ("BN's B refitted" in notes["w1"]) == (not conv_bias), notes["w1"]
+    assert "fitted with the BatchNormalization after it" in notes["w1"] and "Batch" not in notes["g2"]
+    assert ("BN's B refitted as its bias" in notes["w1"]) == (not conv_bias), notes["w1"]
     if not conv_bias and method == "ltp":  # ltp refits biases: BN's B carries the conv's
         assert not np.array_equal(wa["bn1.B"], _weights(model)["bn1.B"])
 
@@ -190,7 +190,7 @@ def test_batchnorm_forms_that_are_not_folded():
     exposed = _model([conv, bn, relu], inputs, out + [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4, 3, 3])],
                      {"w": w, **params})
     (layer,), _ = find_layers(exposed)
-    assert layer.norm is None and not layer.relu
+    assert layer.affine is None and not layer.relu
 
     # BN's B shared with another node: not refitted, so no bias to carry BN's offset
     twin = helper.make_node("BatchNormalization", ["c2", *bn.input[1:]], ["n2"], epsilon=1e-3)
@@ -198,7 +198,7 @@ def test_batchnorm_forms_that_are_not_folded():
                     out + [helper.make_tensor_value_info("n2", TensorProto.FLOAT, ["N", 4, 3, 3])],
                     {"w": w, "w2": w[::-1].copy(), **params})
     layer = find_layers(shared)[0][0]
-    assert layer.norm is not None and layer.bias is None and not layer.relu
+    assert layer.affine is not None and layer.bias is None and not layer.relu
     assert any("bias also used by" in n for n in layer.notes), layer.notes
     prune(shared, 0.5, method="ltp", refit=True, calib="random")  # runs: BN's B stays
     # a MatMul's output may be (N, T, C): BN normalises axis 1, not its outputs
@@ -207,7 +207,7 @@ def test_batchnorm_forms_that_are_not_folded():
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
                 {"m": rng.normal(size=(6, 4)).astype(np.float32), **params})
     (layer,), _ = find_layers(mm)
-    assert layer.norm is None
+    assert layer.affine is None
 
 
 @pytest.mark.parametrize("op, attrs, shape, x_shape, bias", [
@@ -237,3 +237,87 @@ def test_each_layer_kind_sees_its_own_channels_scaled(op, attrs, shape, x_shape,
         # DC's steps amplify float32 rounding (one ulp more in the folded weights moves one by
         # 3 %); a wrong channel's factor would be off by up to 15x (BN's factors: 0.2-3)
         np.testing.assert_allclose(seen, _weights(b.model)["w"], rtol=rtol, atol=1e-5, err_msg=method)
+
+
+@pytest.mark.parametrize("op, chain, shapes, own_bias, carrier", [
+    ("Conv", ["Mul", "Add"], (1, 6, 1, 1), False, "the Add's constant"),  # tf2onnx's Keras BN
+    ("Conv", ["Sub", "Div"], (6, 1, 1), True, ""),
+    ("MatMul", ["Mul", "Add"], (6,), False, "the Add's constant"),  # Dense -> BN, from tf2onnx
+    ("MatMul", ["Mul", "Add"], (1, 6), True, ""),  # Dense with bias -> BN
+    ("Gemm", ["Mul", "Add"], (1, 6), False, "the Add's constant")])
+def test_a_per_channel_mul_and_add_after_a_layer_are_folded_like_a_batchnorm(op, chain, shapes, own_bias, carrier):
+    rng = np.random.default_rng(65)
+    conv = op == "Conv"
+    w = rng.normal(0, 0.5, (6, 3, 3, 3) if conv else (10, 6) if op == "MatMul" else (6, 10)).astype(np.float32)
+    b = rng.normal(0, 0.3, 6).astype(np.float32)
+    consts = {n: rng.uniform(0.3, 2.0, 6) * rng.choice([-1, 1], 6, p=[0.2, 0.8]) for n in ("c0", "c1")}
+    x_shape = (3, 5, 5) if conv else (10,)
+    nodes, tensors, value = [], {"w": w}, "z"
+    if op == "Conv":
+        nodes.append(helper.make_node("Conv", ["x", "w"] + (["b"] if own_bias else []), ["z"]))
+    elif op == "Gemm":
+        nodes.append(helper.make_node("Gemm", ["x", "w"], ["z"], transB=1))
+    else:
+        nodes.append(helper.make_node("MatMul", ["x", "w"], ["z"]))
+        if own_bias:
+            nodes.append(helper.make_node("Add", ["z", "b"], ["zb"]))
+            value = "zb"
+    if own_bias:
+        tensors["b"] = b
+    scale, shift = np.ones(6), b.astype(np.float64) if own_bias else np.zeros(6)
+    for i, kind in enumerate(chain):
+        c = consts[f"c{i}"]
+        tensors[f"c{i}"] = c.reshape(shapes).astype(np.float32)
+        nodes.append(helper.make_node(kind, [value, f"c{i}"], [f"a{i}"]))
+        value = f"a{i}"
+        c = tensors[f"c{i}"].astype(np.float64).reshape(-1)
+        scale, shift = {"Mul": (scale * c, shift * c), "Add": (scale, shift + c),
+                        "Sub": (scale, shift - c), "Div": (scale / c, shift / c)}[kind]
+    nodes.append(helper.make_node("Relu", [value], ["y"]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 3, 3] if conv else ["N", 6])]
+    model = _model(nodes, inputs, outputs, tensors)
+    per_channel = scale.reshape(-1, 1, 1, 1) if conv else scale.reshape(1, -1) if op == "MatMul" else scale.reshape(-1, 1)
+    folded_w = (w * per_channel).astype(np.float32)
+    if op == "MatMul":
+        folded = _model([helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Add", ["z", "b"], ["zb"]),
+                         helper.make_node("Relu", ["zb"], ["y"])], inputs, outputs,
+                        {"w": folded_w, "b": shift.astype(np.float32)})
+    else:
+        folded = _model([helper.make_node(op, ["x", "w", "b"], ["z"], **({} if conv else {"transB": 1})),
+                         helper.make_node("Relu", ["z"], ["y"])], inputs, outputs,
+                        {"w": folded_w, "b": shift.astype(np.float32)})
+    (layer,), _ = find_layers(model)
+    assert layer.affine is not None and layer.affine.ops == " -> ".join(chain) and layer.relu
+    assert layer.affine.holds_bias == carrier
+    calib = {"x": rng.normal(size=(64, *x_shape)).astype(np.float32)}
+    a, f = (prune(m, 0.6, method="ltp", refit=True, calib=calib) for m in (model, folded))
+    seen = _weights(a.model)["w"] * per_channel
+    assert np.array_equal(seen == 0, _weights(f.model)["w"] == 0)
+    np.testing.assert_allclose(seen, _weights(f.model)["w"], rtol=1e-4, atol=1e-5)
+    x = rng.normal(size=(32, *x_shape)).astype(np.float32)
+    np.testing.assert_allclose(_run(a.model, x), _run(f.model, x), rtol=1e-4, atol=1e-4)
+    if carrier:
+        assert f"{carrier} refitted as its bias" in a.report.layers[0].note
+
+
+def test_scalings_that_are_not_per_channel_are_not_folded():
+    rng = np.random.default_rng(66)
+    w = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])]
+    for other, first in ((np.full((1, 1, 1, 3), 2.0), False),  # along the width, not the channels
+                         (np.full((4, 1, 1), 2.0), True)):  # 2 - y: not a scaling of y
+        ins = ["k", "c"] if first else ["c", "k"]
+        model = _model([helper.make_node("Conv", ["x", "w"], ["c"]),
+                        helper.make_node("Sub" if first else "Mul", ins, ["m"]),
+                        helper.make_node("Relu", ["m"], ["y"])], inputs, out,
+                       {"w": w, "k": other.astype(np.float32)})
+        (layer,), _ = find_layers(model)
+        assert layer.affine is None and not layer.relu
+    # a per-channel Mul alone, on a layer without bias: folded, but no offset to fit: no ReLU objective
+    model = _model([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Mul", ["c", "k"], ["m"]),
+                    helper.make_node("Relu", ["m"], ["y"])], inputs, out,
+                   {"w": w, "k": np.full((1, 4, 1, 1), 2.0, np.float32)})
+    (layer,), _ = find_layers(model)
+    assert layer.affine.ops == "Mul" and not layer.affine.holds_bias and layer.bias is None and not layer.relu
