@@ -352,3 +352,37 @@ def test_inputs_constant_on_the_calibration_data_fall_back_to_magnitude():
     new_w, new_b = dc_linear_block(np.zeros((4, 4)), W, None, 5)  # all-zero inputs, no bias
     np.testing.assert_array_equal(new_w, expected)
     assert new_b is None
+
+
+def test_a_relu_layer_whose_inputs_are_half_dead_is_fitted_exactly_whatever_the_seed():
+    # Half the inputs never fire, so any support holding the live half reproduces the layer.
+    # DCA's stochastic path ended 1.7 % off (a tf2onnx Keras CNN's layer: up to 10 %, varying
+    # 15x between seeds); the least-squares refit of its support is the second candidate.
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune import prune
+
+    rng = np.random.default_rng(70)
+    d_in, d_out = 48, 16
+    w = rng.normal(0, 0.5, (d_out, d_in)).astype(np.float32)
+    b = rng.normal(0, 0.2, d_out).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["z"], transB=1), helper.make_node("Relu", ["z"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d_out])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rng.normal(size=(3000, d_in)).astype(np.float32)
+    x[:, ::2] = 0
+    x[:, 1::2] = np.maximum(x[:, 1::2] @ rng.normal(size=(24, 24)).astype(np.float32) * 0.3, 0)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+
+    dense = run(model)
+    for seed in range(3):
+        pruned = run(prune(model, 0.45, method="dc", calib={"x": x}, seed=seed).model)
+        assert np.linalg.norm(pruned - dense) <= 1e-5 * np.linalg.norm(dense), seed

@@ -352,6 +352,21 @@ def dc_relu_block(X, W, b, n_keep, *, theta=10.0, outer_iters=4, inner_epochs=3,
                                 W, b, n_keep, fit.mean)
 
 
+def nearest_on_rows(X, W, b, candidates):
+    """Index of the candidate (weights, bias) whose ReLU outputs on the rows X are nearest the
+    dense block's (W, b): DCA follows its stochastic steps and can end far from the best fit on
+    its support, which a least-squares refit of that support may then beat."""
+    X = np.asarray(X, dtype=np.float32)
+
+    def outputs(w, c):
+        z = X @ np.asarray(w, dtype=np.float32).T
+        return np.maximum(z + np.asarray(c, dtype=np.float32) if c is not None else z, 0)
+
+    dense = outputs(W, b)
+    errors = [float(np.sum((outputs(w, c) - dense) ** 2, dtype=np.float64)) for w, c in candidates]
+    return int(np.argmin(errors))
+
+
 # --- blocks without ReLU: L1 least squares on the Gram matrix -----------------------------------
 
 def _fista(C, P, V, lam, L, iters, l1_weight, keep=None):
