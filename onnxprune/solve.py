@@ -73,7 +73,7 @@ def dc_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
 
 
 def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
-    # (ours) the DC support refitted by least squares (the bias as it was) is a second candidate,
+    # (ours) the DC support refitted by least squares (with the bias) is a second candidate,
     # and the one nearer the dense ReLU outputs on the rows is kept; not where the rows are fewer
     # than the inputs, since a fit to those rows then says little about other data (it cost the
     # reference CNN's fc1, 512 rows for 3,136 inputs, 0.15 points at 0.95)
@@ -85,7 +85,7 @@ def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
                                           l1_reweight=DC_L1_REWEIGHT)
             candidates = [(Wj, bj_new)]
             if second:
-                candidates.append((refit.refit_on_support(W[j], Wj != 0, stats.gram[j]).astype(Wj.dtype), bj))
+                candidates.append(_refit_block(W[j], bj, Wj != 0, stats, j))
             Wj, bj = candidates[dc.nearest_on_rows(stats.rows[j], W[j], bj, candidates)]
         else:
             gram = stats.augmented_gram[j] if bj is not None else stats.gram[j]
@@ -94,6 +94,16 @@ def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
         new_W[j] = Wj
         if new_b is not None:
             new_b[j] = bj
+
+
+def _refit_block(W, b, keep, stats, j):
+    """(weights, bias) of block j refitted by least squares on the support `keep`; the bias
+    too, through the Gram of [X 1], when there is one."""
+    if b is None:
+        return refit.refit_on_support(W, keep, stats.gram[j]), None
+    full = refit.refit_on_support(np.hstack([W, b[:, None]]), np.hstack([keep, np.ones((len(W), 1), bool)]),
+                                  stats.augmented_gram[j])
+    return full[:, :-1], full[:, -1]
 
 
 def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: LayerStats) -> np.ndarray:
