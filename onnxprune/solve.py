@@ -69,7 +69,7 @@ def dc_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
     # DC's many small products run 5-6x faster on one BLAS thread than with idle threads spinning
     with threadpool_limits(limits=1, user_api="blas"):
         _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed)
-    return _to_stored(layer, stored, idx, new_W), None if new_b is None else stored_bias(layer, new_b, bias)
+    return _to_stored(layer, stored, idx, new_W, n_zero), None if new_b is None else stored_bias(layer, new_b, bias)
 
 
 def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
@@ -116,7 +116,7 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     factor = _low_rank_factor(stats)
     with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
         new = refit.refit_on_support(W, keep, stats.gram, factor=factor)
-    return _to_stored(layer, pruned, idx, new, scaled=False)
+    return _to_stored(layer, pruned, idx, new)
 
 
 def _low_rank_factor(stats: LayerStats) -> np.ndarray | None:
@@ -148,7 +148,7 @@ def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,
         new, new_b, learned = ltp_weights.ltp_support_weights(
             W, gram, stored.size - n_zero, refit=refitted, bias=b, derived=stats.derived[key])
     new_bias = None if new_b is None else stored_bias(layer, new_b, bias)
-    return _to_stored(layer, stored, idx, new), new_bias, learned
+    return _to_stored(layer, stored, idx, new, n_zero), new_bias, learned
 
 
 def magnitude_layer(stored: np.ndarray, n_zero: int, cut: magnitude.Cut | None = None) -> np.ndarray:
@@ -207,15 +207,25 @@ def stored_bias(layer: Layer, solved: np.ndarray, bias: np.ndarray) -> np.ndarra
 
 
 def _to_stored(layer: Layer, stored: np.ndarray, idx: np.ndarray, blocks: np.ndarray,
-               scaled: bool = True) -> np.ndarray:
-    """Blocks back into a copy of `stored`; `scaled`: as the solvers see them (solver_blocks). A
-    channel scaled by 0 after the layer computes a constant: its weights become zeros."""
-    if scaled and layer.affine is not None:
+               n_zero: int | None = None) -> np.ndarray:
+    """Blocks back into a copy of `stored`; with `n_zero`, blocks as the solvers see them
+    (solver_blocks), and the layer's zero count. A channel scaled by 0 after the layer computes
+    a constant, so the solvers saw its weights as zeros: they stay zeros, except the largest,
+    which keep their values where the count needs them (they change nothing)."""
+    dead = None
+    if n_zero is not None and layer.affine is not None:
         scale = _output_scale(layer, idx.shape)
         with np.errstate(divide="ignore", invalid="ignore"):
             blocks = np.where(scale != 0, blocks / np.where(scale != 0, scale, 1.0), 0.0)
+        dead = np.broadcast_to(scale == 0, idx.shape)
     out = np.array(stored, copy=True).reshape(-1)
     out[idx.reshape(-1)] = blocks.reshape(-1).astype(stored.dtype)
+    if dead is not None and dead.any():
+        excess = int(np.count_nonzero(out == 0)) - n_zero
+        spare = idx[dead & (stored.reshape(-1)[idx] != 0)]
+        if excess > 0 and spare.size:
+            back = spare[np.argsort(-np.abs(stored.reshape(-1)[spare]), kind="stable")[:excess]]
+            out[back] = stored.reshape(-1)[back]
     return out.reshape(stored.shape)
 
 

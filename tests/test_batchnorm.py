@@ -177,6 +177,25 @@ def test_a_channel_batchnorm_scales_by_zero_loses_its_weights_and_keeps_its_outp
     assert result.report.zeros == round(0.5 * result.report.params)
 
 
+@pytest.mark.parametrize("method", ["dc", "ltp"])
+def test_the_zero_count_is_exact_when_batchnorm_zeroes_channels(method):
+    # a BN scaling every channel of w1 by 0 (torchvision's zero_init_residual, dead channels):
+    # the solvers see zeros there, and the layer must still get exactly its count
+    rng = np.random.default_rng(67)
+    model = _conv_net(rng, conv_bias=True)
+    for t in model.graph.initializer:
+        if t.name == "bn1.scale":
+            t.CopyFrom(numpy_helper.from_array(np.zeros(6, np.float32), t.name))
+    calib = {"x": rng.normal(size=(64, 2, 5, 5)).astype(np.float32)}
+    for sparsity in (0.2, 0.5):
+        result = prune(model, sparsity, method=method, calib=calib, allocation="uniform" if method == "dc" else "global-mt")
+        if method == "dc":  # uniform: every layer its own round(s * n)
+            assert [row.zeros_after for row in result.report.layers] == [
+                round(sparsity * row.params) for row in result.report.layers]
+        else:
+            assert result.report.zeros == round(sparsity * result.report.params), sparsity
+
+
 def test_batchnorm_forms_that_are_not_folded():
     rng = np.random.default_rng(63)
     w = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
