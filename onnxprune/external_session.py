@@ -28,21 +28,22 @@ from .runtime import make_session
 _IN_MEMORY_FILES = hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory")
 
 
-def session_for(model: onnx.ModelProto, device: str = "auto", light: bool = False) -> ort.InferenceSession:
+def session_for(model: onnx.ModelProto, device: str = "auto", light: bool = False,
+                optimize: bool = True) -> ort.InferenceSession:
     """A session over a ModelProto however its tensors are held: external ones read where they
     are, inline ones as bytes (a model over protobuf's 2 GB limit through a temporary copy)."""
     if any(is_external(t) for t in iter_tensors(model)):
-        return make_external_session(model, device, light)
+        return make_external_session(model, device, light, optimize)
     if model.ByteSize() > PROTOBUF_LIMIT:
-        return _session_from_a_copy(model, device)
-    return make_session(model.SerializeToString(), device, light)
+        return _session_from_a_copy(model, device, optimize)
+    return make_session(model.SerializeToString(), device, light, optimize=optimize)
 
 
 def make_external_session(model: onnx.ModelProto, device: str = "auto",
-                          light: bool = False) -> ort.InferenceSession:
+                          light: bool = False, optimize: bool = True) -> ort.InferenceSession:
     """A session over `model` (tensors inline or external with absolute locations)."""
     if not _IN_MEMORY_FILES:
-        return _session_from_a_copy(model, device)
+        return _session_from_a_copy(model, device, optimize)
     inlined: list = []
     names: dict[str, str] = {}  # data file -> name given to onnxruntime
     changed = []
@@ -74,7 +75,7 @@ def make_external_session(model: onnx.ModelProto, device: str = "auto",
         if names:
             options.add_external_initializers_from_files_in_memory(
                 list(names.values()), maps, [len(m) for m in maps])
-        return make_session(proto, device, light, options=options)
+        return make_session(proto, device, light, options=options, optimize=optimize)
     finally:
         for m in maps:
             m.close()
@@ -102,7 +103,7 @@ def _inline_for_onnxruntime(model: onnx.ModelProto, inlined: list) -> None:
             make_inline(tensor, raw)
 
 
-def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSession:
+def _session_from_a_copy(model: onnx.ModelProto, device: str, optimize: bool = True) -> ort.InferenceSession:
     """The model and its weights written to a temporary folder and loaded from there."""
     from .writer import save_model
 
@@ -111,4 +112,4 @@ def _session_from_a_copy(model: onnx.ModelProto, device: str) -> ort.InferenceSe
     with tempfile.TemporaryDirectory(prefix="onnxprune-session-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(copy, path, external_data=True)
-        return make_session(path, device)
+        return make_session(path, device, optimize=optimize)

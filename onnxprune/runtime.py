@@ -37,13 +37,14 @@ def providers_for(device: str) -> list[str]:
 
 
 def make_session(model: str | os.PathLike | bytes, device: str = "auto", light: bool = False,
-                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+                 options: ort.SessionOptions | None = None, optimize: bool = True) -> ort.InferenceSession:
     """A session on the requested device; CUDA falls back to CPU when it cannot start.
 
     Models with external data must be given by path so onnxruntime finds their data files (or
     as bytes with their data files in `options`: external_session). The provider that really
     runs is `session.get_providers()[0]`. A `light` session (for one-off runs) skips graph
     rewrites and weight prepacking, which cost time and a second copy of the weights.
+    `optimize=False` turns onnxruntime's graph rewrites off (see calibration.collect).
     """
     providers = providers_for(device)  # an unknown device is the caller's error, not the model's
     options = options or ort.SessionOptions()
@@ -51,12 +52,14 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto", light: 
     if light:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types; keep one line
         if not isinstance(model, bytes) and _EXTERNAL_SHAPES in str(e):
-            return _with_small_tensors_inline(model, device, light)
+            return _with_small_tensors_inline(model, device, light, optimize)
         raise OnnxPruneError(f"onnxruntime cannot load the model: {load_error(e)}") from None
 
 
@@ -65,11 +68,11 @@ def make_session(model: str | os.PathLike | bytes, device: str = "auto", light: 
 _EXTERNAL_SHAPES = "Cannot parse data from external tensors"
 
 
-def _with_small_tensors_inline(path, device: str, light: bool) -> ort.InferenceSession:
+def _with_small_tensors_inline(path, device: str, light: bool, optimize: bool) -> ort.InferenceSession:
     from .external_session import session_for  # (it builds on this module)
     from .modelio import load_model
 
-    return session_for(load_model(path).model, device, light=light)
+    return session_for(load_model(path).model, device, light=light, optimize=optimize)
 
 
 _IR_TOO_NEW = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")

@@ -340,3 +340,22 @@ def test_scalings_that_are_not_per_channel_are_not_folded():
                    {"w": w, "k": np.full((1, 4, 1, 1), 2.0, np.float32)})
     (layer,), _ = find_layers(model)
     assert layer.affine.ops == "Mul" and not layer.affine.holds_bias and layer.bias is None and not layer.relu
+
+
+def test_a_linear_without_bias_then_batchnorm1d_calibrates():
+    # torch's default export of Linear(bias=False) -> BatchNorm1d -> ReLU -> ... (a projection
+    # head): onnxruntime 1.31's graph rewrites refuse it once calibration reads the values
+    rng = np.random.default_rng(68)
+    t = {"w1": rng.normal(size=(16, 32)), "w2": rng.normal(size=(32, 32)), "w3": rng.normal(size=(4, 32)),
+         "b3": rng.normal(size=4)}
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    bn1, p1 = _bn("bn1", "m1", "n1", _bn_params(rng, 32))
+    bn2, p2 = _bn("bn2", "m2", "n2", _bn_params(rng, 32))
+    model = _model([helper.make_node("MatMul", ["x", "w1"], ["m1"]), bn1, helper.make_node("Relu", ["n1"], ["r1"]),
+                    helper.make_node("MatMul", ["r1", "w2"], ["m2"]), bn2,
+                    helper.make_node("Gemm", ["n2", "w3", "b3"], ["y"], transB=1)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], {**t, **p1, **p2})
+    calib = {"x": rng.normal(size=(64, 16)).astype(np.float32)}
+    for options in (dict(method="dc"), dict(method="ltp"), dict(refit=True)):
+        assert prune(model, 0.5, calib=calib, **options).report.sparsity == 0.5
