@@ -166,7 +166,7 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     exclude removes tensors. A pattern that matches no tensor is an error (a misspelt
     --exclude would prune what the user meant to keep). Returns (layers to prune, skipped).
     """
-    finder = _Finder({f.name for f in model.functions})
+    finder = _Finder({f.name for f in model.functions}, _Ranks(model))
     finder.walk(model.graph, ChainMap(), "")
     finder.skip_function_constants(model.functions)
     _unshare_biases(finder.layers.values(), finder.constant_users)
@@ -242,8 +242,9 @@ def _unshare_biases(layers, constant_users) -> None:
 
 
 class _Finder:
-    def __init__(self, functions: set[str] = frozenset()):
+    def __init__(self, functions: set[str] = frozenset(), ranks: "_Ranks | None" = None):
         self.functions = functions  # the model-local functions' names (their call nodes' op_type)
+        self.ranks = ranks
         self.layers: dict[int, Layer] = {}  # keyed by id(TensorProto): a shared tensor once
         self.skipped: list[Skipped] = []
         self._skipped_ids: set[int] = set()
@@ -265,6 +266,8 @@ class _Finder:
         scope = outer.new_child(local)
         producers = {o: n for n in graph.node for o in n.output}
         consumers = _Consumers(o.name for o in graph.output)
+        if self.ranks is not None and not path:  # (the main graph's only)
+            consumers.rank = self.ranks.of
         for node in graph.node:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
@@ -443,13 +446,14 @@ def _fold_affine(layer, scope, producers, consumers) -> None:
     scale, shift, ops, carrier = 1.0, 0.0, [], None  # per channel once a step gives per-channel values
     while len(consumers.get(name, [])) == 1 and not consumers.used_otherwise(name):
         node = consumers[name][0]
-        step = _affine_step(node, name, layer, channels, scope, producers)
+        step = _affine_step(node, name, layer, channels, scope, producers, consumers)
         if step is None:
             break
         mul, add, added = step
         scale, shift = scale * mul, shift * mul + add
         carrier = (node, added) if added is not None else None if np.any(np.asarray(mul) != 1) else carrier
-        ops.append(node.op_type)
+        if node.op_type != "Identity":
+            ops.append(node.op_type)
         name = node.output[0]
     if layer.op == "Gemm":  # the chain sees alpha A B + beta C: alpha scales the weight too
         scale = scale * layer.attrs.get("alpha", 1.0)
@@ -463,12 +467,15 @@ def _fold_affine(layer, scope, producers, consumers) -> None:
         layer.affine.holds_bias = "BN's B" if node.op_type == "BatchNormalization" else "the Add's constant"
 
 
-def _affine_step(node, name, layer, channels, scope, producers):
+def _affine_step(node, name, layer, channels, scope, producers, consumers):
     """(mul, add, the tensor added as it is or None): what `node` does per channel to the value
     `name`, or None when it is not a per-channel constant affine map of it."""
+    if node.op_type == "Identity":
+        return 1.0, 0.0, None
     if node.op_type == "BatchNormalization":
         attrs = {a.name: attr_value(a) for a in node.attribute}
-        if (layer.layout_op == "MatMul" or node.input[0] != name or len(node.input) != 5  # BN: axis 1
+        matmul_2d = layer.layout_op != "MatMul" or consumers.rank(layer.input_name) == 2  # BN: axis 1
+        if (not matmul_2d or node.input[0] != name or len(node.input) != 5
                 or sum(map(bool, node.output)) != 1 or attrs.get("training_mode", 0) or not attrs.get("spatial", 1)):
             return None
         params = [_constant(x, scope, producers) for x in node.input[1:]]
@@ -524,9 +531,30 @@ class _Consumers(dict):
         super().__init__()
         self.graph_outputs = set(graph_outputs)
         self.used_in_subgraphs: set[str] = set()
+        self.rank = lambda name: None  # a value's rank where known (_Ranks)
 
     def used_otherwise(self, name: str) -> bool:
         return name in self.graph_outputs or name in self.used_in_subgraphs
+
+
+class _Ranks:
+    """Ranks of the main graph's values, from onnx's shape inference, run once on first use
+    (only a BatchNormalization after a MatMul asks: its channels are the last axis only when the
+    output has two); None where unknown."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.ranks = model, None
+
+    def of(self, name: str) -> int | None:
+        if self.ranks is None:
+            try:
+                graph = onnx.shape_inference.infer_shapes(self.model).graph
+            except Exception:  # a model over 2 GB, or one shape inference fails on: unknown
+                graph = onnx.GraphProto()
+            self.ranks = {v.name: len(v.type.tensor_type.shape.dim)
+                          for v in [*graph.input, *graph.value_info, *graph.output]
+                          if v.type.tensor_type.HasField("shape")}
+        return self.ranks.get(name)
 
 
 def _outer_names(node) -> set[str]:

@@ -220,13 +220,6 @@ def test_batchnorm_forms_that_are_not_folded():
     assert layer.affine is not None and layer.bias is None and not layer.relu
     assert any("bias also used by" in n for n in layer.notes), layer.notes
     prune(shared, 0.5, method="ltp", refit=True, calib="random")  # runs: BN's B stays
-    # a MatMul's output may be (N, T, C): BN normalises axis 1, not its outputs
-    mm = _model([helper.make_node("MatMul", ["x2", "m"], ["c"]), bn, relu],
-                [helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 6])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                {"m": rng.normal(size=(6, 4)).astype(np.float32), **params})
-    (layer,), _ = find_layers(mm)
-    assert layer.affine is None
 
 
 @pytest.mark.parametrize("op, attrs, shape, x_shape, bias", [
@@ -359,3 +352,29 @@ def test_a_linear_without_bias_then_batchnorm1d_calibrates():
     calib = {"x": rng.normal(size=(64, 16)).astype(np.float32)}
     for options in (dict(method="dc"), dict(method="ltp"), dict(refit=True)):
         assert prune(model, 0.5, calib=calib, **options).report.sparsity == 0.5
+
+
+def test_a_batchnorm_after_a_matmul_is_folded_where_the_output_has_two_axes():
+    rng = np.random.default_rng(69)
+    bn, params = _bn("bn", "m", "n", _bn_params(rng, 6))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Identity", ["n"], ["i"]),
+             helper.make_node("Relu", ["i"], ["y"])]
+    w = rng.normal(size=(10, 6)).astype(np.float32)
+    flat = _model([nodes[0], bn, *nodes[1:]], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], {"w": w, **params})
+    (layer,), _ = find_layers(flat)
+    assert layer.affine.ops == "BatchNormalization" and layer.affine.holds_bias == "BN's B" and layer.relu
+    # (N, 6, 6): BN normalises axis 1, which is not the MatMul's outputs
+    bn3, params3 = _bn("bn", "m", "n", _bn_params(rng, 6))
+    deep = _model([nodes[0], bn3, *nodes[1:]], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 10])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 6])], {"w": w, **params3})
+    (layer,), _ = find_layers(deep)
+    assert layer.affine is None
+    # an Identity between the layer and its BN (as some converters write) is seen through
+    conv = _model([helper.make_node("Conv", ["x", "k"], ["c"]), helper.make_node("Identity", ["c"], ["m"]), bn,
+                   helper.make_node("Relu", ["n"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 2, 2])],
+                  {"k": rng.normal(size=(6, 2, 3, 3)).astype(np.float32), **params})
+    (layer,), _ = find_layers(conv)
+    assert layer.affine.ops == "BatchNormalization" and layer.relu
