@@ -439,10 +439,14 @@ def _fold_affine(layer, scope, producers, consumers) -> None:
     (BatchNormalization, Mul, Add, Sub, Div, in a chain) as `layer.affine`, and see the layer's
     output past it. A layer without a bias of its own gets the chain's last added constant
     (BN's B, an Add's constant) as its bias, when nothing scales after it."""
-    k, d_out, _ = block_shape(layer.operand_shape, layer.layout_op, layer.attrs)
-    if layer.weight_side != "right" or not layer.layout_known or (layer.layout_op == "MatMul" and k > 1):
+    if layer.weight_side != "right" or not layer.layout_known:
         return
+    k, d_out, _ = block_shape(layer.operand_shape, layer.layout_op, layer.attrs)
     channels, name = k * d_out, layer.output_name
+    own = layer.bias_adders[0].op_type in ("Conv", "ConvTranspose") if layer.bias_adders else False
+    if (layer.layout_op == "MatMul" and k > 1) or (layer.bias is not None and (
+            int(np.prod(layer.bias.dims)) != channels if own else _channel_dims(layer.bias, layer, channels) != channels)):
+        return  # (a bias that is not one value per channel is left alone, and so is the chain)
     scale, shift, ops, carrier = 1.0, 0.0, [], None  # per channel once a step gives per-channel values
     while len(consumers.get(name, [])) == 1 and not consumers.used_otherwise(name):
         node = consumers[name][0]
@@ -502,17 +506,25 @@ def _channel_values(tensor, layer, channels) -> np.ndarray | None:
     """A constant's values, flat (one, or one per output channel), when it broadcasts against the
     layer's output along the channel axis only (axis 1 of a Conv / Gemm output, the last of a
     MatMul's), else None."""
+    if _channel_dims(tensor, layer, channels) is None or tensor.data_type not in FLOAT_TYPES:
+        return None
+    return tensor_to_array(tensor).astype(np.float64).reshape(-1)
+
+
+def _channel_dims(tensor, layer, channels) -> int | None:
+    """How many values a constant has along the layer's output channels (1 or `channels`) when it
+    varies along no other axis of the output, else None."""
     dims = [int(d) for d in tensor.dims]
     rank = len(layer.operand_shape) if layer.layout_op in ("Conv", "ConvTranspose") else 2
     if layer.layout_op == "MatMul":
         rank = max(rank, len(dims))
-    if len(dims) > rank or tensor.data_type not in FLOAT_TYPES:
+    if len(dims) > rank:
         return None
     dims = [1] * (rank - len(dims)) + dims
     axis = rank - 1 if layer.layout_op == "MatMul" else 1
     if any(d != 1 for i, d in enumerate(dims) if i != axis) or dims[axis] not in (1, channels):
         return None
-    return tensor_to_array(tensor).astype(np.float64).reshape(-1)
+    return dims[axis]
 
 
 def _per_channel(dims, layer) -> bool:

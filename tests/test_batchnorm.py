@@ -378,3 +378,28 @@ def test_a_batchnorm_after_a_matmul_is_folded_where_the_output_has_two_axes():
                   {"k": rng.normal(size=(6, 2, 3, 3)).astype(np.float32), **params})
     (layer,), _ = find_layers(conv)
     assert layer.affine.ops == "BatchNormalization" and layer.relu
+
+
+def test_a_bias_not_one_per_channel_leaves_the_scaling_after_it_alone():
+    rng = np.random.default_rng(71)
+    w = rng.normal(size=(8, 6)).astype(np.float32)
+    k = _bn_params(rng, 6)[0]
+    for c in (np.array([0.5], np.float32), rng.normal(size=(16, 1)).astype(np.float32)):  # (1,), (N, 1)
+        model = _model([helper.make_node("Gemm", ["x", "w", "c"], ["z"]), helper.make_node("Mul", ["z", "k"], ["m"]),
+                        helper.make_node("Relu", ["m"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 6])], {"w": w, "c": c, "k": k})
+        (layer,), _ = find_layers(model)
+        assert layer.affine is None
+        for method in ("dc", "ltp"):
+            result = prune(model, 0.5, method=method, calib={"x": rng.normal(size=(16, 8)).astype(np.float32)})
+            assert np.array_equal(_weights(result.model)["c"], c) or c.size == 1
+    # a weight whose view is computed at run time: named as such, and nothing after it is read
+    shape = helper.make_node("Identity", ["s"], ["s2"])
+    model = _model([shape, helper.make_node("Reshape", ["wf", "s2"], ["w2"]),
+                    helper.make_node("Gemm", ["x", "w2"], ["z"]), helper.make_node("Mul", ["z", "k"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                   {"wf": w.reshape(-1), "s": np.array([8, 6], np.int64), "k": k})
+    (layer,), _ = find_layers(model)
+    assert layer.layout_unknown and layer.affine is None
