@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import helper
 
 from .modelio import tensor_to_array
@@ -11,6 +12,9 @@ from .modelio import tensor_to_array
 # in_proj_weight into q, k, v): traced as a weight, but one layer per tensor cannot describe
 # the parts' layouts, so it is pruned by magnitude, without calibration statistics.
 SLICING = ("Split", "Slice", "SplitToSequence", "SequenceAt")
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.DOUBLE}
 
 
 def attr_value(attr):
