@@ -159,7 +159,7 @@ def magnitude_layer(stored: np.ndarray, n_zero: int, cut: magnitude.Cut | None =
 
 def _output_scale(layer: Layer, shape) -> np.ndarray | float:
     """Per block row: what the next node sees of a unit of the layer's output (the scale of a
-    BatchNormalization or Mul after it, see graph.AffineAfter), as (k, d_out, 1)."""
+    BatchNormalization or Mul after it, see affine.AffineAfter), as (k, d_out, 1)."""
     k, d_out, _ = shape
     return 1.0 if layer.affine is None else layer.affine.scale.reshape(k, d_out, 1)
 
