@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from .errors import OnnxPruneError
-from .modelio import body_label, node_label, tensor_key
+from .modelio import body_label, node_label, tensor_key, tensor_to_array
 from .affine import AffineAfter, Ranks, fold_affine
 from .operand import FLOAT_TYPES, SLICING, attr_value, einsum_weight, operand_view
 
@@ -399,11 +399,30 @@ class _Finder:
                 layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
         fold_affine(layer, consumers, lambda name: _constant(name, scope, producers))
         users = _elementwise_users(layer.output_name, consumers)
-        layer.relu = bool(users) and all(u is not None and u.op_type == "Relu" for u in users)
+        layer.relu = bool(users) and all(u is not None and _zero_below(u, scope, producers) for u in users)
         if layer.affine is not None and layer.bias is None:
             layer.relu = False  # the offset has nowhere to go: DC's ReLU objective would drop it
         if node.op_type == "Gemm" and layer.attrs.get("alpha", 1.0) <= 0 and layer.affine is None:
             layer.relu = False  # relu(alpha z) != alpha relu(z): DC's ReLU objective does not apply
+
+
+def _zero_below(node, scope, producers) -> bool:
+    """A Relu, or a Clip at 0 from below (ReLU6): DC's ReLU objective ignores what the layer
+    outputs below 0, which these do too (above a Clip's max it still fits the values)."""
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip":
+        return False
+    if len(node.input) > 1:  # opset 11+: min and max are inputs
+        low = _constant(node.input[1], scope, producers) if node.input[1] else None
+        high = _constant(node.input[2], scope, producers) if len(node.input) > 2 and node.input[2] else None
+        if low is None or (len(node.input) > 2 and node.input[2] and high is None):
+            return False
+        low, high = float(tensor_to_array(low)), float(tensor_to_array(high)) if high is not None else np.inf
+    else:
+        attrs = {a.name: attr_value(a) for a in node.attribute}
+        low, high = attrs.get("min", -np.inf), attrs.get("max", np.inf)
+    return low == 0 and high > 0
 
 
 def _added_constant(node, scope, producers, consumers):
