@@ -418,7 +418,10 @@ def _zero_below(node, scope, producers) -> bool:
         high = _constant(node.input[2], scope, producers) if len(node.input) > 2 and node.input[2] else None
         if low is None or (len(node.input) > 2 and node.input[2] and high is None):
             return False
-        low, high = float(tensor_to_array(low)), float(tensor_to_array(high)) if high is not None else np.inf
+        low, high = (tensor_to_array(t).reshape(-1) if t is not None else np.array([np.inf]) for t in (low, high))
+        if low.size != 1 or high.size != 1:
+            return False  # (not a valid Clip: its bounds are scalars)
+        low, high = float(low[0]), float(high[0])
     else:
         attrs = {a.name: attr_value(a) for a in node.attribute}
         low, high = attrs.get("min", -np.inf), attrs.get("max", np.inf)
