@@ -413,15 +413,14 @@ def _zero_below(node, scope, producers) -> bool:
         return True
     if node.op_type != "Clip":
         return False
-    if len(node.input) > 1:  # opset 11+: min and max are inputs
-        low = _constant(node.input[1], scope, producers) if node.input[1] else None
-        high = _constant(node.input[2], scope, producers) if len(node.input) > 2 and node.input[2] else None
-        if low is None or (len(node.input) > 2 and node.input[2] and high is None):
-            return False
-        low, high = (tensor_to_array(t).reshape(-1) if t is not None else np.array([np.inf]) for t in (low, high))
-        if low.size != 1 or high.size != 1:
-            return False  # (not a valid Clip: its bounds are scalars)
-        low, high = float(low[0]), float(high[0])
+    if len(node.input) > 1:  # opset 11+: min and max are (optional) inputs
+        bounds = []
+        for name, absent in zip([*node.input[1:3], ""], (-np.inf, np.inf)):
+            bound = _constant(name, scope, producers) if name else None
+            if name and (bound is None or int(np.prod(bound.dims)) != 1):
+                return False  # computed at run time (or not the scalar a Clip takes)
+            bounds.append(absent if bound is None else float(tensor_to_array(bound).reshape(-1)[0]))
+        low, high = bounds
     else:
         attrs = {a.name: attr_value(a) for a in node.attribute}
         low, high = attrs.get("min", -np.inf), attrs.get("max", np.inf)

@@ -85,7 +85,8 @@ def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
                                           l1_reweight=DC_L1_REWEIGHT)
             candidates = [(Wj, bj_new)]
             if second:
-                candidates.append(_refit_block(W[j], bj, Wj != 0, stats, j))
+                gram = stats.augmented_gram[j] if bj is not None else stats.gram[j]
+                candidates.append(refit.refit_with_bias(W[j], bj, Wj != 0, gram))
             Wj, bj = candidates[dc.nearest_on_rows(stats.rows[j], W[j], bj, candidates)]
         else:
             gram = stats.augmented_gram[j] if bj is not None else stats.gram[j]
@@ -94,16 +95,6 @@ def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
         new_W[j] = Wj
         if new_b is not None:
             new_b[j] = bj
-
-
-def _refit_block(W, b, keep, stats, j):
-    """(weights, bias) of block j refitted by least squares on the support `keep`; the bias
-    too, through the Gram of [X 1], when there is one."""
-    if b is None:
-        return refit.refit_on_support(W, keep, stats.gram[j]), None
-    full = refit.refit_on_support(np.hstack([W, b[:, None]]), np.hstack([keep, np.ones((len(W), 1), bool)]),
-                                  stats.augmented_gram[j])
-    return full[:, :-1], full[:, -1]
 
 
 def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: LayerStats) -> np.ndarray:
@@ -197,12 +188,10 @@ def solver_bias(layer: Layer, bias: np.ndarray | None) -> np.ndarray | None:
 def stored_bias(layer: Layer, solved: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """The solvers' bias back in the stored form of the dense `bias` (kept where BN's scale is 0:
     that channel's output does not depend on it)."""
-    mul, add = _bias_map(layer, bias)
-    mul = np.broadcast_to(mul, (bias.size,))
-    flat = np.asarray(solved, dtype=np.float64).reshape(-1)
-    back = bias.astype(np.float64).reshape(-1).copy()
+    mul, add = (np.broadcast_to(v, (bias.size,)) for v in _bias_map(layer, bias))
+    back = bias.astype(np.float64).reshape(-1)
     live = mul != 0
-    back[live] = (flat - add)[live] / mul[live] if np.ndim(add) else (flat[live] - add) / mul[live]
+    back[live] = (np.asarray(solved, dtype=np.float64).reshape(-1)[live] - add[live]) / mul[live]
     return back.reshape(bias.shape).astype(bias.dtype)
 
 
