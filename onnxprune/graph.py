@@ -7,6 +7,7 @@ recorded as an index map (operand.py), so the operand the node sees is `stored.f
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import ChainMap, Counter
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ class Layer:
     input_name: str | None = None  # the activation multiplied by the weight
     output_name: str | None = None  # the layer output after any bias Add
     bias: onnx.TensorProto | None = None
+    channel_split: tuple[int, ...] = ()  # the axes a Reshape splits the channels into before the bias Add
     relu: bool = False  # every consumer of the output is a Relu
     affine: AffineAfter | None = None  # per-channel scale and shift before its consumers
     bias_scale: float = 1.0  # the bias as the solvers see it (output = X W^T + b): stored * this
@@ -392,9 +394,15 @@ class _Finder:
                 if not beta:
                     layer.bias = None  # C is not used
         elif node.op_type in ("MatMul", "Einsum", "Conv", "ConvTranspose"):  # a bias added next
-            add, bias = _added_constant(node, scope, producers, consumers)
-            if bias is not None and (_per_channel(bias.dims, layer) if layer.layout_op != "MatMul"
-                                     else len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
+            add, bias = _added_constant(node.output[0], scope, producers, consumers)
+            reshaped = None if add is not None else _channel_reshape(layer, scope, producers, consumers)
+            if reshaped is not None:  # tf2onnx: MatMul -> Reshape -> Add (a Dense on 3-D input)
+                add, bias = _added_constant(reshaped[0], scope, producers, consumers)
+                if bias is not None and _without_leading_ones(bias.dims) == reshaped[1]:
+                    layer.channel_split = reshaped[1]
+                    layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
+            elif bias is not None and (_per_channel(bias.dims, layer) if layer.layout_op != "MatMul"
+                                       else len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
                 # (solve.bias_blocks decides whether a MatMul's is per output: (d_out, 1) on the left)
                 layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
         fold_affine(layer, consumers, lambda name: _constant(name, scope, producers))
@@ -427,14 +435,54 @@ def _zero_below(node, scope, producers) -> bool:
     return low == 0 and high > 0
 
 
-def _added_constant(node, scope, producers, consumers):
-    """(the Add, the constant it adds) when a node's only consumer adds a constant to it."""
-    users = consumers.get(node.output[0], [])
-    if len(users) != 1 or users[0].op_type != "Add" or consumers.used_otherwise(node.output[0]):
+def _added_constant(name, scope, producers, consumers):
+    """(the Add, the constant it adds) when a value's only consumer adds a constant to it."""
+    users = consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != "Add" or consumers.used_otherwise(name):
         return None, None
     add = users[0]
-    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    other = add.input[1] if add.input[0] == name else add.input[0]
     return add, _constant(other, scope, producers)
+
+
+def _channel_reshape(layer, scope, producers, consumers):
+    """(the Reshape's output, the trailing axes it splits the channels into) when a MatMul's
+    output (..., C) goes only to a Reshape whose target shape ends in known sizes of product C.
+    Reshaping keeps each element's flat index, so its channel (the index mod C) is the position
+    within those axes: a constant of exactly their shape still adds one value per channel."""
+    name = layer.output_name
+    users = consumers.get(name, [])
+    if (layer.layout_op != "MatMul" or layer.weight_side != "right" or not layer.layout_known
+            or len(layer.operand_shape) != 2 or len(users) != 1 or consumers.used_otherwise(name)
+            or users[0].op_type != "Reshape" or users[0].input[0] != name):
+        return None
+    channels, split = layer.operand_shape[-1], ()
+    for size in reversed(_trailing_sizes(users[0].input[1], scope, producers)):
+        if math.prod(split) >= channels or size <= 0:  # 0 and -1 take sizes from the input
+            break
+        split = (size, *split)
+    return (users[0].output[0], split) if math.prod(split) == channels else None
+
+
+def _trailing_sizes(name, scope, producers) -> list[int]:
+    """The sizes known at the end of a shape value: all of a constant's, or those of a Concat's
+    constant inputs after its last computed one (as tf2onnx builds a Tensordot's shape)."""
+    tensor, node, _, _ = _walk_back(name, scope, producers, ("Identity", "Cast"))
+    parts = [tensor] if tensor is not None else []
+    if node is not None and node.op_type == "Concat":
+        for part in reversed(node.input):
+            tensor = _constant(part, scope, producers)
+            if tensor is None:
+                break
+            parts.insert(0, tensor)
+    return [int(v) for t in parts for v in tensor_to_array(t).reshape(-1)]
+
+
+def _without_leading_ones(dims) -> tuple[int, ...]:
+    dims = [int(d) for d in dims]
+    while len(dims) > 1 and dims[0] == 1:
+        dims.pop(0)
+    return tuple(dims)
 
 
 def _per_channel(dims, layer) -> bool:

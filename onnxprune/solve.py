@@ -33,8 +33,8 @@ def bias_blocks(layer: Layer, bias: np.ndarray | None, k: int, d_out: int) -> np
         return None
     if layer.weight_side == "left":  # W X + C: outputs are C's rows (a 1-D C adds per column)
         per_output = bias.shape == (d_out, 1)
-    else:  # 0-D with one output, 1-D, or (1, d_out) as some exporters write a Gemm's C
-        per_output = bias.ndim <= 1 or bias.shape[0] == 1
+    else:  # 0-D with one output, 1-D, (1, d_out) as some exporters write a Gemm's C, or split
+        per_output = bias.ndim <= 1 or bias.shape[0] == 1 or bool(layer.channel_split)
     if not per_output:
         return None
     if layer.layout_op == "MatMul" and k != 1:

@@ -539,3 +539,63 @@ def test_a_clip_at_zero_from_below_counts_as_a_relu_for_dc(low, high, opset, rel
                    [_value("y", ["N", 4, 3, 3])], tensors, opset=opset)
     (layer,), _ = find_layers(model)
     assert layer.relu == relu
+
+
+def _dense_on_3d(rng, reshaped: bool, split_to=(4, 8)):
+    """x (N, 5, 16) -> Dense(32) + ReLU -> Dense(32), its output as (N, 5, 4, 8). `reshaped`: as
+    tf2onnx writes it: MatMul on (N*5, 16), Reshape to a shape computed at run time, Add, Relu;
+    then MatMul, Reshape to a constant (-1, 5, *split_to) and Add of a constant of that shape."""
+    t = {"w1": rng.standard_normal((16, 32)), "b1": rng.standard_normal(32) * 0.5,
+         "w2": rng.standard_normal((32, 32)) * 0.3, "b2": rng.standard_normal(32) * 0.5}
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    out = [_value("y", ["N", 5, 4, 8])]
+    if not reshaped:
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["a"]),
+                 helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["h2"]),
+                 helper.make_node("Add", ["h2", "b2"], ["a2"]), helper.make_node("Reshape", ["a2", "s"], ["y"])]
+        return _model(nodes, [_value("x", ["N", 5, 16])], out, {**t, "s": np.array([-1, 5, 4, 8])})
+    t.update(flat=np.array([-1, 16]), c32=np.array([32]), i01=np.array([0, 1]),
+             s=np.array([-1, 5, *split_to]), b2=t["b2"].reshape(split_to))
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]), helper.make_node("MatMul", ["x2", "w1"], ["h"]),
+             helper.make_node("Shape", ["x"], ["xs"]), helper.make_node("Gather", ["xs", "i01"], ["lead"]),
+             helper.make_node("Concat", ["lead", "c32"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["h", "shape"], ["h3"]), helper.make_node("Add", ["h3", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["h2"]),
+             helper.make_node("Reshape", ["h2", "s"], ["h4"]), helper.make_node("Add", ["h4", "b2"], ["y"])]
+    return _model(nodes, [_value("x", ["N", 5, 16])], [_value("y", ["N", 5, *split_to])], t)
+
+
+def test_a_bias_added_after_a_reshape_that_keeps_the_channels_is_the_layers():
+    # tf2onnx's Dense on 3-D input (Tensordot) and Keras attention's per-head bias: the Add follows
+    # a Reshape. The same weights as the plain model get the same result, the bias keeps its shape
+    rng = np.random.default_rng(53)
+    tf_like, plain = _dense_on_3d(rng, True), _dense_on_3d(np.random.default_rng(53), False)
+    first, second = find_layers(tf_like)[0]
+    assert (first.bias.name, first.relu, first.channel_split) == ("b1", True, (32,))
+    assert (second.bias.name, second.relu, second.channel_split) == ("b2", False, (4, 8))
+    calib = {"x": rng.standard_normal((64, 5, 16)).astype(np.float32)}
+    for method, refit in (("ltp", True), ("dc", False)):
+        a = prune(tf_like, 0.6, method=method, calib=calib, refit=refit)
+        b = prune(plain, 0.6, method=method, calib=calib, refit=refit)
+        tol = dict(rtol=1e-4, atol=1e-5) if method == "ltp" else dict(rtol=0.05, atol=0.02)  # DC: see test_batchnorm
+        for w in ("w1", "w2", "b1"):
+            np.testing.assert_allclose(_tensor(a.model, w), _tensor(b.model, w), **tol)
+            assert (_tensor(a.model, w) == 0).sum() == (_tensor(b.model, w) == 0).sum()
+        assert _tensor(a.model, "b2").shape == (4, 8)
+        np.testing.assert_allclose(_tensor(a.model, "b2").reshape(-1), _tensor(b.model, "b2"), **tol)
+        assert not np.array_equal(_tensor(a.model, "b2"), _tensor(tf_like, "b2"))  # refitted
+
+
+@pytest.mark.parametrize("split_to", [(8, 4), (2, 16)])
+def test_a_reshape_that_moves_channels_across_axes_keeps_the_add_apart(split_to):
+    # (8, 4) still splits the 32 channels, so its (8, 4) constant is a bias; (2, 16) puts half of
+    # them into the axis before: a (2, 16) constant still adds per channel, a (16,) one would not
+    model = _dense_on_3d(np.random.default_rng(54), True, split_to)
+    second = find_layers(model)[0][1]
+    assert second.bias is not None and second.channel_split == split_to
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    b2 = next(t for t in bad.graph.initializer if t.name == "b2")
+    b2.CopyFrom(numpy_helper.from_array(_tensor(model, "b2").reshape(-1)[:split_to[-1]].copy(), "b2"))
+    second = find_layers(bad)[0][1]
+    assert second.bias is None and second.channel_split == () and second.output_name == "h2"
