@@ -328,7 +328,7 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
             run.writer.write_array(layer.tensor, new)
         folded = layer.affine if cut is None else None  # the solve saw the scale and shift after it
         refitted = "" if new_bias is None else f"{layer.affine.holds_bias} refitted as its bias" if (
-            folded and layer.affine.holds_bias) else "bias refitted"
+            layer.affine and layer.affine.holds_bias) else "bias refitted"
         rows.append(LayerRow(layer.name, layer.op, list(layer.shape), layer.dtype.name, layer.size,
                              zeros_before, zeros_after, layer.graph,
                              "; ".join(x for x in (note, f"fitted with the {folded.ops} after it" if folded
@@ -372,12 +372,12 @@ def _sequential_stats(run: _Run, layer):
 def _new_layer_weights(run: _Run, layer, array, n_zero, cut, stats):
     """(new weights, refitted bias or None, note): the magnitude `cut` (refitted with --refit
     where the layer has statistics), or without a cut the calibrated method's solve."""
+    bias = run.biases.get(layer.key)
     if cut is not None:
         new = solve.magnitude_layer(array, n_zero, cut)
         if run.refit and stats is not None:
-            new = solve.refit_layer(layer, array, new, stats)
+            return *solve.refit_layer(layer, array, new, stats, bias), ""
         return new, None, ""
-    bias = run.biases.get(layer.key)
     if run.method == "dc":
         return *solve.dc_layer(layer, array, n_zero, stats, bias, seed=run.options.seed), ""
     new, new_bias, learned_support = solve.ltp_layer(layer, array, n_zero, stats, bias, run.refit)

@@ -97,26 +97,39 @@ def _dc_blocks(W, b, new_W, new_b, keeps, stats, use_relu, seed) -> None:
             new_b[j] = bj
 
 
-def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: LayerStats) -> np.ndarray:
-    """Least-squares refit of the kept weights so the layer reproduces its DENSE output on the
-    calibration data (the zeros stay zero). Each output row is fitted on its own, so the scale
-    after the layer (solver_blocks) would change nothing: the stored weights are refitted."""
+def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: LayerStats,
+                bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares refit of the kept weights, and of the bias where each block owns a slice
+    of it, so the layer reproduces its DENSE output on the calibration data (the zeros stay
+    zero). Returns (new stored weight, new stored bias or None). Each output row is fitted on
+    its own, so the scale after the layer (solver_blocks) changes nothing but the bias map."""
     idx = block_index(layer)
-    W = dense.reshape(-1)[idx].astype(np.float64)
+    k, d_out, _ = idx.shape
     keep = pruned.reshape(-1)[idx] != 0
-    factor = _low_rank_factor(stats)
-    with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
-        new = refit.refit_on_support(W, keep, stats.gram, factor=factor)
-    return _to_stored(layer, pruned, idx, new)
+    b = bias_blocks(layer, solver_bias(layer, bias), k, d_out)
+    if b is None:
+        W = dense.reshape(-1)[idx].astype(np.float64)
+        with threadpool_limits(limits=1, user_api="blas"):  # batched small solves: see dc_layer
+            new = refit.refit_on_support(W, keep, stats.gram, factor=_low_rank_factor(stats))
+        return _to_stored(layer, pruned, idx, new), None
+    # (ours) the bias is refitted with the weights (Gram of [X 1]): the kept weights no longer
+    # have to make up for the mean the pruned ones carried (global-mt --refit at 0.95: animal_mlp
+    # 61.45 -> 66.85 %, digits_cnn 60.83 -> 65.83 %)
+    Wb = np.concatenate([solver_blocks(layer, dense, idx).astype(np.float64), b[..., None]], axis=-1)
+    mask = np.concatenate([keep, np.ones((k, d_out, 1), bool)], axis=-1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        new = refit.refit_on_support(Wb, mask, stats.augmented_gram, factor=_low_rank_factor(stats, True))
+    n_zero = pruned.size - int(np.count_nonzero(keep))
+    return _to_stored(layer, pruned, idx, new[..., :-1], n_zero), stored_bias(layer, new[..., -1], bias)
 
 
-def _low_rank_factor(stats: LayerStats) -> np.ndarray | None:
-    """The Gram's low-rank factor when it was summed from fewer rows than inputs (kept for a
-    trail's levels), else None."""
-    rank = stats.low_rank()
-    if rank is not None and "factor" not in stats.derived:
-        stats.derived["factor"] = refit.low_rank_factor(stats.gram, rank)
-    return stats.derived.get("factor")
+def _low_rank_factor(stats: LayerStats, augmented: bool = False) -> np.ndarray | None:
+    """The low-rank factor of the Gram (of [X 1] when `augmented`) when it was summed from fewer
+    rows than inputs (kept for a trail's levels), else None."""
+    rank, key = stats.low_rank(augmented), ("factor", augmented)
+    if rank is not None and key not in stats.derived:
+        stats.derived[key] = refit.low_rank_factor(stats.augmented_gram if augmented else stats.gram, rank)
+    return stats.derived.get(key)
 
 
 def ltp_layer(layer: Layer, stored: np.ndarray, n_zero: int, stats: LayerStats,

@@ -78,9 +78,12 @@ def _folded(model):
             (w * _per_channel(layer, w.shape, s)).astype(np.float32), layer.input[1]))
         bias = layer.input[1] + ".folded_b"
         g.initializer.append(numpy_helper.from_array((s * (b - mean) + beta).astype(np.float32), bias))
-        del layer.input[2:]
-        layer.input.append(bias)
-        layer.output[0] = bn.output[0]
+        if layer.op_type == "MatMul":  # the bias comes in an Add
+            g.node.insert(list(g.node).index(bn), helper.make_node("Add", [bn.input[0], bias], [bn.output[0]]))
+        else:
+            del layer.input[2:]
+            layer.input.append(bias)
+            layer.output[0] = bn.output[0]
         g.node.remove(bn)
     return model
 
@@ -101,7 +104,7 @@ def _per_channel(layer, shape, s):
         group, (c_in, per) = attrs.get("group", 1), shape[:2]
         index = (np.arange(c_in)[:, None] // (c_in // group)) * per + np.arange(per)[None, :]
         return s[index].reshape(c_in, per, *[1] * (len(shape) - 2))
-    if layer.op_type == "Gemm" and not attrs.get("transB", 0):  # W (K, N)
+    if layer.op_type == "MatMul" or (layer.op_type == "Gemm" and not attrs.get("transB", 0)):  # W (K, N)
         return s.reshape(1, -1)
     return s.reshape(-1, *[1] * (len(shape) - 1))
 
@@ -403,3 +406,26 @@ def test_a_bias_not_one_per_channel_leaves_the_scaling_after_it_alone():
                    {"wf": w.reshape(-1), "s": np.array([8, 6], np.int64), "k": k})
     (layer,), _ = find_layers(model)
     assert layer.layout_unknown and layer.affine is None
+
+
+def test_refit_fits_the_weights_and_bns_b_as_the_folded_models_weights_and_bias():
+    # one BN factor (-1.5) for every channel, so that magnitude ranks the stored and the folded
+    # weights alike; the refit then gives the unfused model what it gives the folded one
+    rng = np.random.default_rng(70)
+    mean, var = rng.normal(0, 0.5, 6), rng.uniform(0.3, 2.0, 6)
+    params = [(-1.5 * np.sqrt(var + 1e-3)), rng.normal(0, 0.5, 6), mean, var]
+    bn, params = _bn("bn", "m", "n", [p.astype(np.float32) for p in params])
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["m"]), bn, helper.make_node("Relu", ["n"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                   {"w": rng.normal(size=(10, 6)).astype(np.float32), **params})
+    folded = _folded(model)
+    calib = {"x": rng.normal(size=(64, 10)).astype(np.float32)}
+    a, b = (prune(m, 0.6, method="layer", refit=True, calib=calib) for m in (model, folded))
+    wa, wb, s = _weights(a.model), _weights(b.model), _scales(model)["w"]
+    assert np.array_equal(wa["w"] == 0, wb["w"] == 0)
+    np.testing.assert_allclose(wa["w"] * s, wb["w"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(wa["bn.B"] - s[0] * wa["bn.mean"], wb["w.folded_b"], rtol=1e-4, atol=1e-5)
+    assert a.report.layers[0].note.endswith("BN's B refitted as its bias")
+    x = rng.normal(size=(32, 10)).astype(np.float32)
+    np.testing.assert_allclose(_run(a.model, x), _run(b.model, x), rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 import pytest
 
 import builders
@@ -13,6 +14,7 @@ from onnxprune import OnnxPruneError, prune
 from onnxprune.calibration.collect import accumulator_bytes, calibration_groups, collect_statistics
 from onnxprune.calibration.source import load_calibration
 from onnxprune.graph import find_layers
+from onnxprune.methods.refit import refit_on_support
 from onnxprune.runtime import make_session, providers_for
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -150,6 +152,29 @@ def test_dc_end_to_end_exact_sparsity_and_bias_refit():
     magnitude = prune(model, 0.7, method="global-mt").model
     mag = ort.InferenceSession(magnitude.SerializeToString()).run(None, data)[0]
     assert np.mean((pruned - dense) ** 2) < 0.5 * np.mean((mag - dense) ** 2)
+
+
+def test_refit_after_magnitude_refits_the_bias_too():
+    # inputs with a mean: the pruned weights carried part of it, which the bias can take back
+    rng = np.random.default_rng(5)
+    w, b = rng.standard_normal((8, 12)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    model = builders.make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+                                [builders.vinfo("x", ["N", 12])], [builders.vinfo("y", ["N", 8])],
+                                [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    x = (rng.standard_normal((256, 12)) + 1.0).astype(np.float32)
+    result = prune(model, 0.7, method="layer", refit=True, calib={"x": x})
+    assert [row.note for row in result.report.layers] == ["bias refitted"]
+    new = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    mask = new["w"] != 0
+    assert mask.sum() == round(0.3 * w.size) and not np.array_equal(new["b"], b)
+    x1 = np.hstack([x, np.ones((len(x), 1), np.float32)]).astype(np.float64)  # [X 1]: w and b in one solve
+    both = refit_on_support(np.hstack([w, b[:, None]])[None], np.hstack([mask, np.ones((8, 1), bool)])[None],
+                            (x1.T @ x1)[None])[0]
+    np.testing.assert_allclose(new["w"], both[:, :-1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["b"], both[:, -1], rtol=1e-5, atol=1e-6)
+    weights_only = refit_on_support(w[None].astype(np.float64), mask[None], (x1[:, :-1].T @ x1[:, :-1])[None])[0]
+    error = lambda wn, bn: np.mean((x @ wn.T + bn - (x @ w.T + b)) ** 2)  # noqa: E731
+    assert error(new["w"], new["b"]) < 0.9 * error(weights_only, b) < 0.9 * error(w * mask, b)
 
 
 def test_dc_on_the_animal_cnn_beats_magnitude(tmp_path):
