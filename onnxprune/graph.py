@@ -454,7 +454,7 @@ def _channel_reshape(layer, scope, producers, consumers):
     users = consumers.get(name, [])
     if (layer.layout_op != "MatMul" or layer.weight_side != "right" or not layer.layout_known
             or len(layer.operand_shape) != 2 or len(users) != 1 or consumers.used_otherwise(name)
-            or users[0].op_type != "Reshape" or users[0].input[0] != name):
+            or users[0].op_type != "Reshape" or users[0].input[0] != name or len(users[0].input) < 2):
         return None
     channels, split = layer.operand_shape[-1], ()
     for size in reversed(_trailing_sizes(users[0].input[1], scope, producers)):

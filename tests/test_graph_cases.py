@@ -599,3 +599,13 @@ def test_a_reshape_that_moves_channels_across_axes_keeps_the_add_apart(split_to)
     b2.CopyFrom(numpy_helper.from_array(_tensor(model, "b2").reshape(-1)[:split_to[-1]].copy(), "b2"))
     second = find_layers(bad)[0][1]
     assert second.bias is None and second.channel_split == () and second.output_name == "h2"
+
+
+def test_a_reshape_with_its_shape_as_an_attribute_is_not_seen_through():
+    # Reshape-1 (opset < 5) holds the shape as an attribute: nothing to trace, and no crash
+    rng = np.random.default_rng(55)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h"], ["r"], shape=[-1, 6]),
+                    helper.make_node("Add", ["r", "b"], ["y"])], [_value("x", ["N", 4])], [_value("y", ["N", 6])],
+                   {"w": rng.standard_normal((4, 6)).astype(np.float32), "b": np.ones(6, np.float32)}, opset=4)
+    (layer,), _ = find_layers(model)
+    assert layer.bias is None and layer.channel_split == ()
