@@ -22,14 +22,19 @@ from .modelio import body_label, node_label, tensor_key, tensor_to_array
 from .affine import AffineAfter, Ranks, fold_affine
 from .operand import FLOAT_TYPES, SLICING, attr_value, einsum_weight, operand_view
 
-PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Attention")
+MS = "com.microsoft"  # onnxruntime's contrib ops, as its transformer optimizer writes them
+# onnxruntime fusions that add a MatMul's bias inside them: {op: (the MatMul's slots, bias slot)}
+FUSED_BIAS = {"SkipLayerNormalization": ((0, 1), 4), "SkipSimplifiedLayerNormalization": ((0, 1), 3),
+              "BiasGelu": ((0,), 1), "FastGelu": ((0,), 1)}
 PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
 # Float matrices used by these are masks, position tables, offsets: no weight to name as skipped
 NOT_WEIGHT_USES = ("Add", "Sub", "Where", "Expand", "Equal", "Less", "Greater", "Max", "Min")
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # their W and R: skipped by default, named in the report
 # integer layers and the inputs that hold their (constant) weights
 QUANTIZED_WEIGHT_SLOTS = {"ConvInteger": (1,), "MatMulInteger": (0, 1), "QLinearConv": (3,),
-                          "QLinearMatMul": (0, 3), "QGemm": (3,)}
+                          "QLinearMatMul": (0, 3), "QGemm": (3,), "QAttention": (1,),
+                          "DynamicQuantizeMatMul": (1,), "MatMulIntegerToFloat": (0, 1)}
 QUANTIZED_REASON = "quantized weight: onnxprune prunes float weights (prune before quantizing)"
 FAKE_QUANTIZED_REASON = ("float weight behind QuantizeLinear -> DequantizeLinear: --include its "
                          "name to prune it by magnitude")
@@ -76,8 +81,9 @@ class Layer:
 
     @property
     def layout_op(self) -> str:
-        """The op whose weight layout this layer follows: an Einsum is one only as a MatMul."""
-        return "MatMul" if self.op == "Einsum" else self.op
+        """The op whose weight layout this layer follows: an Einsum is one only as a MatMul, and
+        onnxruntime's fused Attention computes input @ W + bias for Q, K and V at once."""
+        return "MatMul" if self.op in ("Einsum", "Attention") else self.op
 
     @property
     def layout_known(self) -> bool:
@@ -385,8 +391,8 @@ class _Finder:
         layer.index, layer.layout_unknown = operand_view(layer.shape, chain, scope, transpose=einsum == "oi")
         data_slot = 1 if slot == 0 else 0
         layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
-        layer.output_name = node.output[0]
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
+        layer.output_name = node.output[0] if node.op_type != "Attention" else None  # (not X W + b)
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "Attention") and len(node.input) > 2 and node.input[2]:
             layer.bias, layer.bias_adders = _constant(node.input[2], scope, producers), [node]
             if node.op_type == "Gemm":  # alpha A B + beta C = alpha (A B + (beta / alpha) C)
                 alpha, beta = layer.attrs.get("alpha", 1.0), layer.attrs.get("beta", 1.0)
@@ -405,6 +411,10 @@ class _Finder:
                                        else len(bias.dims) == 1 or list(bias.dims[1:]) == [1]):
                 # (solve.bias_blocks decides whether a MatMul's is per output: (d_out, 1) on the left)
                 layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
+            elif add is None:
+                fused, bias = _fused_bias(layer, scope, producers, consumers)
+                if bias is not None:  # nothing after the fused op is linear in the layer's output
+                    layer.bias, layer.output_name, layer.bias_adders = bias, None, [fused]
         fold_affine(layer, consumers, lambda name: _constant(name, scope, producers))
         users = _elementwise_users(layer.output_name, consumers)
         layer.relu = bool(users) and all(u is not None and _zero_below(u, scope, producers) for u in users)
@@ -443,6 +453,24 @@ def _added_constant(name, scope, producers, consumers):
     add = users[0]
     other = add.input[1] if add.input[0] == name else add.input[0]
     return add, _constant(other, scope, producers)
+
+
+def _fused_bias(layer, scope, producers, consumers):
+    """(the fused op, the bias it adds) when a right-side MatMul's output goes only to an
+    onnxruntime fusion that adds a constant (C,) to it first (FUSED_BIAS), else (None, None)."""
+    name = layer.output_name
+    users = consumers.get(name, [])
+    if (layer.op != "MatMul" or layer.weight_side != "right" or not layer.layout_known or len(users) != 1
+            or consumers.used_otherwise(name) or users[0].domain != MS or users[0].op_type not in FUSED_BIAS):
+        return None, None
+    fused = users[0]
+    slots, bias_slot = FUSED_BIAS[fused.op_type]
+    uses = [i for i, x in enumerate(fused.input) if x == name]
+    bias = (_constant(fused.input[bias_slot], scope, producers)
+            if len(uses) == 1 and uses[0] in slots and len(fused.input) > bias_slot and fused.input[bias_slot] else None)
+    if bias is None or [int(d) for d in bias.dims] != [layer.operand_shape[-1]] or len(layer.operand_shape) != 2:
+        return None, None
+    return fused, bias
 
 
 def _channel_reshape(layer, scope, producers, consumers):
@@ -558,6 +586,10 @@ def _role(node, slot, scope, producers) -> str | None:
         return "weight"
     if op == "Gather":
         return "embedding" if slot == 0 else None
+    if node.domain == MS and op == "Attention":  # input @ weight (1) + bias (2): packed Q | K | V
+        return "weight" if slot == 1 else "bias" if slot == 2 else None
+    if node.domain == MS and op == "EmbedLayerNormalization":  # word, position, segment tables
+        return "embedding" if slot in (2, 3, 4) else "norm" if slot in (5, 6) else None
     if op == "Einsum":
         return "weight" if einsum_weight(node, slot) else "other"
     if op in QUANTIZED_WEIGHT_SLOTS:

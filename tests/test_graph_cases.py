@@ -609,3 +609,68 @@ def test_a_reshape_with_its_shape_as_an_attribute_is_not_seen_through():
                    {"w": rng.standard_normal((4, 6)).astype(np.float32), "b": np.ones(6, np.float32)}, opset=4)
     (layer,), _ = find_layers(model)
     assert layer.bias is None and layer.channel_split == ()
+
+
+def _ms_model(nodes, tensors, out_shape):
+    graph = helper.make_graph(nodes, "g", [_value("x", ["N", 4, 8])], [_value("y", out_shape)],
+                              [numpy_helper.from_array(v, k) for k, v in tensors.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("fused", ["Attention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+                                   "BiasGelu", "FastGelu"])
+def test_onnxruntime_fusions_keep_the_layer_and_its_bias(fused):
+    # onnxruntime.transformers.optimizer packs Q | K | V into Attention's weight, and moves the
+    # biases of the other MatMuls into SkipLayerNormalization / BiasGelu / FastGelu: each is still
+    # x W + b, pruned and refitted as the plain MatMul -> Add gives it
+    rng = np.random.default_rng(56)
+    d_out = 24 if fused == "Attention" else 8
+    t = {"w": rng.standard_normal((8, d_out)).astype(np.float32), "b": rng.standard_normal(d_out).astype(np.float32),
+         "gamma": np.ones(8, np.float32), "beta": np.zeros(8, np.float32)}
+    ms = dict(domain="com.microsoft")
+    if fused == "Attention":
+        nodes = [helper.make_node("Attention", ["x", "w", "b"], ["y"], num_heads=2, **ms)]
+    elif fused == "SkipLayerNormalization":
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+                 helper.make_node(fused, ["x", "h", "gamma", "beta", "b"], ["y"], **ms)]
+    elif fused == "SkipSimplifiedLayerNormalization":
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+                 helper.make_node(fused, ["h", "x", "gamma", "b"], ["y"], **ms)]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node(fused, ["h", "b"], ["y"], **ms)]
+    model = _ms_model(nodes, t, ["N", 4, 8])
+    plain = _ms_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                      {"w": t["w"], "b": t["b"]}, ["N", 4, d_out])
+    (layer,), _ = find_layers(model)
+    assert (layer.name, layer.op, layer.bias.name, layer.input_name, layer.relu) == ("w", fused if fused == "Attention" else "MatMul", "b", "x", False)
+    calib = {"x": rng.standard_normal((64, 4, 8)).astype(np.float32)}
+    for options in (dict(method="dc"), dict(method="layer", refit=True)):
+        a, b = (prune(m, 0.6, calib=calib, **options) for m in (model, plain))
+        assert a.report.layers[0].note == "bias refitted" and not any("without calibration" in n for n in a.report.notes)
+        for name in ("w", "b"):
+            np.testing.assert_allclose(_tensor(a.model, name), _tensor(b.model, name), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_embedding_tables_and_quantized_attention_are_named_for_what_they_are():
+    rng = np.random.default_rng(57)
+    ms = dict(domain="com.microsoft")
+    t = {"word": rng.standard_normal((30, 8)), "pos": rng.standard_normal((16, 8)), "seg": rng.standard_normal((2, 8)),
+         "gamma": np.ones(8), "beta": np.zeros(8)}
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    nodes = [helper.make_node("EmbedLayerNormalization", ["ids", "segs", "word", "pos", "seg", "gamma", "beta"],
+                              ["e", "mask_index"], **ms),
+             helper.make_node("QAttention", ["eq", "wq", "bias", "s", "s"], ["y"], num_heads=2, **ms)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.INT32, ["N", 4]) for n in ("ids", "segs")]
+                              + [helper.make_tensor_value_info("eq", TensorProto.UINT8, ["N", 4, 8])],
+                              [_value("y", ["N", 4, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in t.items()]
+                              + [_int8("wq", rng.integers(-9, 9, (8, 24))),
+                                 numpy_helper.from_array(np.zeros(24, np.float32), "bias"),
+                                 numpy_helper.from_array(np.array(0.1, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    layers, skipped = find_layers(model)
+    reasons = {s.name: s.reason for s in skipped}
+    assert layers == [] and reasons["wq"].startswith("quantized weight")
+    assert all(reasons[n].startswith("embedding table") for n in ("word", "pos", "seg"))
