@@ -75,7 +75,7 @@ def _affine_step(node, name, layer, channels, consumers, constant):
         return 1.0, 0.0, None
     if node.op_type == "BatchNormalization":
         attrs = {a.name: attr_value(a) for a in node.attribute}
-        matmul_2d = layer.layout_op != "MatMul" or consumers.rank(layer.input_name) == 2  # BN: axis 1
+        matmul_2d = layer.layout_op != "MatMul" or consumers.rank(name) == 2  # BN: axis 1
         if (not matmul_2d or node.input[0] != name or len(node.input) != 5
                 or sum(map(bool, node.output)) != 1 or attrs.get("training_mode", 0) or not attrs.get("spatial", 1)):
             return None

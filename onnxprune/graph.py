@@ -23,7 +23,7 @@ from .affine import AffineAfter, Ranks, fold_affine
 from .operand import FLOAT_TYPES, SLICING, attr_value, einsum_weight, operand_view
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Attention")
-MS = "com.microsoft"  # onnxruntime's contrib ops, as its transformer optimizer writes them
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops, as its transformer optimizer writes them
 # onnxruntime fusions that add a MatMul's bias inside them: {op: (the MatMul's slots, bias slot)}
 FUSED_BIAS = {"SkipLayerNormalization": ((0, 1), 4), "SkipSimplifiedLayerNormalization": ((0, 1), 3),
               "BiasGelu": ((0,), 1), "FastGelu": ((0,), 1)}
@@ -179,9 +179,13 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
             layers.append(layer)
         elif layer.name not in named and (reason := _skip_reason(layer, finder.functions)):
             skipped.append(Skipped(layer.name, layer.op, reason, layer.node))
+    pruned = {id(layer.tensor) for layer in layers}
     for layer in layers:
         if layer.other_uses and layer.role == "weight":
             layer.notes.append(f"also used by {', '.join(layer.other_uses)}, which sees the pruned values")
+        if layer.bias is not None and id(layer.bias) in pruned:  # --include chose it: its own mask
+            layer.bias, layer.relu = None, False  # stays, a refit would undo (see _unshare_biases)
+            layer.notes.append("bias pruned on its own (--include): not refitted")
     return layers, skipped
 
 
@@ -391,6 +395,7 @@ class _Finder:
         layer.index, layer.layout_unknown = operand_view(layer.shape, chain, scope, transpose=einsum == "oi")
         data_slot = 1 if slot == 0 else 0
         layer.input_name = node.input[data_slot] if len(node.input) > data_slot else None
+        # (an Attention here is onnxruntime's: _role gives the default domain's no weight)
         layer.output_name = node.output[0] if node.op_type != "Attention" else None  # (not X W + b)
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "Attention") and len(node.input) > 2 and node.input[2]:
             layer.bias, layer.bias_adders = _constant(node.input[2], scope, producers), [node]
@@ -456,21 +461,16 @@ def _added_constant(name, scope, producers, consumers):
 
 
 def _fused_bias(layer, scope, producers, consumers):
-    """(the fused op, the bias it adds) when a right-side MatMul's output goes only to an
-    onnxruntime fusion that adds a constant (C,) to it first (FUSED_BIAS), else (None, None)."""
-    name = layer.output_name
-    users = consumers.get(name, [])
-    if (layer.op != "MatMul" or layer.weight_side != "right" or not layer.layout_known or len(users) != 1
-            or consumers.used_otherwise(name) or users[0].domain != MS or users[0].op_type not in FUSED_BIAS):
+    """(the fused op, the bias it adds) when a MatMul's output goes only to an onnxruntime
+    fusion that adds a constant (C,) to it first (FUSED_BIAS), else (None, None)."""
+    fused = _sole_user(layer, consumers)
+    if fused is None or fused.domain != MS_DOMAIN or fused.op_type not in FUSED_BIAS:
         return None, None
-    fused = users[0]
     slots, bias_slot = FUSED_BIAS[fused.op_type]
-    uses = [i for i, x in enumerate(fused.input) if x == name]
-    bias = (_constant(fused.input[bias_slot], scope, producers)
-            if len(uses) == 1 and uses[0] in slots and len(fused.input) > bias_slot and fused.input[bias_slot] else None)
-    if bias is None or [int(d) for d in bias.dims] != [layer.operand_shape[-1]] or len(layer.operand_shape) != 2:
+    if list(fused.input).index(layer.output_name) not in slots or len(fused.input) <= bias_slot:
         return None, None
-    return fused, bias
+    bias = _constant(fused.input[bias_slot], scope, producers) if fused.input[bias_slot] else None
+    return (fused, bias) if bias is not None and [int(d) for d in bias.dims] == [layer.operand_shape[-1]] else (None, None)
 
 
 def _channel_reshape(layer, scope, producers, consumers):
@@ -478,18 +478,26 @@ def _channel_reshape(layer, scope, producers, consumers):
     output (..., C) goes only to a Reshape whose target shape ends in known sizes of product C.
     Reshaping keeps each element's flat index, so its channel (the index mod C) is the position
     within those axes: a constant of exactly their shape still adds one value per channel."""
-    name = layer.output_name
-    users = consumers.get(name, [])
-    if (layer.layout_op != "MatMul" or layer.weight_side != "right" or not layer.layout_known
-            or len(layer.operand_shape) != 2 or len(users) != 1 or consumers.used_otherwise(name)
-            or users[0].op_type != "Reshape" or users[0].input[0] != name or len(users[0].input) < 2):
+    reshape = _sole_user(layer, consumers)
+    if (reshape is None or reshape.op_type != "Reshape" or reshape.input[0] != layer.output_name
+            or len(reshape.input) < 2):
         return None
     channels, split = layer.operand_shape[-1], ()
-    for size in reversed(_trailing_sizes(users[0].input[1], scope, producers)):
+    for size in reversed(_trailing_sizes(reshape.input[1], scope, producers)):
         if math.prod(split) >= channels or size <= 0:  # 0 and -1 take sizes from the input
             break
         split = (size, *split)
-    return (users[0].output[0], split) if math.prod(split) == channels else None
+    return (reshape.output[0], split) if math.prod(split) == channels else None
+
+
+def _sole_user(layer, consumers):
+    """The one node that reads a MatMul layer's output (a 2-D weight on the right, its layout
+    known, the output no graph output; a node reading it twice is two uses), else None."""
+    users = consumers.get(layer.output_name, [])
+    if (layer.layout_op != "MatMul" or layer.weight_side != "right" or not layer.layout_known
+            or len(layer.operand_shape) != 2 or len(users) != 1 or consumers.used_otherwise(layer.output_name)):
+        return None
+    return users[0]
 
 
 def _trailing_sizes(name, scope, producers) -> list[int]:
@@ -586,9 +594,9 @@ def _role(node, slot, scope, producers) -> str | None:
         return "weight"
     if op == "Gather":
         return "embedding" if slot == 0 else None
-    if node.domain == MS and op == "Attention":  # input @ weight (1) + bias (2): packed Q | K | V
+    if node.domain == MS_DOMAIN and op == "Attention":  # input @ weight (1) + bias (2): packed Q | K | V
         return "weight" if slot == 1 else "bias" if slot == 2 else None
-    if node.domain == MS and op == "EmbedLayerNormalization":  # word, position, segment tables
+    if node.domain == MS_DOMAIN and op == "EmbedLayerNormalization":  # word, position, segment tables
         return "embedding" if slot in (2, 3, 4) else "norm" if slot in (5, 6) else None
     if op == "Einsum":
         return "weight" if einsum_weight(node, slot) else "other"

@@ -119,7 +119,7 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     mask = np.concatenate([keep, np.ones((k, d_out, 1), bool)], axis=-1)
     with threadpool_limits(limits=1, user_api="blas"):
         new = refit.refit_on_support(Wb, mask, stats.augmented_gram, factor=_low_rank_factor(stats, True))
-    n_zero = pruned.size - int(np.count_nonzero(keep))
+    n_zero = int(np.count_nonzero(pruned == 0))
     return _to_stored(layer, pruned, idx, new[..., :-1], n_zero), stored_bias(layer, new[..., -1], bias)
 
 

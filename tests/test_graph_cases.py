@@ -674,3 +674,55 @@ def test_fused_embedding_tables_and_quantized_attention_are_named_for_what_they_
     reasons = {s.name: s.reason for s in skipped}
     assert layers == [] and reasons["wq"].startswith("quantized weight")
     assert all(reasons[n].startswith("embedding table") for n in ("word", "pos", "seg"))
+
+
+def test_a_split_bias_that_varies_along_another_axis_or_a_bn_on_another_axis_is_left_alone():
+    rng = np.random.default_rng(58)
+    model = _dense_on_3d(rng, True)
+    b2 = next(t for t in model.graph.initializer if t.name == "b2")  # (5, 4, 8): one per position too
+    b2.CopyFrom(numpy_helper.from_array(rng.standard_normal((5, 4, 8)).astype(np.float32), "b2"))
+    assert find_layers(model)[0][1].bias is None
+    # MatMul -> Reshape (-1, 8, 8) -> Add (8,) -> BatchNormalization: BN's axis 1 is the sequence
+    t = {"w": rng.standard_normal((8, 8)), "b": rng.standard_normal(8), "g": np.r_[0.0, np.ones(7)],
+         "beta": rng.standard_normal(8), "mu": np.zeros(8), "var": np.ones(8)}
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    bn = _model([helper.make_node("Reshape", ["x", "flat"], ["x2"]), helper.make_node("MatMul", ["x2", "w"], ["h"]),
+                 helper.make_node("Reshape", ["h", "shp"], ["h3"]), helper.make_node("Add", ["h3", "b"], ["a"]),
+                 helper.make_node("BatchNormalization", ["a", "g", "beta", "mu", "var"], ["y"])],
+                [_value("x", ["N", 8, 8])], [_value("y", ["N", 8, 8])],
+                {**t, "flat": np.array([-1, 8]), "shp": np.array([-1, 8, 8])})
+    (layer,), _ = find_layers(bn)
+    assert layer.bias is not None and layer.affine is None
+
+
+def test_onnx_attention_and_other_domains_ops_are_not_onnxruntimes_fusions():
+    # opset 23's Attention takes Q, K and V (here K, V constant): no weight; a BiasGelu of another
+    # domain adds no bias we know
+    rng = np.random.default_rng(59)
+    t = {"w": rng.standard_normal((8, 8)).astype(np.float32), "k": rng.standard_normal((1, 4, 8)).astype(np.float32),
+         "v": rng.standard_normal((1, 4, 8)).astype(np.float32), "b": np.ones(8, np.float32)}
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["q"]),
+                               helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=2, kv_num_heads=2)],
+                              "g", [_value("x", [1, 4, 8])], [_value("y", [1, 4, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in t.items() if k != "b"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    layers, _ = find_layers(model)
+    assert [layer.name for layer in layers] == ["w"]
+    other = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("BiasGelu", ["h", "b"], ["y"], domain="my.ops")],
+        "g", [_value("x", ["N", 8])], [_value("y", ["N", 8])], [numpy_helper.from_array(t["w"], "w"), numpy_helper.from_array(t["b"], "b")]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.ops", 1)], ir_version=8)
+    assert find_layers(other)[0][0].bias is None
+
+
+def test_a_bias_pruned_on_its_own_is_not_refitted_over():
+    # --include b prunes the bias by magnitude; a refit of it for the weight would be overwritten
+    rng = np.random.default_rng(60)
+    w, b = rng.standard_normal((6, 10)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], [_value("x", ["N", 10])],
+                   [_value("y", ["N", 6])], {"w": w, "b": b})
+    x = (rng.standard_normal((64, 10)) + 1.0).astype(np.float32)
+    result = prune(model, 0.5, method="layer", refit=True, calib={"x": x}, include="^b$")
+    notes = {row.name: row.note for row in result.report.layers}
+    assert notes["w"] == "bias pruned on its own (--include): not refitted"
+    np.testing.assert_array_equal(_tensor(result.model, "b"), np.where(np.abs(b) >= np.sort(np.abs(b))[3], b, 0))
