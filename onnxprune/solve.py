@@ -221,7 +221,7 @@ def _to_stored(layer: Layer, stored: np.ndarray, idx: np.ndarray, blocks: np.nda
             blocks = np.where(scale != 0, blocks / np.where(scale != 0, scale, 1.0), 0.0)
         dead = np.broadcast_to(scale == 0, idx.shape)
     out = np.array(stored, copy=True).reshape(-1)
-    out[idx.reshape(-1)] = blocks.reshape(-1).astype(stored.dtype)
+    out[idx.reshape(-1)] = _in_dtype(blocks.reshape(-1), stored.dtype)
     if dead is not None and dead.any():
         excess = int(np.count_nonzero(out == 0)) - n_zero
         spare = idx[dead & (stored.reshape(-1)[idx] != 0)]
@@ -229,6 +229,18 @@ def _to_stored(layer: Layer, stored: np.ndarray, idx: np.ndarray, blocks: np.nda
             back = spare[np.argsort(-np.abs(stored.reshape(-1)[spare]), kind="stable")[:excess]]
             out[back] = stored.reshape(-1)[back]
     return out.reshape(stored.shape)
+
+
+def _in_dtype(values: np.ndarray, dtype) -> np.ndarray:
+    """`values` cast to `dtype`, a nonzero one kept nonzero: where it rounds to 0 (a tiny solved
+    weight in float16 / bfloat16), the smallest subnormal of its sign, so the zero count stays
+    the one the mask set."""
+    cast = np.asarray(values).astype(dtype)
+    lost = (cast == 0) & (values != 0)
+    if lost.any():
+        bits = cast.view(f"u{cast.itemsize}")
+        bits[lost] = np.where(values[lost] < 0, 1 << (8 * cast.itemsize - 1), 0) | 1
+    return cast
 
 
 def ltp_allocation(layers: list[Layer], dense: list[np.ndarray], stats: dict[str, LayerStats],

@@ -426,3 +426,17 @@ def test_a_signal_during_the_final_renames_is_held_until_both_are_done(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         writer.save_model(model, tmp_path / "out.onnx", external_data=True)
     assert renamed == [str(tmp_path / "out.onnx.data"), str(tmp_path / "out.onnx")]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_a_solved_weight_too_small_for_its_dtype_stays_nonzero(dtype):
+    # an fp16 refit of the ONNX-runtime-optimized MiniLM gave one kept weight below fp16's
+    # smallest subnormal: it became a zero the mask never chose (5,308,417 for 5,308,416)
+    import ml_dtypes
+
+    from onnxprune.solve import _in_dtype
+    values = np.array([1e-30, -1e-30, 0.0, 0.25, -2.0])
+    cast = _in_dtype(values, getattr(ml_dtypes, dtype, None) or np.dtype(dtype))
+    assert list(cast == 0) == [False, False, True, False, False]
+    assert list(np.signbit(cast.astype(np.float64))) == [False, True, False, False, True]
+    np.testing.assert_array_equal(cast[3:].astype(np.float64), values[3:])
