@@ -26,7 +26,7 @@ PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Attention"
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops, as its transformer optimizer writes them
 # onnxruntime fusions that add a MatMul's bias inside them: {op: (the MatMul's slots, bias slot)}
 FUSED_BIAS = {"SkipLayerNormalization": ((0, 1), 4), "SkipSimplifiedLayerNormalization": ((0, 1), 3),
-              "BiasGelu": ((0,), 1), "FastGelu": ((0,), 1)}
+              "BiasGelu": ((0,), 1), "FastGelu": ((0,), 1), "MultiHeadAttention": ((0, 1, 2), 3)}
 PASS_THROUGH = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
 # Float matrices used by these are masks, position tables, offsets: no weight to name as skipped
 NOT_WEIGHT_USES = ("Add", "Sub", "Where", "Expand", "Equal", "Less", "Greater", "Max", "Min")
@@ -61,6 +61,7 @@ class Layer:
     input_name: str | None = None  # the activation multiplied by the weight
     output_name: str | None = None  # the layer output after any bias Add
     bias: onnx.TensorProto | None = None
+    bias_part: tuple[int, int] | None = None  # (start, stop) of a bias tensor layers share by parts
     channel_split: tuple[int, ...] = ()  # the axes a Reshape splits the channels into before the bias Add
     relu: bool = False  # every consumer of the output is a Relu
     affine: AffineAfter | None = None  # per-channel scale and shift before its consumers
@@ -417,9 +418,10 @@ class _Finder:
                 # (solve.bias_blocks decides whether a MatMul's is per output: (d_out, 1) on the left)
                 layer.bias, layer.output_name, layer.bias_adders = bias, add.output[0], [add]
             elif add is None:
-                fused, bias = _fused_bias(layer, scope, producers, consumers)
+                fused, bias, part = _fused_bias(layer, scope, producers, consumers)
                 if bias is not None:  # nothing after the fused op is linear in the layer's output
                     layer.bias, layer.output_name, layer.bias_adders = bias, None, [fused]
+                    layer.bias_part = part
         fold_affine(layer, consumers, lambda name: _constant(name, scope, producers))
         users = _elementwise_users(layer.output_name, consumers)
         layer.relu = bool(users) and all(u is not None and _zero_below(u, scope, producers) for u in users)
@@ -461,16 +463,25 @@ def _added_constant(name, scope, producers, consumers):
 
 
 def _fused_bias(layer, scope, producers, consumers):
-    """(the fused op, the bias it adds) when a MatMul's output goes only to an onnxruntime
-    fusion that adds a constant (C,) to it first (FUSED_BIAS), else (None, None)."""
+    """(the fused op, the bias it adds, the part of it that is the layer's or None) when a
+    MatMul's output goes only to an onnxruntime fusion that adds a constant to it first
+    (FUSED_BIAS): (C,), or MultiHeadAttention's [Q | K | V] biases; else (None, None, None)."""
     fused = _sole_user(layer, consumers)
     if fused is None or fused.domain != MS_DOMAIN or fused.op_type not in FUSED_BIAS:
-        return None, None
+        return None, None, None
     slots, bias_slot = FUSED_BIAS[fused.op_type]
-    if list(fused.input).index(layer.output_name) not in slots or len(fused.input) <= bias_slot:
-        return None, None
-    bias = _constant(fused.input[bias_slot], scope, producers) if fused.input[bias_slot] else None
-    return (fused, bias) if bias is not None and [int(d) for d in bias.dims] == [layer.operand_shape[-1]] else (None, None)
+    slot, channels = list(fused.input).index(layer.output_name), layer.operand_shape[-1]
+    bias = (_constant(fused.input[bias_slot], scope, producers)
+            if slot in slots and len(fused.input) > bias_slot and fused.input[bias_slot] else None)
+    if bias is None or len(bias.dims) != 1:
+        return None, None, None
+    if fused.op_type != "MultiHeadAttention":
+        return (fused, bias, None) if bias.dims[0] == channels else (None, None, None)
+    size = int(bias.dims[0])  # Q and K are as wide (the attention needs it), V's part comes last
+    start = slot * channels if slot < 2 else size - channels
+    qk = channels if slot < 2 else (size - channels) / 2
+    fits = qk >= 1 and qk == int(qk) and size - 2 * qk >= 1
+    return (fused, bias, (start, start + channels)) if fits else (None, None, None)
 
 
 def _channel_reshape(layer, scope, producers, consumers):

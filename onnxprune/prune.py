@@ -167,6 +167,7 @@ class _Run:
     dims: dict[str, int] | None
     max_memory: int
     dense: list = field(default_factory=list)  # each layer's weights; None once written back
+    shared_biases: dict = field(default_factory=dict)  # {id(bias): values}, shared by parts (_write_bias)
     stats: dict | GroupedStatistics = field(default_factory=dict)  # {layer key: LayerStats}
     calibration: dict | None = None  # the report's calibration info
     calib_set: CalibrationSet | None = None
@@ -224,8 +225,24 @@ def _load(model, include, exclude, dims):
             "float weights, so prune the model before quantizing it" if quantized else
             "no prunable weights found (Conv, ConvTranspose, Gemm and MatMul with constant float "
             "weights; see --include)" + (f"; left alone: {left}" if skipped else ""))
-    biases = {layer.key: modelio.tensor_to_array(layer.bias) for layer in layers if layer.bias is not None}
+    biases = {layer.key: _bias_values(layer, modelio.tensor_to_array(layer.bias))
+              for layer in layers if layer.bias is not None}
     return loaded, layers, skipped, biases
+
+
+def _bias_values(layer, values: np.ndarray) -> np.ndarray:
+    """A layer's bias: the tensor, or its part of one that several layers share by parts."""
+    return values if layer.bias_part is None else values.reshape(-1)[slice(*layer.bias_part)].copy()
+
+
+def _write_bias(run: "_Run", layer, values: np.ndarray) -> None:
+    """A layer's bias into its tensor; a part of a shared one goes in with the other parts as
+    they are now (dense, or as their layers last wrote them)."""
+    if layer.bias_part is not None:
+        whole = run.shared_biases.setdefault(id(layer.bias), modelio.tensor_to_array(layer.bias).copy())
+        whole.reshape(-1)[slice(*layer.bias_part)] = values
+        values = whole
+    run.writer.write_array(layer.bias, values)
 
 
 def _calibrate(run: _Run, calib, calib_samples) -> None:
@@ -293,7 +310,7 @@ def _start_level(run: _Run, level: _Level, first: bool) -> None:
         for layer, values in zip(run.layers, run.dense):
             run.writer.write_array(layer.tensor, values)
             if layer.key in run.biases:  # a refitted bias too
-                run.writer.write_array(layer.bias, run.biases[layer.key])
+                _write_bias(run, layer, run.biases[layer.key])
     # one written level of dense storage: new inline values go from arrays to the file
     run.writer.defer = (level.output is not None and not run.trail and run.storage_format == "dense"
                                and not run.sequential and not run.loaded.external_data)
@@ -334,7 +351,7 @@ def _apply_level(run: _Run, level: _Level) -> tuple[list[LayerRow], list[str]]:
                              "; ".join(x for x in (note, f"fitted with the {folded.ops} after it" if folded
                                                    else "", refitted, *layer.notes) if x), layer.node))
         if new_bias is not None:
-            run.writer.write_array(layer.bias, new_bias)
+            _write_bias(run, layer, new_bias)
         if run.detach:
             run.dense[i] = None  # its data now lives in the proto again
     if run.sequential:  # one pass per layer, plus the learned allocation's over the dense model

@@ -726,3 +726,31 @@ def test_a_bias_pruned_on_its_own_is_not_refitted_over():
     notes = {row.name: row.note for row in result.report.layers}
     assert notes["w"] == "bias pruned on its own (--include): not refitted"
     np.testing.assert_array_equal(_tensor(result.model, "b"), np.where(np.abs(b) >= np.sort(np.abs(b))[3], b, 0))
+
+
+def test_multiheadattentions_qkv_biases_are_refitted_each_in_its_part():
+    # MatMul q, k, v -> MultiHeadAttention(q, k, v, [bq | bk | bv]): each layer refits its part,
+    # as the plain model's three MatMul -> Add do; a trail writes each level's parts afresh
+    rng = np.random.default_rng(61)
+    w = {n: rng.standard_normal((8, 8)).astype(np.float32) for n in ("wq", "wk", "wv")}
+    b = rng.standard_normal(24).astype(np.float32)
+    mm = [helper.make_node("MatMul", ["x", n], [n[1]]) for n in ("wq", "wk", "wv")]
+    fused = _ms_model(mm + [helper.make_node("MultiHeadAttention", ["q", "k", "v", "b"], ["y"], num_heads=2,
+                                             domain="com.microsoft")], {**w, "b": b}, ["N", 4, 8])
+    parts = {f"b{n}": b[8 * i:8 * i + 8] for i, n in enumerate("qkv")}
+    plain = _ms_model(mm + [helper.make_node("Add", [n, f"b{n}"], [f"{n}b"]) for n in "qkv"]
+                      + [helper.make_node("MultiHeadAttention", ["qb", "kb", "vb"], ["y"], num_heads=2, domain="com.microsoft")],
+                      {**w, **parts}, ["N", 4, 8])
+    assert [layer.bias_part for layer in find_layers(fused)[0]] == [(0, 8), (8, 16), (16, 24)]
+    calib = {"x": rng.standard_normal((64, 4, 8)).astype(np.float32)}
+    for options in (dict(method="dc"), dict(method="layer", refit=True)):
+        a, p = (prune(m, [0.5, 0.7], calib=calib, **options) for m in (fused, plain))
+        single = prune(fused, 0.7, calib=calib, **options)
+        for level_a, level_p in zip(a, p):
+            for n in ("wq", "wk", "wv"):
+                np.testing.assert_allclose(_tensor(level_a.model, n), _tensor(level_p.model, n), rtol=1e-4, atol=1e-5)
+            got = _tensor(level_a.model, "b")
+            want = np.concatenate([_tensor(level_p.model, f"b{n}") for n in "qkv"])
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+            assert not np.array_equal(got, b)
+        np.testing.assert_array_equal(_tensor(a[1].model, "b"), _tensor(single.model, "b"))
