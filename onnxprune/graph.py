@@ -373,6 +373,7 @@ class _Finder:
         self._fill(use, node, slot, chain, "weight", scope, producers, consumers)
         same = (use.graph == known.graph and use.op == known.op and use.attrs == known.attrs
                 and use.weight_side == known.weight_side and use.bias is known.bias
+                and use.bias_part == known.bias_part
                 and (use.affine.same(known.affine) if use.affine else known.affine is None)
                 and use.layout_known and known.layout_known
                 and (use.index is None) == (known.index is None)
@@ -477,7 +478,9 @@ def _fused_bias(layer, scope, producers, consumers):
         return None, None, None
     if fused.op_type != "MultiHeadAttention":
         return (fused, bias, None) if bias.dims[0] == channels else (None, None, None)
-    size = int(bias.dims[0])  # Q and K are as wide (the attention needs it), V's part comes last
+    # Q and K are as wide (the attention needs it), V's part comes last; a packed K | V or Q | K | V
+    # output (2 or 3 parts in one MatMul) leaves no room for the other parts and is not taken
+    size = int(bias.dims[0])
     start = slot * channels if slot < 2 else size - channels
     qk = channels if slot < 2 else (size - channels) / 2
     fits = qk >= 1 and qk == int(qk) and size - 2 * qk >= 1

@@ -754,3 +754,15 @@ def test_multiheadattentions_qkv_biases_are_refitted_each_in_its_part():
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
             assert not np.array_equal(got, b)
         np.testing.assert_array_equal(_tensor(a[1].model, "b"), _tensor(single.model, "b"))
+
+
+def test_one_weight_feeding_two_parts_of_a_multiheadattention_bias_is_two_different_uses():
+    # q = x W, k = ctx W: the uses add different parts of MHA's bias, so W is no one-bias layer
+    rng = np.random.default_rng(62)
+    t = {"w": rng.standard_normal((8, 8)).astype(np.float32), "wv": rng.standard_normal((8, 12)).astype(np.float32),
+         "b": rng.standard_normal(28).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["q"]), helper.make_node("MatMul", ["x", "w"], ["k"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"]),
+             helper.make_node("MultiHeadAttention", ["q", "k", "v", "b"], ["y"], num_heads=2, domain="com.microsoft")]
+    w, wv = find_layers(_ms_model(nodes, t, ["N", 4, 12]))[0]
+    assert w.uses_differ and (wv.bias_part, wv.bias.name) == ((16, 28), "b")  # V wider than Q and K
