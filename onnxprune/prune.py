@@ -235,7 +235,7 @@ def _bias_values(layer, values: np.ndarray) -> np.ndarray:
     return values if layer.bias_part is None else values.reshape(-1)[slice(*layer.bias_part)].copy()
 
 
-def _write_bias(run: "_Run", layer, values: np.ndarray) -> None:
+def _write_bias(run: _Run, layer, values: np.ndarray) -> None:
     """A layer's bias into its tensor; a part of a shared one goes in with the other parts as
     they are now (dense, or as their layers last wrote them)."""
     if layer.bias_part is not None:
