@@ -184,6 +184,9 @@ def find_layers(model: onnx.ModelProto, include: str | Sequence[str] | None = No
     for layer in layers:
         if layer.other_uses and layer.role == "weight":
             layer.notes.append(f"also used by {', '.join(layer.other_uses)}, which sees the pruned values")
+        if layer.tied_uses and layer.role == "embedding":  # chosen by --include
+            layer.notes.append(f"also the weight of {', '.join(layer.tied_uses)} (a tied output layer): "
+                               "pruned by magnitude, for both uses")
         if layer.bias is not None and id(layer.bias) in pruned:  # --include chose it: its own mask
             layer.bias, layer.relu = None, False  # stays, a refit would undo (see _unshare_biases)
             layer.notes.append("bias pruned on its own (--include): not refitted")

@@ -321,6 +321,8 @@ def test_weights_used_otherwise_are_named_and_noted():
     assert reasons["we"].startswith("used by Einsum")
     assert reasons["Head/wh"] == "inside model-local function 'Head', which onnxprune does not look into"
     assert "also the weight of MatMul" in reasons["table"]  # a tied output layer
+    included = {layer.name: layer.notes for layer in find_layers(model, include="^table$")[0]}
+    assert included["table"] == ["also the weight of MatMul:o (a tied output layer): pruned by magnitude, for both uses"]
 
 
 def test_a_bias_two_layers_share_is_kept_as_it_is():
