@@ -485,8 +485,8 @@ def _fused_bias(layer, scope, producers, consumers):
     # output (2 or 3 parts in one MatMul) leaves no room for the other parts and is not taken
     size = int(bias.dims[0])
     start = slot * channels if slot < 2 else size - channels
-    qk = channels if slot < 2 else (size - channels) / 2
-    fits = qk >= 1 and qk == int(qk) and size - 2 * qk >= 1
+    v = size - 2 * channels if slot < 2 else channels
+    fits = v >= 1 and size - v >= 2 and (size - v) % 2 == 0
     return (fused, bias, (start, start + channels)) if fits else (None, None, None)
 
 

@@ -115,12 +115,11 @@ def refit_layer(layer: Layer, dense: np.ndarray, pruned: np.ndarray, stats: Laye
     # (ours) the bias is refitted with the weights (Gram of [X 1]): the kept weights no longer
     # have to make up for the mean the pruned ones carried (global-mt --refit at 0.95: animal_mlp
     # 61.45 -> 66.85 %, digits_cnn 60.83 -> 65.83 %)
-    Wb = np.concatenate([solver_blocks(layer, dense, idx).astype(np.float64), b[..., None]], axis=-1)
-    mask = np.concatenate([keep, np.ones((k, d_out, 1), bool)], axis=-1)
+    W = solver_blocks(layer, dense, idx).astype(np.float64)
     with threadpool_limits(limits=1, user_api="blas"):
-        new = refit.refit_on_support(Wb, mask, stats.augmented_gram, factor=_low_rank_factor(stats, True))
+        new, new_b = refit.refit_with_bias(W, b, keep, stats.augmented_gram, factor=_low_rank_factor(stats, True))
     n_zero = int(np.count_nonzero(pruned == 0))
-    return _to_stored(layer, pruned, idx, new[..., :-1], n_zero), stored_bias(layer, new[..., -1], bias)
+    return _to_stored(layer, pruned, idx, new, n_zero), stored_bias(layer, new_b, bias)
 
 
 def _low_rank_factor(stats: LayerStats, augmented: bool = False) -> np.ndarray | None:

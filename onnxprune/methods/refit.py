@@ -205,14 +205,17 @@ def _refit_direct(W, M, H, factor=None, ridge=None):
     return V.reshape(k, d_out, d_in)
 
 
-def refit_with_bias(W: np.ndarray, b: np.ndarray | None, mask: np.ndarray,
-                    gram: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """refit_on_support of one block (d_out, d_in) with its bias (d_out,) refitted too: `gram`
-    is then the Gram of [X 1] (the augmentation above); without a bias, of X. (weights, bias)."""
+def refit_with_bias(W: np.ndarray, b: np.ndarray | None, mask: np.ndarray, gram: np.ndarray,
+                    factor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """refit_on_support of a block (d_out, d_in) or stack (k, d_out, d_in) with its bias
+    ((d_out,) / (k, d_out)) refitted too: `gram` (and `factor`) is then of [X 1] (the
+    augmentation above); without a bias, of X. Returns (weights, bias)."""
     if b is None:
-        return refit_on_support(W, mask, gram), None
-    full = refit_on_support(np.hstack([W, b[:, None]]), np.hstack([mask, np.ones((len(W), 1), bool)]), gram)
-    return full[:, :-1], full[:, -1]
+        return refit_on_support(W, mask, gram, factor=factor), None
+    ones = np.ones((*np.shape(b), 1), bool)
+    full = refit_on_support(np.concatenate([W, np.asarray(b)[..., None]], axis=-1),
+                            np.concatenate([mask, ones], axis=-1), gram, factor=factor)
+    return full[..., :-1], full[..., -1]
 
 
 def masked_cg(C, rhs, x0, mask, damping, iters, tol):
