@@ -171,9 +171,9 @@ def _parse_dims(values) -> dict[str, int]:
                    "same fraction in every layer, or the per-layer budgets ltp learns (then DC "
                    "solves each layer within them).")
 @click.option("--refit", is_flag=True,
-              help="After choosing which weights to keep, refit them by least squares so each "
-                   "layer reproduces its dense output on the calibration data (needs --calib; "
-                   "not with dc, which fits the kept weights itself).")
+              help="After choosing which weights to keep, refit them and the layer's bias by "
+                   "least squares so each layer reproduces its dense output on the calibration "
+                   "data (needs --calib; not with dc, which fits the kept weights itself).")
 @click.option("--sequential", is_flag=True,
               help="Calibration statistics of each layer come from the model with the earlier "
                    "layers already pruned (dc, ltp or --refit; one calibration pass per layer: "
